@@ -1,0 +1,487 @@
+"""Data for every CIM stage: image folders, ADE20K layout, a built-in procedural dataset, transforms.
+
+Needs torch, numpy and pillow; nothing else (no torchvision: the transforms below are plain PIL/numpy).
+
+- `ImageFolder`      ImageNet layout `root/<class>/<image>`, classes sorted, images converted to RGB.
+- `ADE20K`           `images/{training,validation}/*.jpg` + `annotations/.../*.png`; 0 = ignore -> 255,
+                     classes 1..K -> 0..K-1 (mmseg's reduce_zero_label).
+- `SyntheticShapes`  the built-in dataset every stage falls back to when `--data` is not given: shapes of
+                     K classes over textured backgrounds, generated on the fly and deterministic from
+                     (seed, split, index), with a class label AND a per-pixel mask per image.
+- transforms         `RandomResizedCrop` that returns the network view (S px, bicubic) and the tokenizer
+                     view ((S/P)*f px, Lanczos) of ONE crop, flip, colour jitter, to-tensor + normalize,
+                     eval resize + center crop.
+
+Unreadable images: an image that PIL cannot decode (corrupt or truncated file) is SKIPPED: a warning
+naming the file and the running count is printed and the next image is returned instead, so one bad
+file in 1.28M does not kill a multi-day run. Ten unreadable files in a row stop with an error naming
+the last one (that is a broken dataset, not a bad file).
+"""
+import math
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Photo formats only: PIL also registers e.g. .h5, .grib, .mpg, .eps, which would be "skipped as
+# unreadable" on every epoch if they sat in a class folder.
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading images
+# ----------------------------------------------------------------------------------------------------
+
+def load_rgb(path, draft_size=None):
+    """Open any image PIL reads and return it as 8-bit RGB.
+
+    JPEG draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale while staying >= draft_size on both
+    sides: much faster for large photos, and lossless for what the transform keeps.
+    """
+    with Image.open(path) as img:
+        if draft_size is not None and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        return to_rgb(img)
+
+
+def to_rgb(img):
+    """Grayscale, palette, RGBA/LA, CMYK and 16/32-bit images -> 8-bit RGB."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # PIL's convert("L") clips 16-bit values at 255 (a white image); scale 0..65535 to 0..255.
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr / 257.0, 0, 255).round().astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), "L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # PIL warns when a palette image with transparency goes to RGB
+    return img.convert("RGB")
+
+
+def check_folder(path, what, layout):
+    """Stop with a message naming the path and the expected layout when a data folder is unusable."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what}: folder {path!r} does not exist; expected layout: {layout}")
+
+
+class DatasetBase(torch.utils.data.Dataset):
+    """What every dataset here shares: the skip-and-warn policy for unreadable files (module
+    docstring) and per-sample augmentation randomness.
+
+    Transforms are called as `transform(img, rng)` with `rng = random.Random("seed/epoch/index")`:
+    the augmentation of a sample is a pure function of (seed, epoch, index), the same for any number
+    of workers or ranks, so a resumed run replays exactly the crops the uninterrupted run would
+    have drawn. Call `set_epoch(e)` together with the sampler's.
+    """
+
+    max_consecutive_failures = 10
+    seed, epoch = 0, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def sample_rng(self, index):
+        return random.Random(f"{self.seed}/{self.epoch}/{index}")
+
+    def load_with_skip(self, index, load_fn, path_fn):
+        for attempt in range(self.max_consecutive_failures):
+            i = (index + attempt) % len(self)
+            try:
+                return load_fn(i)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+                self.num_skipped = getattr(self, "num_skipped", 0) + 1
+                print(f"data.py: WARNING skipping unreadable image {path_fn(i)} ({err}); "
+                      f"{self.num_skipped} skipped so far in this process", file=sys.stderr)
+        raise RuntimeError(f"data.py: {self.max_consecutive_failures} unreadable images in a row, the "
+                           f"last {path_fn(i)}; check the dataset")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------------
+
+class ImageFolder(DatasetBase):
+    """`root/<class>/**/<image>` -> (transform(RGB image), class index). Classes are the sorted
+    sub-folder names, images sorted within each, so indices agree on every rank and machine."""
+
+    LAYOUT = "root/<class_name>/<image>.{jpg,JPEG,png,...} (ImageNet's train/ or val/ folder)"
+
+    def __init__(self, root, transform=None, seed=0):
+        check_folder(root, "image folder", self.LAYOUT)
+        self.root, self.transform, self.seed = root, transform, seed
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        self.samples = []
+        for label, name in enumerate(self.classes):
+            for dirpath, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+                for f in sorted(files):
+                    if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
+                        self.samples.append((os.path.join(dirpath, f), label))
+        if not self.samples:
+            raise FileNotFoundError(f"image folder {root!r} holds no images in class sub-folders "
+                                    f"({len(self.classes)} sub-folders found); expected layout: "
+                                    f"{self.LAYOUT}")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        draft = getattr(self.transform, "draft_size", None)
+        img, label = self.load_with_skip(
+            index, lambda i: (load_rgb(self.samples[i][0], draft), self.samples[i][1]),
+            lambda i: self.samples[i][0])
+        return (self.transform(img, self.sample_rng(index)) if self.transform else img), label
+
+
+def reduce_zero_label(label):
+    """ADE20K: 0 ("other") -> 255 (ignored by the loss), classes 1..K -> 0..K-1. uint8 in, uint8 out."""
+    label = np.asarray(label).astype(np.int64) - 1
+    label[label < 0] = 255
+    return label.astype(np.uint8)
+
+
+class ADE20K(DatasetBase):
+    """ADE20K layout: `root/images/<split>/X.jpg` with `root/annotations/<split>/X.png`.
+
+    Returns transform(RGB image, label) where label is a uint8 array after `reduce_zero_label`
+    (255 = ignore). Without a transform: (PIL image, numpy label).
+    """
+
+    LAYOUT = "root/images/{training,validation}/*.jpg and root/annotations/{training,validation}/*.png"
+
+    def __init__(self, root, split="training", transform=None, seed=0):
+        img_dir, ann_dir = (os.path.join(root, d, split) for d in ("images", "annotations"))
+        check_folder(img_dir, "ADE20K images", self.LAYOUT)
+        check_folder(ann_dir, "ADE20K annotations", self.LAYOUT)
+        self.transform, self.seed = transform, seed
+        names = sorted(f for f in os.listdir(img_dir)
+                       if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+        if not names:
+            raise FileNotFoundError(f"ADE20K images folder {img_dir!r} is empty; expected layout: "
+                                    f"{self.LAYOUT}")
+        self.samples = []
+        for f in names:
+            ann = os.path.join(ann_dir, os.path.splitext(f)[0] + ".png")
+            if not os.path.isfile(ann):
+                raise FileNotFoundError(f"ADE20K: image {os.path.join(img_dir, f)!r} has no "
+                                        f"annotation {ann!r}")
+            self.samples.append((os.path.join(img_dir, f), ann))
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, i):
+        img_path, ann_path = self.samples[i]
+        with Image.open(ann_path) as ann:
+            label = reduce_zero_label(ann)
+        return load_rgb(img_path), label
+
+    def __getitem__(self, index):
+        img, label = self.load_with_skip(index, self.load, lambda i: self.samples[i][0])
+        return self.transform(img, label, self.sample_rng(index)) if self.transform else (img, label)
+
+
+class SyntheticShapes(DatasetBase):
+    """The built-in procedural dataset: one object of one of `num_classes` shape classes per image,
+    drawn in a random colour at a random place, size and angle over a random texture, plus 0-2 small
+    distractor blobs. Colour and texture carry no class information, so a classifier (and a k-NN on
+    pre-trained features) must see shape; a tokenizer must model edges, flat regions and textures.
+
+    Sample i of a split is a pure function of (seed, split, i): identical on every rank and run.
+    `sample(i)` -> (PIL RGB image, per-pixel uint8 mask with 0 = background and c+1 = class c, label).
+    `__getitem__(i)` -> (transform(image), label), like ImageFolder.
+    """
+
+    CLASSES = ("disc", "square", "triangle", "cross", "ring", "star", "bar", "diamond")
+    SPLIT_LENGTH = {"train": 8192, "val": 1024}
+
+    def __init__(self, split="train", size=64, num_classes=8, length=None, seed=0, transform=None):
+        if split not in self.SPLIT_LENGTH:
+            raise ValueError(f"SyntheticShapes split must be one of {list(self.SPLIT_LENGTH)}, "
+                             f"got {split!r}")
+        if not 2 <= num_classes <= len(self.CLASSES):
+            raise ValueError(f"SyntheticShapes has 2..{len(self.CLASSES)} classes, got {num_classes}")
+        self.split, self.size, self.num_classes = split, size, num_classes
+        self.length = self.SPLIT_LENGTH[split] if length is None else length
+        self.seed, self.transform = seed, transform
+        self.classes = list(self.CLASSES[:num_classes])
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        img, _, label = self.sample(index)
+        return (self.transform(img, self.sample_rng(index)) if self.transform else img), label
+
+    def sample(self, index):
+        rng = np.random.default_rng([self.seed, list(self.SPLIT_LENGTH).index(self.split), index])
+        label = int(rng.integers(self.num_classes))
+        img = self.texture(rng)
+        mask = Image.new("L", (self.size, self.size), 0)
+        for _ in range(rng.integers(0, 3)):  # distractors: small blobs that belong to no class
+            r = self.size * rng.uniform(0.04, 0.08)
+            cx, cy = rng.uniform(r, self.size - r, size=2)
+            ImageDraw.Draw(img).ellipse([cx - r, cy - r, cx + r, cy + r], fill=self.colour(rng))
+        poly = self.shape_polygon(label, rng)
+        fg = Image.new("L", (self.size, self.size), 0)
+        for p, hole in poly:
+            ImageDraw.Draw(fg).polygon(p, fill=0 if hole else 255)
+        img.paste(Image.new("RGB", img.size, self.colour(rng)), (0, 0), fg)
+        mask.paste(label + 1, (0, 0), fg)
+        return img, np.asarray(mask, dtype=np.uint8).copy(), label
+
+    def colour(self, rng):
+        return tuple(int(c) for c in rng.integers(0, 256, size=3))
+
+    def texture(self, rng):
+        """A background of one of four texture families: gradient, stripes, checks, smooth noise."""
+        s = self.size
+        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
+        a, b = np.array(self.colour(rng), np.float32), np.array(self.colour(rng), np.float32)
+        theta, freq = rng.uniform(0, np.pi), rng.uniform(2, 6)
+        u = np.cos(theta) * xx + np.sin(theta) * yy
+        kind = rng.integers(4)
+        if kind == 0:
+            t = u / max(u.max(), 1e-6)
+        elif kind == 1:
+            t = 0.5 + 0.5 * np.sin(2 * np.pi * freq * u)
+        elif kind == 2:
+            t = ((np.floor(xx * freq) + np.floor(yy * freq)) % 2).astype(np.float32)
+        else:
+            g = rng.random((6, 6)).astype(np.float32)
+            t = np.asarray(Image.fromarray((g * 255).astype(np.uint8)).resize((s, s), Image.BICUBIC),
+                           np.float32) / 255
+        t = 0.35 * t[..., None]  # low contrast: the object stands out, the texture is context
+        rgb = a * (1 - t) + b * t + rng.normal(0, 6, size=(s, s, 3))
+        return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+
+    def shape_polygon(self, label, rng):
+        """Polygons (list of (points, is_hole)) of class `label` at a random place, size and angle."""
+        s = self.size
+        r = s * rng.uniform(0.22, 0.36)
+        cx, cy = rng.uniform(r, s - r, size=2)
+        angle = rng.uniform(0, 2 * np.pi)
+
+        def ring(n, radius, phase=0.0):
+            t = angle + phase + 2 * np.pi * np.arange(n) / n
+            return [(cx + radius * np.cos(a), cy + radius * np.sin(a)) for a in t]
+
+        def rect(w, h):
+            c, sn = np.cos(angle), np.sin(angle)
+            corners = [(-w, -h), (w, -h), (w, h), (-w, h)]
+            return [(cx + x * c - y * sn, cy + x * sn + y * c) for x, y in corners]
+
+        name = self.CLASSES[label]
+        if name == "disc":
+            return [(ring(48, r), False)]
+        if name == "square":
+            return [(ring(4, r, np.pi / 4), False)]
+        if name == "triangle":
+            return [(ring(3, r), False)]
+        if name == "cross":
+            return [(rect(r, r * 0.3), False), (rect(r * 0.3, r), False)]
+        if name == "ring":
+            return [(ring(48, r), False), (ring(48, r * 0.55), True)]
+        if name == "star":
+            t = angle + np.pi * np.arange(10) / 5
+            rad = np.where(np.arange(10) % 2 == 0, r, r * 0.45)
+            return [([(cx + q * np.cos(a), cy + q * np.sin(a)) for q, a in zip(rad, t)], False)]
+        if name == "bar":
+            return [(rect(r, r * 0.28), False)]
+        # diamond: a rhombus with axes 1 : 0.55
+        radius = [r, r * 0.55, r, r * 0.55]
+        return [([(cx + q * np.cos(angle + k * np.pi / 2), cy + q * np.sin(angle + k * np.pi / 2))
+                  for k, q in enumerate(radius)], False)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Transforms (PIL in, PIL or tensors out)
+# ----------------------------------------------------------------------------------------------------
+
+def to_tensor(img):
+    """PIL RGB -> float tensor (3, H, W) in [0, 1]."""
+    arr = np.asarray(img, dtype=np.uint8)                        # (H, W, 3)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255)  # (3, H, W)
+
+
+def normalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """(..., 3, H, W) in [0, 1] -> ImageNet-normalised."""
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def denormalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Inverse of `normalize`, clamped to [0, 1] (for PNG grids)."""
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x * std + mean).clamp(0, 1)
+
+
+def random_resized_crop_box(width, height, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), rng=random):
+    """Inception-style crop box (left, top, right, bottom): area U[scale]·W·H, log-uniform aspect.
+    Ten tries, then the central crop with the aspect clamped to `ratio` (as in torchvision)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+class ColorJitter:
+    """Brightness, contrast and saturation factors drawn from U[1-s, 1+s], applied in random order
+    (PIL ImageEnhance). Hue jitter is left out: BEiT/MAE pre-training recipes do not use it."""
+
+    def __init__(self, strength=0.4):
+        self.strength = strength
+
+    def __call__(self, img, rng=random):
+        ops = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
+        rng.shuffle(ops)
+        for op in ops:
+            img = op(img).enhance(rng.uniform(1 - self.strength, 1 + self.strength))
+        return img
+
+
+class PretrainTransform:
+    """CIM pre-training view: [colour jitter] -> flip -> ONE random-resized crop, returned twice:
+    the network view (img_size px, bicubic, ImageNet-normalised) and the tokenizer view
+    (tok_size = (img_size / patch) * f px, Lanczos as in BEiT, in [0, 1] because the dVAE does its
+    own pixel mapping). Both views must show the same pixels, or the generator's targets describe
+    a different image than the one it sees. tok_size=None returns the network view alone.
+    """
+
+    def __init__(self, img_size, tok_size=None, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                 color_jitter=0.0, hflip=0.5, normalized=True):
+        self.img_size, self.tok_size, self.scale, self.ratio = img_size, tok_size, scale, ratio
+        self.jitter = ColorJitter(color_jitter) if color_jitter > 0 else None
+        self.hflip, self.normalized = hflip, normalized
+        self.draft_size = int(math.ceil(max(img_size, tok_size or 0) / math.sqrt(scale[0])))
+
+    def __call__(self, img, rng=random):
+        if self.jitter is not None:
+            img = self.jitter(img, rng)
+        if rng.random() < self.hflip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        box = random_resized_crop_box(*img.size, self.scale, self.ratio, rng)
+        view = to_tensor(img.resize((self.img_size,) * 2, Image.BICUBIC, box=box))
+        view = normalize(view) if self.normalized else view
+        if self.tok_size is None:
+            return view
+        return view, to_tensor(img.resize((self.tok_size,) * 2, Image.LANCZOS, box=box))
+
+
+class EvalTransform:
+    """Resize the shorter side to img_size / crop_pct (bicubic), center-crop img_size, normalise.
+    crop_pct = 0.875 is the 256 -> 224 convention."""
+
+    def __init__(self, img_size, crop_pct=0.875, normalized=True):
+        self.img_size, self.normalized = img_size, normalized
+        self.resize = int(math.floor(img_size / crop_pct))
+        self.draft_size = self.resize
+
+    def __call__(self, img, rng=None):
+        w, h = img.size
+        s = self.resize / min(w, h)
+        img = img.resize((max(self.resize, round(w * s)), max(self.resize, round(h * s))),
+                         Image.BICUBIC)
+        w, h = img.size
+        left, top = (w - self.img_size) // 2, (h - self.img_size) // 2
+        x = to_tensor(img.crop((left, top, left + self.img_size, top + self.img_size)))
+        return normalize(x) if self.normalized else x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dataset and loader construction shared by the stage scripts
+# ----------------------------------------------------------------------------------------------------
+
+def build_dataset(data, split, transform, synthetic_size=64, seed=0):
+    """`--data DIR` -> ImageFolder(DIR/<split>); no --data -> the built-in SyntheticShapes."""
+    if data is None:
+        return SyntheticShapes(split, size=synthetic_size, seed=seed, transform=transform)
+    folder = os.path.join(data, split)
+    if not os.path.isdir(folder) and split == "train" and os.path.isdir(data):
+        folder = data  # --data may point straight at a class-folder root
+    return ImageFolder(folder, transform)
+
+
+def build_loader(dataset, batch_size, num_workers=4, rank=0, world_size=1, shuffle=True,
+                 drop_last=True, seed=0):
+    """DataLoader over a `ResumableSampler`. Returns (loader, sampler); call `sampler.set_epoch(e)`
+    at every epoch start (it also sets the dataset's epoch for the augmentation seeds)."""
+    sampler = ResumableSampler(dataset, world_size, rank, shuffle, seed, drop_last)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(), drop_last=drop_last,
+        # workers are re-created each epoch so they pick up dataset.set_epoch(); an own generator
+        # keeps the loader from drawing on the global torch RNG (which resume restores exactly)
+        persistent_workers=False, generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=single_thread_worker)
+    return loader, sampler
+
+
+def single_thread_worker(worker_id):
+    """Loader workers do PIL/numpy work; torch intra-op threads there would only compete with the
+    training process for the same cores."""
+    torch.set_num_threads(1)
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (also for one process) that can start part-way into an epoch.
+
+    The order is a pure function of (seed, epoch), so `set_epoch(e, start=k)` replays epoch e from
+    its k-th sample of this rank on: resuming mid-epoch skips what was trained, without loading it.
+    """
+
+    def __init__(self, dataset, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.start = 0
+
+    def set_epoch(self, epoch, start=0):
+        super().set_epoch(epoch)
+        self.start = start
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+def save_grid(rows, path, pad=2):
+    """Save a PNG whose rows are batches of images (B, 3, H, W) in [0, 1] (or (B, 1, H, W) maps);
+    rows of different resolutions are resized to the first row's (nearest)."""
+    H, W = rows[0].shape[-2:]
+    B = rows[0].shape[0]
+    canvas = np.full((len(rows) * (H + pad) + pad, B * (W + pad) + pad, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        row = row.detach().float().cpu()
+        if row.shape[-2:] != (H, W):
+            row = torch.nn.functional.interpolate(row, size=(H, W), mode="nearest")
+        row = row.expand(-1, 3, -1, -1).clamp(0, 1)
+        arr = (row.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # (B, H, W, 3)
+        for b in range(min(B, arr.shape[0])):
+            y, x = pad + r * (H + pad), pad + b * (W + pad)
+            canvas[y:y + H, x:x + W] = arr[b]
+    Image.fromarray(canvas).save(path)

@@ -1,0 +1,790 @@
+"""The DALL-E-architecture discrete VAE that CIM uses as its frozen tokenizer, and a loader for
+OpenAI's official `encoder.pkl` / `decoder.pkl`.
+
+CIM (Fang et al., ICLR 2023, arXiv 2202.03382) never trains through the dVAE: the encoder turns the
+tokenizer view of a crop into a (H/f, W/f) map of token ids (the generator's MIM targets), and the
+decoder turns the generator's mixed token map back into the corrupted image the enhancer sees.
+Module tree and parameter names are exactly those of OpenAI's `dall_e` package
+(blocks.input, blocks.group_k.block_i.{id_path,res_path.conv_j}.{w,b}, blocks.output.conv), so the
+official weights load with strict key matching and no renaming table; widths, group count and
+vocabulary are constructor arguments so tiny CPU configs use the same code.
+
+The official files are pickles of whole `dall_e` modules. They are read through a restricted
+unpickler that maps the known class paths to inert records and refuses every other global, so
+loading them runs no code from the file and does not need the `dall_e` package (see
+`load_openai_dvae`).
+
+`python dvae.py` trains an own tokenizer (Gumbel-softmax, last section); the training helpers every
+stage shares (distributed init, AMP, schedule, atomic checkpoints, RNG state) live in the section
+before it.
+
+Needs torch alone (tqdm and data.py only when run as a training script). Shape letters as in the rest of the repo: B batch, V vocabulary, H/W image
+height/width, h/w token-grid height/width, f = the dVAE's down-sampling factor (8 for DALL-E).
+"""
+import argparse
+import json
+import math
+import os
+import pickle
+import random
+import subprocess
+import time
+import types
+import warnings
+import zipfile
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encoder and decoder (same module tree and parameter names as OpenAI's dall_e)
+# ----------------------------------------------------------------------------------------------------
+
+class Conv2d(nn.Module):
+    """kw x kw convolution, 'same' padding, with dall_e's parameter names `w` (out, in, kw, kw), `b`."""
+
+    def __init__(self, n_in, n_out, kw):
+        super().__init__()
+        if kw % 2 != 1:
+            raise ValueError(f"kernel width must be odd for 'same' padding, got {kw}")
+        self.n_in, self.n_out, self.kw = n_in, n_out, kw
+        # dall_e's init: normal with std 1/sqrt(fan_in), so outputs start at about the input's scale
+        self.w = nn.Parameter(torch.randn(n_out, n_in, kw, kw) / math.sqrt(n_in * kw * kw))
+        self.b = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        return F.conv2d(x, self.w, self.b, padding=(self.kw - 1) // 2)
+
+
+def _residual_path(n_in, n_out, kernels):
+    """relu/conv x 4 with a bottleneck of n_out/4 channels; `kernels` are the four kernel widths."""
+    n_mid = n_out // 4
+    widths = [n_in, n_mid, n_mid, n_mid, n_out]
+    layers = []
+    for j, kw in enumerate(kernels, start=1):
+        layers += [(f"relu_{j}", nn.ReLU()), (f"conv_{j}", Conv2d(widths[j - 1], widths[j], kw))]
+    return nn.Sequential(OrderedDict(layers))
+
+
+class EncoderBlock(nn.Module):
+    """Residual block id(x) + res(x) / n_layers**2; the small post-gain keeps the deep stack stable
+    at init."""
+
+    def __init__(self, n_in, n_out, n_layers):
+        super().__init__()
+        if n_out % 4:
+            raise ValueError(f"block width must be a multiple of 4 (bottleneck n_out/4), got {n_out}")
+        self.n_in, self.n_out, self.n_layers = n_in, n_out, n_layers
+        self.n_hid = n_out // 4
+        self.post_gain = 1 / (n_layers ** 2)
+        self.id_path = Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        self.res_path = _residual_path(n_in, n_out, kernels=(3, 3, 3, 1))
+
+    def forward(self, x):
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class Encoder(nn.Module):
+    """map_pixels'ed images (B, C, H, W) -> token logits (B, V, H/f, W/f), f = 2**(group_count-1).
+
+    Group k (1-based) has width 2**(k-1) * n_hid (1, 2, 4, 8 x n_hid for DALL-E's 4 groups) and
+    is followed by a 2x2 max-pool, except the last group.
+    """
+
+    def __init__(self, group_count=4, n_hid=256, n_blk_per_group=2, input_channels=3, vocab_size=8192):
+        super().__init__()
+        self.group_count, self.n_hid, self.n_blk_per_group = group_count, n_hid, n_blk_per_group
+        self.input_channels, self.vocab_size = input_channels, vocab_size
+        n_layers = group_count * n_blk_per_group
+        widths = [2 ** k * n_hid for k in range(group_count)]
+
+        layers = [("input", Conv2d(input_channels, n_hid, 7))]
+        n_in = n_hid
+        for k, width in enumerate(widths, start=1):
+            group = [(f"block_{i + 1}", EncoderBlock(n_in if i == 0 else width, width, n_layers))
+                     for i in range(n_blk_per_group)]
+            if k < group_count:
+                group.append(("pool", nn.MaxPool2d(kernel_size=2)))
+            layers.append((f"group_{k}", nn.Sequential(OrderedDict(group))))
+            n_in = width
+        layers.append(("output", nn.Sequential(OrderedDict([
+            ("relu", nn.ReLU()),
+            ("conv", Conv2d(widths[-1], vocab_size, 1)),
+        ]))))
+        self.blocks = nn.Sequential(OrderedDict(layers))
+
+    @property
+    def downsample(self):
+        return 2 ** (self.group_count - 1)
+
+    def forward(self, x):
+        if x.ndim != 4 or x.shape[1] != self.input_channels:
+            raise ValueError(f"encoder expects (B, {self.input_channels}, H, W), got {tuple(x.shape)}")
+        if x.shape[2] % self.downsample or x.shape[3] % self.downsample:
+            # max-pool would silently drop the last rows/columns and misalign tokens with patches
+            raise ValueError(f"image size {tuple(x.shape[2:])} is not a multiple of the dVAE "
+                             f"down-sampling factor {self.downsample}")
+        return self.blocks(x).float()  # (B, V, H/f, W/f)
+
+
+class DecoderBlock(nn.Module):
+    """Decoder residual block: like EncoderBlock but the res path's kernels are 1, 3, 3, 3."""
+
+    def __init__(self, n_in, n_out, n_layers):
+        super().__init__()
+        if n_out % 4:
+            raise ValueError(f"block width must be a multiple of 4 (bottleneck n_out/4), got {n_out}")
+        self.n_in, self.n_out, self.n_layers = n_in, n_out, n_layers
+        self.n_hid = n_out // 4
+        self.post_gain = 1 / (n_layers ** 2)
+        self.id_path = Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        self.res_path = _residual_path(n_in, n_out, kernels=(1, 3, 3, 3))
+
+    def forward(self, x):
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class Decoder(nn.Module):
+    """One-hot tokens (B, V, h, w) -> logit-Laplace parameters (B, 2C, h*f, w*f).
+
+    The first C output channels are the means before the sigmoid (see `decode`); the other C are
+    log-scales, used only by the reconstruction loss when training a tokenizer. Group widths are
+    2**(group_count-k) * n_hid (8, 4, 2, 1 x n_hid for DALL-E), each followed by a nearest 2x
+    up-sampling except the last.
+    """
+
+    def __init__(self, group_count=4, n_init=128, n_hid=256, n_blk_per_group=2, output_channels=3,
+                 vocab_size=8192):
+        super().__init__()
+        self.group_count, self.n_init, self.n_hid = group_count, n_init, n_hid
+        self.n_blk_per_group, self.output_channels = n_blk_per_group, output_channels
+        self.vocab_size = vocab_size
+        n_layers = group_count * n_blk_per_group
+        widths = [2 ** (group_count - k) * n_hid for k in range(1, group_count + 1)]
+
+        layers = [("input", Conv2d(vocab_size, n_init, 1))]
+        n_in = n_init
+        for k, width in enumerate(widths, start=1):
+            group = [(f"block_{i + 1}", DecoderBlock(n_in if i == 0 else width, width, n_layers))
+                     for i in range(n_blk_per_group)]
+            if k < group_count:
+                group.append(("upsample", nn.Upsample(scale_factor=2, mode="nearest")))
+            layers.append((f"group_{k}", nn.Sequential(OrderedDict(group))))
+            n_in = width
+        layers.append(("output", nn.Sequential(OrderedDict([
+            ("relu", nn.ReLU()),
+            ("conv", Conv2d(widths[-1], 2 * output_channels, 1)),
+        ]))))
+        self.blocks = nn.Sequential(OrderedDict(layers))
+
+    @property
+    def downsample(self):
+        return 2 ** (self.group_count - 1)
+
+    def forward(self, z):
+        if z.ndim != 4 or z.shape[1] != self.vocab_size:
+            raise ValueError(f"decoder expects one-hot tokens (B, {self.vocab_size}, h, w), "
+                             f"got {tuple(z.shape)}")
+        return self.blocks(z).float()  # (B, 2C, h*f, w*f)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pixels <-> tokens
+# ----------------------------------------------------------------------------------------------------
+
+def map_pixels(x, eps=0.1):
+    """[0, 1] -> [eps, 1-eps]: the logit-Laplace likelihood of DALL-E is undefined at 0 and 1."""
+    return (1 - 2 * eps) * x + eps
+
+
+def unmap_pixels(x, eps=0.1):
+    """Inverse of map_pixels, clamped back to [0, 1]."""
+    return torch.clamp((x - eps) / (1 - 2 * eps), 0, 1)
+
+
+@torch.no_grad()
+def tokenize(encoder, images):
+    """Images in [0, 1] (B, C, H, W) -> token ids (B, H/f, W/f), int64.
+
+    Always float32: under fp16/bf16 autocast the argmax of DALL-E's logits flips for a noticeable
+    share of tokens (BEiT likewise computes its targets outside autocast).
+    """
+    with torch.autocast(device_type=images.device.type, enabled=False):
+        logits = encoder(map_pixels(images.float()))  # (B, V, H/f, W/f)
+    return logits.argmax(dim=1)                        # (B, H/f, W/f)
+
+
+@torch.no_grad()
+def decode(decoder, tokens):
+    """Token ids (B, h, w) -> images in [0, 1] (B, C, h*f, w*f), float32 (autocast off, as in tokenize)."""
+    with torch.autocast(device_type=tokens.device.type, enabled=False):
+        z = F.one_hot(tokens, decoder.vocab_size).permute(0, 3, 1, 2).float()  # (B, h, w, V) -> (B, V, h, w)
+        x = decoder(z)                                                          # (B, 2C, h*f, w*f)
+        return unmap_pixels(torch.sigmoid(x[:, :decoder.output_channels]))    # (B, C, h*f, w*f)
+
+
+def dvae_config(module):
+    """Constructor kwargs of an Encoder or Decoder, as a plain dict a checkpoint can store."""
+    if isinstance(module, Encoder):
+        names = ("group_count", "n_hid", "n_blk_per_group", "input_channels", "vocab_size")
+    elif isinstance(module, Decoder):
+        names = ("group_count", "n_init", "n_hid", "n_blk_per_group", "output_channels", "vocab_size")
+    else:
+        raise TypeError(f"expected a dvae.Encoder or dvae.Decoder, got {type(module).__name__}")
+    return {name: getattr(module, name) for name in names}
+
+
+def build_dvae(enc_cfg, dec_cfg):
+    """(Encoder, Decoder) from two dvae_config dicts."""
+    return Encoder(**enc_cfg), Decoder(**dec_cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Official OpenAI weights through a restricted unpickler
+# ----------------------------------------------------------------------------------------------------
+# OpenAI's encoder.pkl / decoder.pkl are torch.save of whole attrs-decorated dall_e modules. A plain
+# torch.load would import `dall_e` and run whatever the pickle names; it also fails on the decoder in
+# current torch (its pickled Upsample predates `recompute_scale_factor`). Instead every class the
+# files name becomes an inert record holding the instance __dict__, from which we read the
+# parameters and the config and rebuild our own modules.
+
+class _PickledModule:
+    """Inert stand-in for one pickled module: keeps its attributes, defines no behaviour."""
+
+    pickled_class = None  # "module.Class" path the pickle named, set on the per-path subclasses
+    dump_patches = False  # read by torch's legacy loader when it compares saved class sources
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple):  # (dict state, slots state) for classes with __slots__
+            state = {**(state[0] or {}), **(state[1] or {})}
+        self.__dict__.update(state)
+
+
+# The dall_e and torch.nn classes the official files name. Unpickling one only creates the record.
+_RECORD_CLASSES = {
+    path: type(f"Pickled_{path.rsplit('.', 1)[1]}", (_PickledModule,), {"pickled_class": path})
+    for path in (
+        "dall_e.encoder.Encoder", "dall_e.encoder.EncoderBlock",
+        "dall_e.decoder.Decoder", "dall_e.decoder.DecoderBlock", "dall_e.utils.Conv2d",
+        "torch.nn.modules.container.Sequential", "torch.nn.modules.activation.ReLU",
+        "torch.nn.modules.pooling.MaxPool2d", "torch.nn.modules.upsampling.Upsample",
+        "torch.nn.modules.linear.Identity",
+    )
+}
+
+# Everything else a module pickle legitimately contains: tensor rebuilds, containers, devices.
+_ALLOWED_GLOBALS = {
+    "torch._utils._rebuild_tensor": torch._utils._rebuild_tensor,
+    "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+    "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+    "torch._utils._rebuild_parameter_with_state": torch._utils._rebuild_parameter_with_state,
+    "collections.OrderedDict": OrderedDict,
+    "builtins.set": set,
+    "torch.device": torch.device,
+    # torch.load's own Unpickler wrapper resolves "*Storage" names before asking us; these entries
+    # only matter if this unpickler is used on its own
+    **{f"torch.{name}": getattr(torch, name)
+       for name in ("FloatStorage", "HalfStorage", "DoubleStorage", "BFloat16Storage")
+       if hasattr(torch, name)},
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only the allow-listed globals; anything else (os.system, eval, ...) is refused
+    before it can be called."""
+
+    def find_class(self, module, name):
+        # torch.save writes protocol 2, which spells `builtins` the Python 2 way; the stock
+        # find_class undoes that (fix_imports), an override has to do it itself
+        if module == "__builtin__":
+            module = "builtins"
+        path = f"{module}.{name}"
+        if path in _RECORD_CLASSES:
+            return _RECORD_CLASSES[path]
+        if path in _ALLOWED_GLOBALS:
+            return _ALLOWED_GLOBALS[path]
+        raise pickle.UnpicklingError(f"refusing to load global '{path}' (not a dall_e module, "
+                                     f"torch.nn container or tensor rebuild function)")
+
+
+def _restricted_load(file, **kwargs):
+    return _RestrictedUnpickler(file, **kwargs).load()
+
+
+# What torch.load needs from `pickle_module`: `Unpickler` (subclassed by both the zip and the legacy
+# loader for their find_class/persistent_load hooks), `load` (the legacy format reads its magic
+# number, version, sys-info and storage keys with it) and `__name__` (checked against "dill").
+_restricted_pickle = types.ModuleType("dvae_restricted_pickle")
+_restricted_pickle.Unpickler = _RestrictedUnpickler
+_restricted_pickle.load = _restricted_load
+
+
+def _read_records(path, flag, map_location):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path}: no such file (OpenAI's dVAE weights are "
+                                f"https://cdn.openai.com/dall-e/encoder.pkl and .../decoder.pkl)")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            # torch.load hands TorchScript archives to torch.jit.load, past our unpickler
+            if any(name.split("/", 1)[-1] == "constants.pkl" for name in archive.namelist()):
+                raise ValueError(f"{flag} {path}: a TorchScript archive, not a pickled dall_e module")
+    with warnings.catch_warnings():
+        # The legacy format stores each module's source and warns that our records differ from it.
+        warnings.simplefilter("ignore", torch.serialization.SourceChangeWarning)
+        warnings.filterwarnings("ignore", message="Couldn't retrieve source code")
+        try:
+            return torch.load(path, map_location=map_location, pickle_module=_restricted_pickle,
+                              weights_only=False)
+        except pickle.UnpicklingError as e:
+            raise pickle.UnpicklingError(f"{flag} {path}: {e}") from None
+
+
+def _flat_state_dict(record, prefix=""):
+    """Parameters and buffers of a record tree under their dotted state-dict names."""
+    state = {}
+    for group in ("_parameters", "_buffers"):
+        for name, tensor in getattr(record, group, {}).items():
+            if tensor is not None:
+                state[prefix + name] = tensor.detach()
+    for name, child in getattr(record, "_modules", {}).items():
+        if child is not None:
+            state.update(_flat_state_dict(child, f"{prefix}{name}."))
+    return state
+
+
+def _config_from_record(record, state, kind):
+    """Constructor kwargs: the pickled attributes where present, else read off the weight shapes."""
+    group_count = len({key.split(".")[1] for key in state if key.startswith("blocks.group_")})
+    n_blk_per_group = len({key.split(".")[2] for key in state if key.startswith("blocks.group_1.block_")})
+    w_in, w_out = state["blocks.input.w"], state["blocks.output.conv.w"]  # (out, in, k, k)
+    if kind == "encoder":
+        inferred = dict(group_count=group_count, n_hid=w_in.shape[0], n_blk_per_group=n_blk_per_group,
+                        input_channels=w_in.shape[1], vocab_size=w_out.shape[0])
+    else:
+        inferred = dict(group_count=group_count, n_init=w_in.shape[0], n_hid=w_out.shape[1],
+                        n_blk_per_group=n_blk_per_group, output_channels=w_out.shape[0] // 2,
+                        vocab_size=w_in.shape[1])
+    return {name: int(getattr(record, name, value)) for name, value in inferred.items()}
+
+
+def _load_one(path, flag, expected, map_location):
+    record = _read_records(path, flag, map_location)
+    found = getattr(record, "pickled_class", type(record).__name__)
+    if found != expected:
+        raise ValueError(f"{flag} {path}: expected a pickled {expected}, found {found}")
+    state = _flat_state_dict(record)
+    if "blocks.input.w" not in state or "blocks.output.conv.w" not in state:
+        raise ValueError(f"{flag} {path}: no blocks.input / blocks.output.conv weights in the pickled module")
+    kind = "encoder" if expected.endswith("Encoder") else "decoder"
+    cfg = _config_from_record(record, state, kind)
+    module = Encoder(**cfg) if kind == "encoder" else Decoder(**cfg)
+    try:
+        # copies into our float32 parameters, which also upcasts files saved in half precision
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"{flag} {path}: weights do not fit a {kind} with {cfg}: {e}") from None
+    device = next(iter(state.values())).device
+    # frozen: CIM never trains the tokenizer
+    return module.to(device).eval().requires_grad_(False)
+
+
+def load_openai_dvae(encoder_path, decoder_path, map_location="cpu"):
+    """(Encoder, Decoder) with OpenAI's official weights, frozen and in eval mode.
+
+    Reads `encoder.pkl` / `decoder.pkl` through the restricted unpickler above (zip or legacy
+    torch.save format), so neither the `dall_e` package nor any code named in the files runs.
+    """
+    encoder = _load_one(encoder_path, "--dalle-encoder", "dall_e.encoder.Encoder", map_location)
+    decoder = _load_one(decoder_path, "--dalle-decoder", "dall_e.decoder.Decoder", map_location)
+    return encoder, decoder
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training helpers. Every stage uses these: pretrain.py imports them from here, and finetune.py /
+# segment.py import them from pretrain.py. They need torch alone, like the rest of this file.
+# ----------------------------------------------------------------------------------------------------
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}
+
+
+def init_distributed(device="auto", backend=None):
+    """Process setup from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT:
+    also multi-node through its rendezvous); without torchrun, one process. NCCL on GPUs, gloo on
+    CPUs unless `backend` says otherwise. Returns (rank, world_size, device)."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device, local_rank) if device == "cuda" else torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ and not torch.distributed.is_initialized():
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        torch.distributed.init_process_group(backend, rank=rank, world_size=world_size)
+    return rank, world_size, device
+
+
+def seed_everything(seed, rank=0):
+    """Different streams per rank (masks and Gumbel noise must differ across GPUs), same per run."""
+    random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def get_rng_state(device):
+    """The RNG streams the code draws from (python `random`, torch CPU and CUDA), in types that
+    `torch.load(weights_only=True)` accepts. Data augmentation has its own per-sample seeds."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def gather_rng_states(device):
+    """Every rank's RNG state (rank-ordered list) so a checkpoint written by rank 0 resumes all."""
+    state = get_rng_state(device)
+    if not torch.distributed.is_initialized():
+        return [state]
+    states = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def autocast(device, amp):
+    """One autocast context for the whole forward; `amp` is the --amp flag (bf16|fp16|none)."""
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"--amp must be one of {list(AMP_DTYPES)}, got {amp!r}")
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp != "none")
+
+
+def cosine_lr(step, total_steps, warmup_steps, base_lr, final_lr):
+    """Per-iteration schedule: linear warm-up from 0, then half a cosine down to final_lr."""
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return final_lr + 0.5 * (base_lr - final_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def save_checkpoint(state, path):
+    """Write to `path.tmp`, fsync, then rename: a crash mid-save leaves the previous file intact."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, what="checkpoint"):
+    """torch.load(weights_only=True) with an error that names the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise RuntimeError(f"{what} {path!r} could not be loaded ({type(err).__name__}: {err})") from err
+
+
+class JsonLog:
+    """One JSON object per line in `path` (rank 0 only), flushed at once so `tail -f` works."""
+
+    def __init__(self, path, enabled=True):
+        self.file = open(path, "a") if enabled else None
+
+    def write(self, **record):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def print_args(args, rank=0):
+    if rank == 0:
+        print(f"git commit: {git_commit() or 'unknown'}")
+        print(json.dumps(vars(args), indent=1, sort_keys=True))
+
+
+def unwrap(model):
+    """The plain module under DDP / torch.compile wrappers (checkpoints never hold their prefixes)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Own tokenizer training: Gumbel-softmax relaxation (DALL-E, Ramesh et al. 2021, section 2.1)
+# ----------------------------------------------------------------------------------------------------
+#   python dvae.py --output-dir out/dvae                        # built-in data, "small" preset, CPU
+#   torchrun --nproc_per_node 8 dvae.py --preset dalle --data /path/imagenet --output-dir out/dvae
+
+DVAE_PRESETS = {
+    # 32 px crops of the built-in data -> 8 x 8 tokens of 512 codes; minutes on 2 CPU cores
+    "small": dict(group_count=3, n_hid=32, n_blk_per_group=1, vocab_size=512, n_init=64, img_size=32),
+    # DALL-E's own architecture (the official weights' shapes), trained at 256 px
+    "dalle": dict(group_count=4, n_hid=256, n_blk_per_group=2, vocab_size=8192, n_init=128,
+                  img_size=256),
+}
+
+
+class DVAE(nn.Module):
+    """Encoder + decoder trained jointly; forward returns the loss parts for one batch."""
+
+    def __init__(self, encoder, decoder):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+
+    def forward(self, x, temperature, kl_weight, recon_loss="mse"):
+        logits = self.encoder(map_pixels(x)).float()              # (B, V, h, w)
+        soft = F.gumbel_softmax(logits, tau=temperature, dim=1)   # relaxed one-hot, (B, V, h, w)
+        stats = self.decoder(soft).float()                        # (B, 6, H, W)
+        if recon_loss == "mse":
+            recon = F.mse_loss(unmap_pixels(torch.sigmoid(stats[:, :3])), x)
+        else:  # DALL-E's logit-Laplace likelihood of the mapped pixels
+            y = map_pixels(x)
+            mu, log_b = stats[:, :3], stats[:, 3:]
+            recon = (torch.abs(torch.logit(y) - mu) * torch.exp(-log_b) + log_b
+                     + torch.log(y * (1 - y)) + math.log(2)).mean()
+        log_q = F.log_softmax(logits, dim=1)
+        # KL(q || uniform prior) per position, summed over the vocabulary
+        kl = (log_q.exp() * (log_q + math.log(logits.shape[1]))).sum(1).mean()
+        return {"loss": recon + kl_weight * kl, "recon": recon, "kl": kl,
+                "codes": logits.argmax(1)}
+
+
+def codebook_stats(codes, vocab_size):
+    """Perplexity exp(H(p)) of the batch's code histogram, and the fraction of codes used."""
+    counts = torch.bincount(codes.flatten(), minlength=vocab_size).float()
+    p = counts / counts.sum()
+    perplexity = torch.exp(-(p[p > 0] * p[p > 0].log()).sum()).item()
+    return perplexity, (counts > 0).float().mean().item()
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("dvae.py: train a DALL-E-architecture dVAE tokenizer", add_help=True)
+    p.add_argument("--data", default=None,
+                   help="image-folder root (ImageNet layout: DIR/train/<class>/*); omit to use the "
+                        "built-in procedural dataset")
+    p.add_argument("--output-dir", default="out/dvae", help="checkpoints, log.jsonl and PNG grids")
+    p.add_argument("--preset", default="small", choices=list(DVAE_PRESETS),
+                   help="small: CPU-sized tokenizer for the built-in data; dalle: the official "
+                        "architecture (n_hid 256, 8192 codes) for real images")
+    for name in ("group_count", "n_hid", "n_blk_per_group", "vocab_size", "n_init", "img_size"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                       help=f"override the preset's {name}")
+    p.add_argument("--epochs", type=int, default=4, help="passes over the training split")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimiser steps (schedules use it as their length)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per process per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (not scaled)")
+    p.add_argument("--min-lr", type=float, default=1e-5, help="final lr of the cosine schedule")
+    p.add_argument("--warmup-steps", type=int, default=100, help="linear lr warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--temp-start", type=float, default=1.0, help="Gumbel-softmax temperature at step 0")
+    p.add_argument("--temp-end", type=float, default=1 / 16,
+                   help="final temperature (DALL-E anneals 1 -> 1/16); lower = closer to hard codes")
+    p.add_argument("--temp-anneal", type=float, default=0.7,
+                   help="fraction of training over which the temperature decays exponentially")
+    p.add_argument("--kl-weight", type=float, default=1e-3,
+                   help="weight of KL(q || uniform) after warm-up; larger spreads codebook usage")
+    p.add_argument("--kl-warmup", type=float, default=0.2,
+                   help="fraction of training over which the KL weight ramps up from 0")
+    p.add_argument("--recon-loss", default="mse", choices=["mse", "logit_laplace"],
+                   help="mse on [0,1] pixels (stable in short runs) or DALL-E's logit-Laplace NLL")
+    p.add_argument("--amp", default="none", choices=list(AMP_DTYPES),
+                   help="autocast dtype; bf16 on Ampere+ GPUs. Tokens are always computed in fp32")
+    p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="seeds data order, augmentation and noise")
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--resume", default="",
+                   help="checkpoint to resume; by default OUTPUT_DIR/checkpoint-latest.pth if present")
+    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--log-every", type=int, default=20, help="JSON log line every N steps")
+    p.add_argument("--sample-every", type=int, default=500, help="reconstruction PNG every N steps")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
+    p.add_argument("--dist-backend", default=None, help="torch.distributed backend (default nccl/gloo)")
+    p.add_argument("--local-rank", "--local_rank", type=int, default=0,
+                   help="set by old torch.distributed.launch; torchrun uses LOCAL_RANK instead")
+    return p
+
+
+def resolve_config(args):
+    """Preset values, overridden by explicit flags."""
+    cfg = dict(DVAE_PRESETS[args.preset])
+    for k in cfg:
+        if getattr(args, k) is not None:
+            cfg[k] = getattr(args, k)
+    return cfg
+
+
+def build_from_config(cfg):
+    """(Encoder, Decoder) from a preset-style dict (shared group_count, n_hid, ... keys)."""
+    shared = {k: cfg[k] for k in ("group_count", "n_hid", "n_blk_per_group", "vocab_size")}
+    return build_dvae(shared, dict(shared, n_init=cfg["n_init"]))
+
+
+def load_tokenizer(path):
+    """(Encoder, Decoder) from a checkpoint written by `python dvae.py` (weights + config)."""
+    ckpt = load_checkpoint(path, "tokenizer checkpoint (--dvae)")
+    if "encoder_config" not in ckpt:
+        raise ValueError(f"{path!r} is not a dvae.py checkpoint (no 'encoder_config'); for OpenAI's "
+                         f"weights pass --dalle-encoder/--dalle-decoder instead")
+    enc, dec = build_dvae(ckpt["encoder_config"], ckpt["decoder_config"])
+    enc.load_state_dict(ckpt["encoder"])
+    dec.load_state_dict(ckpt["decoder"])
+    return enc.eval().requires_grad_(False), dec.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def evaluate_tokenizer(enc, dec, loader, device, max_batches=8):
+    """Hard-token reconstruction: MSE of decode(tokenize(x)) vs x, code perplexity and usage."""
+    mse, codes = [], []
+    for i, (x, _) in enumerate(loader):
+        if i == max_batches:
+            break
+        x = x.to(device)
+        z = tokenize(enc, x)
+        mse.append(F.mse_loss(decode(dec, z), x).item())
+        codes.append(z.cpu())
+    perplexity, usage = codebook_stats(torch.cat(codes), enc.vocab_size)
+    return {"val_recon_mse": sum(mse) / len(mse), "val_perplexity": perplexity, "val_usage": usage}
+
+
+def main(args):
+    import data  # stage imports stay inside main: the model code above needs torch alone
+
+    owns_group = not torch.distributed.is_initialized()  # pretrain.py may call us inside its group
+    rank, world_size, device = init_distributed(args.device, args.dist_backend)
+    seed_everything(args.seed, rank)
+    cfg = resolve_config(args)
+    os.makedirs(args.output_dir, exist_ok=True)
+    print_args(args, rank)
+
+    # ---------------------------------------------------------------- data
+    train_tf = data.PretrainTransform(cfg["img_size"], scale=(0.35, 1.0), normalized=False)
+    val_tf = data.EvalTransform(cfg["img_size"], crop_pct=1.0, normalized=False)
+    train_set = data.build_dataset(args.data, "train", train_tf, seed=args.seed)
+    val_set = data.build_dataset(args.data, "val", val_tf, seed=args.seed)
+    loader, sampler = data.build_loader(train_set, args.batch_size, args.num_workers, rank,
+                                        world_size, seed=args.seed)
+    val_loader, _ = data.build_loader(val_set, args.batch_size, 0, shuffle=False, drop_last=False)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {args.batch_size} x {world_size} processes is larger than the "
+                         f"training set ({len(train_set)} images)")
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+
+    # ---------------------------------------------------------------- model, optimiser
+    enc, dec = build_from_config(cfg)
+    model = DVAE(enc, dec).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
+                                  weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    step = 0
+    resume = args.resume or os.path.join(args.output_dir, "checkpoint-latest.pth")
+    if args.resume or os.path.isfile(resume):
+        ckpt = load_checkpoint(resume, "--resume checkpoint")
+        model.encoder.load_state_dict(ckpt["encoder"])
+        model.decoder.load_state_dict(ckpt["decoder"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step = ckpt["step"]
+        if len(ckpt["rng"]) == world_size:
+            set_rng_state(ckpt["rng"][rank], device)
+        if rank == 0:
+            print(f"resumed from {resume} at step {step}")
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    log = JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0)
+
+    def checkpoint():
+        rng = gather_rng_states(device)  # collective: every rank takes part
+        if rank == 0:
+            save_checkpoint({"encoder": model.encoder.state_dict(), "decoder": model.decoder.state_dict(),
+                             "encoder_config": dvae_config(model.encoder),
+                             "decoder_config": dvae_config(model.decoder),
+                             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                             "step": step, "total_steps": total_steps, "args": vars(args),
+                             "rng": rng}, os.path.join(args.output_dir, "checkpoint-latest.pth"))
+
+    # ---------------------------------------------------------------- training loop
+    from tqdm import tqdm
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="dvae", dynamic_ncols=True)
+    t0, seen = time.time(), 0
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, start=offset * args.batch_size)
+        for x, _ in loader:
+            frac = step / total_steps
+            temperature = args.temp_start * (args.temp_end / args.temp_start) ** min(1.0, frac / args.temp_anneal)
+            kl_weight = args.kl_weight * min(1.0, frac / args.kl_warmup) if args.kl_warmup else args.kl_weight
+            lr = cosine_lr(step, total_steps, args.warmup_steps, args.lr, args.min_lr)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            x = x.to(device, non_blocking=True)
+            with autocast(device, args.amp):
+                out = ddp(x, temperature, kl_weight, args.recon_loss)
+            if not torch.isfinite(out["loss"]):
+                raise FloatingPointError(f"dvae.py: non-finite loss at step {step}; try --amp none or a "
+                                         f"lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(out["loss"]).backward()
+            if args.clip_grad:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            seen += x.shape[0] * world_size
+            bar.update(1)
+            if step % args.log_every == 0 or step == total_steps:
+                perplexity, usage = codebook_stats(out["codes"], cfg["vocab_size"])
+                rec = {"step": step, "epoch": epoch, "loss": out["loss"].item(),
+                       "recon": out["recon"].item(), "kl": out["kl"].item(), "perplexity": perplexity,
+                       "usage": usage, "temperature": temperature, "kl_weight": kl_weight, "lr": lr,
+                       "img_per_s": seen / (time.time() - t0)}
+                bar.set_postfix(recon=f"{rec['recon']:.4f}", ppl=f"{perplexity:.0f}", tau=f"{temperature:.2f}")
+                log.write(**rec)
+            if rank == 0 and (step % args.sample_every == 0 or step == total_steps):
+                save_reconstructions(model.encoder, model.decoder, val_set, device,
+                                     os.path.join(args.output_dir, f"recon-{step:06d}.png"))
+            if step % args.save_every == 0 or step == total_steps:
+                checkpoint()
+            if step == total_steps:
+                break
+    bar.close()
+    stats = {}
+    if rank == 0:
+        stats = evaluate_tokenizer(model.encoder, model.decoder, val_loader, device)
+        stats.update(step=step, minutes=(time.time() - t0) / 60)
+        log.write(**stats)
+        print(json.dumps(stats))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # nobody reads the checkpoint before rank 0 has written it
+        if owns_group:
+            torch.distributed.destroy_process_group()
+    return stats
+
+
+def save_reconstructions(enc, dec, dataset, device, path, n=16):
+    """PNG: a row of validation images above their hard-token reconstructions."""
+    import data
+    x = torch.stack([dataset[i][0] for i in range(n)]).to(device)
+    data.save_grid([x, decode(dec, tokenize(enc, x))], path)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,501 @@
+"""The enhancer side of CIM: ViT and ResNet backbones, RevDet and ResPix heads, target normalisation.
+
+CIM (Fang et al., ICLR 2023, arXiv 2202.03382) trains the enhancer on the corrupted image x~ that
+generator.py produces. There is no [MASK] token here: the enhancer only ever sees real-looking pixels,
+which is the point of the method (Sec. 3). Two objectives (Sec. 3.2):
+
+    RevDet  "replaced token detection": one logit per token of the tokenizer grid, label 1 where the
+            token fed to the dVAE decoder differs from the tokenizer's token; BCE over ALL tokens.
+    ResPix  "generative": regress ALL original pixels; the target is the original image normalised
+            per pixel by the mean/std of a k x k window around it (sliding-window normalisation).
+
+Backbones carry the parameter names of the checkpoints people already have, timm's
+`VisionTransformer` and torchvision's `resnet50`, so `export_backbone()` is a plain state_dict and
+loads there with no renaming table.
+
+Needs torch alone (plus generator.py for the transformer block). Shape letters as in generator.py:
+B batch, N tokens, D width, H/W height/width, P patch size. 1 / True = replaced.
+"""
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from generator import Block, DropPath, PatchEmbed, init_vit_weights
+
+
+# ----------------------------------------------------------------------------------------------------
+# ViT backbone (timm `VisionTransformer` names; no head)
+# ----------------------------------------------------------------------------------------------------
+
+def resize_pos_embed(pos_embed, grid):
+    """Bicubically resize a (1, 1+G*G, D) position table to another square grid (cls row kept).
+
+    Used when the backbone runs at a resolution other than the one it was built for, e.g. 512 px
+    segmentation crops on a 224 px pre-trained model (the BEiT/MAE fine-tuning recipe).
+    """
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    old = int(patch_pos.shape[1] ** 0.5)
+    D = patch_pos.shape[2]
+    patch_pos = patch_pos.reshape(1, old, old, D).permute(0, 3, 1, 2)  # (1, D, H, W)
+    patch_pos = F.interpolate(patch_pos, size=(grid, grid), mode="bicubic", align_corners=False)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid * grid, D)  # (1, N, D)
+    return torch.cat([cls_pos, patch_pos], dim=1)
+
+
+class VisionTransformer(nn.Module):
+    """Plain ViT with a cls token and learned absolute positions, parameter names as timm's.
+
+    forward(x) returns the final-LayerNorm'ed tokens including cls, (B, 1+N, D), like timm's
+    `forward_features`; heads decide what to read from them.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                 qkv_bias=True, drop_path_rate=0.0, init_values=None):
+        super().__init__()
+        self.img_size, self.patch_size = img_size, patch_size
+        self.embed_dim = self.num_features = embed_dim
+        self.patch_embed = PatchEmbed(img_size, patch_size, 3, embed_dim)
+        self.grid_size = self.patch_embed.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        # stochastic depth grows linearly with depth (timm / BEiT)
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i], init_values=init_values)
+            for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(init_vit_weights)
+
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token"}
+
+    def embed(self, x):
+        """Image (B, 3, H, W) -> tokens with cls prepended and positions added, (B, 1+N, D)."""
+        x = self.patch_embed(x)  # (B, N, D)
+        pos = self.pos_embed
+        grid = int(x.shape[1] ** 0.5)
+        if grid != self.grid_size:
+            pos = resize_pos_embed(pos, grid)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
+        return torch.cat([cls, x], dim=1) + pos
+
+    def forward(self, x):
+        x = self.embed(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)  # (B, 1+N, D)
+
+    def get_layer_outputs(self, x, layers):
+        """Token maps (B, 1+N, D) after the given blocks, counted from 1 like BEiT's "4, 6, 8, 12".
+
+        Returned in the order asked, un-normalised (the UperNet necks in segment.py add their own
+        norms), cls token included; callers drop it with `[:, 1:]`.
+        """
+        layers = list(layers)
+        if any(not 1 <= k <= len(self.blocks) for k in layers):
+            raise ValueError(f"layers {layers} outside 1..{len(self.blocks)}")
+        x, outs = self.embed(x), {}
+        for k, blk in enumerate(self.blocks, start=1):
+            x = blk(x)
+            outs[k] = x
+            if k == max(layers):
+                break  # later blocks are not needed
+        return [outs[k] for k in layers]
+
+
+# ----------------------------------------------------------------------------------------------------
+# ResNet backbone (torchvision v1.5 names: stride on the 3x3 conv; no `fc`)
+# ----------------------------------------------------------------------------------------------------
+
+def conv_bn(cin, cout, k, stride=1):
+    return nn.Conv2d(cin, cout, k, stride, padding=k // 2, bias=False), nn.BatchNorm2d(cout)
+
+
+class BasicBlock(nn.Module):
+    """ResNet-18/34 block: 3x3 (stride) -> 3x3, identity or 1x1-conv shortcut."""
+    expansion = 1
+
+    def __init__(self, cin, planes, stride=1, drop_path=0.0):
+        super().__init__()
+        self.conv1, self.bn1 = conv_bn(cin, planes, 3, stride)
+        self.conv2, self.bn2 = conv_bn(planes, planes, 3)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = make_downsample(cin, planes, stride)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(identity + self.drop_path(out))
+
+
+class Bottleneck(nn.Module):
+    """ResNet-50 block: 1x1 -> 3x3 (stride, torchvision "v1.5") -> 1x1 to 4x planes."""
+    expansion = 4
+
+    def __init__(self, cin, planes, stride=1, drop_path=0.0):
+        super().__init__()
+        self.conv1, self.bn1 = conv_bn(cin, planes, 1)
+        self.conv2, self.bn2 = conv_bn(planes, planes, 3, stride)
+        self.conv3, self.bn3 = conv_bn(planes, planes * 4, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = make_downsample(cin, planes * 4, stride)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(identity + self.drop_path(out))
+
+
+def make_downsample(cin, cout, stride):
+    """1x1 conv + BN shortcut (`downsample.0`, `downsample.1`) where the shape changes, else None."""
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(*conv_bn(cin, cout, 1, stride))
+
+
+class ResNet(nn.Module):
+    """torchvision-style ResNet without `avgpool`/`fc`; forward returns the stride-32 map (B, C, H/32, W/32).
+
+    width: stem channels (64 = the standard nets); stage s has width * 2**s planes. The network is
+    fully convolutional; `img_size` is only recorded so heads know the pre-training resolution.
+    zero_init_residual=True zeroes each block's last BN gamma (timm's default, "Bag of tricks");
+    off by default like torchvision, so a fresh net matches torchvision's init.
+    drop_path_rate: stochastic depth on the residual branch, linear over blocks (timm's resnet; the
+    "ResNet strikes back" recipe uses 0.05). It has no parameters, so the keys stay torchvision's.
+    """
+    patch_size = 32  # total stride of the last stage
+
+    def __init__(self, block, layers, width=64, img_size=224, drop_path_rate=0.0, zero_init_residual=False):
+        super().__init__()
+        self.img_size = img_size
+        self.conv1, self.bn1 = conv_bn(3, width, 7, stride=2)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        total, done, cin = sum(layers), 0, width
+        for s, n in enumerate(layers):
+            planes, blocks = width * 2 ** s, []
+            for i in range(n):
+                dp = drop_path_rate * done / max(total - 1, 1)
+                blocks.append(block(cin, planes, stride=2 if (i == 0 and s > 0) else 1, drop_path=dp))
+                cin, done = planes * block.expansion, done + 1
+            setattr(self, f"layer{s + 1}", nn.Sequential(*blocks))
+        self.num_stages = len(layers)
+        self.num_features = cin
+        self.init_weights(zero_init_residual)
+
+    def init_weights(self, zero_init_residual):
+        for m in self.modules():  # torchvision's init
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:  # each residual branch starts as zero, so every block starts as identity
+            for m in self.modules():
+                if isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+                elif isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
+
+    def no_weight_decay(self):
+        return set()  # BN and bias parameters are excluded by the optimiser's 1-D rule
+
+    def stem(self, x):
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, width, H/4, W/4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for s in range(1, self.num_stages + 1):
+            x = getattr(self, f"layer{s}")(x)
+        return x  # (B, C, H/32, W/32)
+
+    def get_layer_outputs(self, x, layers=(1, 2, 3, 4)):
+        """Maps after the given stages (1..4, strides 4, 8, 16, 32), in the order asked."""
+        layers = list(layers)
+        if any(not 1 <= k <= self.num_stages for k in layers):
+            raise ValueError(f"layers {layers} outside 1..{self.num_stages}")
+        x, outs = self.stem(x), {}
+        for s in range(1, max(layers) + 1):
+            x = outs[s] = getattr(self, f"layer{s}")(x)
+        return [outs[k] for k in layers]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------------------
+
+ARCHS = {
+    "vit_mini": dict(embed_dim=128, depth=6, num_heads=4),  # CPU-sized, for the built-in data
+    "vit_t": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_s": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_b": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16),
+    "resnet18": dict(block=BasicBlock, layers=(2, 2, 2, 2)),
+    "resnet50": dict(block=Bottleneck, layers=(3, 4, 6, 3)),
+}
+
+VIT_ONLY = ("embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "init_values")
+RESNET_ONLY = ("block", "layers", "width", "zero_init_residual")
+
+
+def build_backbone(name, **kw):
+    """Backbone for `--arch name`; kw override the preset (img_size, patch_size, drop_path_rate, sizes...).
+
+    Stage scripts pass the same kwargs for every arch, so for a ResNet `patch_size` is ignored (its
+    stride is 32 by construction; the token grid is the Enhancer's business) and ViT-only options
+    set to None are dropped. A ViT-only option with a value (embed_dim=..., init_values=0.1) is an
+    error, not silently ignored: it would hand back a model other than the one asked for.
+    """
+    if name not in ARCHS:
+        raise ValueError(f"unknown --arch {name!r}; valid names: {', '.join(ARCHS)}")
+    cfg = dict(ARCHS[name])
+    if name.startswith("resnet"):
+        kw.pop("patch_size", None)
+        bad = [k for k in VIT_ONLY if kw.get(k) is not None]
+        if bad:
+            raise ValueError(f"--arch {name} is a ResNet and takes no ViT options: {', '.join(bad)}")
+        cfg.update({k: v for k, v in kw.items() if k not in VIT_ONLY})
+        return ResNet(**cfg)
+    bad = [k for k in RESNET_ONLY if k in kw]
+    if bad:
+        raise ValueError(f"--arch {name} is a ViT and takes no ResNet options: {', '.join(bad)}")
+    cfg.update(kw)
+    return VisionTransformer(**cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ResPix target: per-patch or sliding-window pixel normalisation
+# ----------------------------------------------------------------------------------------------------
+
+def patchify(imgs, p):
+    """(B, 3, H, W) -> (B, N, P*P*3), patches in row-major order, pixels (row, col, channel) as MAE."""
+    B, C, H, W = imgs.shape
+    x = imgs.reshape(B, C, H // p, p, W // p, p)  # (B, 3, H/P, P, W/P, P)
+    x = x.permute(0, 2, 4, 3, 5, 1)  # (B, H/P, W/P, P, P, 3)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)  # (B, N, P*P*3)
+
+
+def unpatchify(x, p, grid_hw=None):
+    """(B, N, P*P*3) -> (B, 3, H, W); the inverse of patchify (square grid unless grid_hw is given)."""
+    B, N, _ = x.shape
+    h, w = grid_hw if grid_hw is not None else (int(N ** 0.5),) * 2
+    x = x.reshape(B, h, w, p, p, 3)  # (B, H/P, W/P, P, P, 3)
+    x = x.permute(0, 5, 1, 3, 2, 4)  # (B, 3, H/P, P, W/P, P)
+    return x.reshape(B, 3, h * p, w * p)  # (B, 3, H, W)
+
+
+def normalize_target(img, mode, patch_size=16, window=9, eps=1e-6):
+    """Normalise the ResPix regression target (B, 3, H, W); statistics per channel, variance biased.
+
+    none    the image itself.
+    patch   each P x P patch by its own mean/std (MAE's --norm_pix_loss; MAE pools the three channels,
+            we keep them apart so `patch` and `window` differ only in the neighbourhood).
+    window  each pixel by the mean/std of the k x k window centred on it, stride 1 (CIM Sec. 3.2:
+            a patch-free version of the MAE target, so every pixel gets its own context). Near the
+            border only the pixels inside the image count: avg_pool2d(count_include_pad=False) divides
+            by the number of valid pixels, so zero padding never drags the mean towards 0.
+    Statistics are computed in at least float32 (E[x^2] - E[x]^2 cancels badly in half precision).
+    """
+    if mode == "none":
+        return img
+    x = img.to(torch.promote_types(img.dtype, torch.float32))
+    if mode == "patch":
+        B, C, H, W = x.shape
+        p = patch_size
+        if H % p or W % p:
+            raise ValueError(f"--norm-pix patch: image {H}x{W} is not a multiple of patch size {p}")
+        x = x.reshape(B, C, H // p, p, W // p, p)  # (B, 3, H/P, P, W/P, P)
+        mean = x.mean(dim=(3, 5), keepdim=True)
+        var = x.var(dim=(3, 5), keepdim=True, unbiased=False)
+        return ((x - mean) / (var + eps).sqrt()).reshape(B, C, H, W)  # (B, 3, H, W)
+    if mode == "window":
+        if window < 1 or window % 2 == 0:
+            raise ValueError(f"--norm-window must be an odd positive integer (a window centred on the pixel), "
+                             f"got {window}")
+        pool = dict(kernel_size=window, stride=1, padding=window // 2, count_include_pad=False)
+        mean = F.avg_pool2d(x, **pool)
+        var = (F.avg_pool2d(x * x, **pool) - mean * mean).clamp_min(0)  # rounding can go slightly below 0
+        return (x - mean) / (var + eps).sqrt()
+    raise ValueError(f"unknown --norm-pix {mode!r}; choose none, patch or window")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Heads: a ViT reads its patch tokens, a ResNet its stride-32 map; neither sees a [MASK] token
+# ----------------------------------------------------------------------------------------------------
+
+class ViTRevDetHead(nn.Module):
+    """One logit per patch token: "was this token replaced?" (logit > 0 means replaced)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = nn.Linear(dim, 1)
+
+    def forward(self, tokens):
+        return self.proj(tokens[:, 1:]).squeeze(-1)  # (B, 1+N, D) -> (B, N); cls dropped
+
+
+class ViTResPixHead(nn.Module):
+    """P*P*3 pixels per patch token, reassembled into the image."""
+
+    def __init__(self, dim, patch_size):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Linear(dim, patch_size * patch_size * 3)
+
+    def forward(self, tokens):
+        return unpatchify(self.proj(tokens[:, 1:]), self.patch_size)  # (B, N, P*P*3) -> (B, 3, H, W)
+
+
+class ResNetRevDetHead(nn.Module):
+    """1x1 conv to r*r channels + pixel shuffle by r: the stride-32 map becomes the token grid.
+
+    r = 32 / token patch, e.g. 224 px with 16 px tokens: 7x7 map -> 4 channels -> 14x14 logits.
+    """
+
+    def __init__(self, channels, upscale):
+        super().__init__()
+        self.upscale = upscale
+        self.proj = nn.Conv2d(channels, upscale * upscale, kernel_size=1)
+
+    def forward(self, fmap):
+        x = F.pixel_shuffle(self.proj(fmap), self.upscale)  # (B, 1, H/32*r, W/32*r)
+        return x.flatten(1)  # (B, N), row-major like the ViT tokens
+
+
+class ResNetResPixHead(nn.Module):
+    """1x1 conv to 3*32*32 channels + pixel shuffle by 32: the stride-32 map becomes the image."""
+
+    def __init__(self, channels, stride=32):
+        super().__init__()
+        self.stride = stride
+        self.proj = nn.Conv2d(channels, 3 * stride * stride, kernel_size=1)
+
+    def forward(self, fmap):
+        return F.pixel_shuffle(self.proj(fmap), self.stride)  # (B, 3, H, W)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Enhancer = backbone + head + loss
+# ----------------------------------------------------------------------------------------------------
+
+OBJECTIVES = ("revdet", "respix")
+
+
+class Enhancer(nn.Module):
+    """The network CIM pre-trains: backbone + the objective's head + its loss.
+
+    token_grid: side of the generator/tokenizer token grid (S/p, 14 for 224 px and 16 px patches);
+    RevDet predicts one logit per token of that grid, and `--norm-pix patch` uses its patch S/token_grid.
+    For a ViT the backbone's own grid must equal it (one token, one label).
+    """
+
+    def __init__(self, backbone, objective, token_grid, norm_pix="window", norm_window=9):
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown --objective {objective!r}; choose {' or '.join(OBJECTIVES)}")
+        if norm_pix not in ("none", "patch", "window"):
+            raise ValueError(f"unknown --norm-pix {norm_pix!r}; choose none, patch or window")
+        if norm_pix == "window" and (norm_window < 1 or norm_window % 2 == 0):
+            raise ValueError(f"--norm-window must be an odd positive integer, got {norm_window}")
+        S = backbone.img_size
+        if S % token_grid:
+            raise ValueError(f"image size {S} is not a multiple of the token grid {token_grid}")
+        self.backbone, self.objective, self.token_grid = backbone, objective, token_grid
+        self.norm_pix, self.norm_window = norm_pix, norm_window
+        self.token_patch = S // token_grid
+        self.head = self.build_head(backbone, objective)
+        self.head.apply(init_vit_weights)
+
+    def build_head(self, backbone, objective):
+        if isinstance(backbone, VisionTransformer):
+            if backbone.grid_size != self.token_grid:
+                raise ValueError(f"the ViT's token grid {backbone.grid_size} differs from the tokenizer grid "
+                                 f"{self.token_grid}: use patch size {self.token_patch}")
+            if objective == "revdet":
+                return ViTRevDetHead(backbone.num_features)
+            return ViTResPixHead(backbone.num_features, backbone.patch_size)
+        if isinstance(backbone, ResNet):
+            if objective == "respix":
+                return ResNetResPixHead(backbone.num_features, backbone.patch_size)
+            if backbone.patch_size % self.token_patch:
+                raise ValueError(f"token patch {self.token_patch} does not divide the ResNet stride "
+                                 f"{backbone.patch_size}; the pixel shuffle needs an integer factor")
+            return ResNetRevDetHead(backbone.num_features, backbone.patch_size // self.token_patch)
+        raise TypeError(f"unsupported backbone {type(backbone).__name__}")
+
+    def no_weight_decay(self):
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
+    def forward(self, corrupted, target_images, replaced):
+        """corrupted: normalised x~ (B, 3, S, S); target_images: the normalised original (ResPix only,
+        may be None for RevDet); replaced: (B, N) or (B, G, G), 1 = replaced (RevDet only).
+
+        Returns (out, loss, metrics): RevDet logits (B, N) or the ResPix image (B, 3, S, S); a scalar
+        loss in float32; a dict of detached 0-dim tensors (no .item(), so no GPU sync per step).
+        """
+        out = self.head(self.backbone(corrupted))
+        if self.objective == "revdet":
+            loss, metrics = self.revdet_loss(out, replaced)
+        else:
+            loss, metrics = self.respix_loss(out, target_images)
+        return out, loss, metrics
+
+    def revdet_loss(self, logits, replaced):
+        """BCE with logits over ALL tokens (replaced and kept alike), label 1 = replaced."""
+        labels = replaced.reshape(replaced.shape[0], -1).to(torch.float32)  # (B, N)
+        if labels.shape != logits.shape:
+            raise ValueError(f"RevDet labels {tuple(labels.shape)} do not match the head's logits "
+                             f"{tuple(logits.shape)}; check the token grid")
+        logits = logits.float()
+        loss = F.binary_cross_entropy_with_logits(logits, labels)
+        with torch.no_grad():
+            acc = ((logits > 0).float() == labels).float().mean()
+        return loss, {"revdet_acc": acc, "replaced_frac": labels.mean()}
+
+    def respix_loss(self, pred, images):
+        """MSE over all pixels against the normalised original."""
+        with torch.no_grad():
+            target = normalize_target(images, self.norm_pix, self.token_patch, self.norm_window)
+        loss = F.mse_loss(pred.float(), target.float())
+        return loss, {"respix_mse": loss.detach()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------
+
+def export_backbone(model):
+    """Backbone weights under timm / torchvision names, as an OrderedDict of contiguous copies.
+
+    Accepts an Enhancer, a bare backbone (either possibly wrapped by DDP `module` or torch.compile
+    `_orig_mod`), or an Enhancer state_dict (keys `backbone.*`, any wrapper prefix). Our names already
+    are the reference names, so this is backbone.state_dict() with the head and prefixes dropped.
+    Loading elsewhere:
+        timm:        timm.create_model('vit_base_patch16_224', num_classes=0).load_state_dict(sd, strict=True)
+        torchvision: r = torchvision.models.resnet50(); res = r.load_state_dict(sd, strict=False)
+                     gives res.missing_keys == ['fc.weight', 'fc.bias'] and no unexpected keys
+                     (torchvision's resnet50 always has `fc`; train a new one for your task).
+    """
+    if isinstance(model, nn.Module):
+        while any(hasattr(model, a) for a in ("module", "_orig_mod", "backbone")):
+            for attr in ("module", "_orig_mod", "backbone"):
+                model = getattr(model, attr, model)
+        sd = model.state_dict()
+    else:
+        sd = OrderedDict()
+        for k, v in model.items():
+            for prefix in ("module.", "_orig_mod."):
+                k = k[len(prefix):] if k.startswith(prefix) else k
+            sd[k] = v
+        if any(k.startswith("backbone.") for k in sd):  # an Enhancer's: keep the backbone, drop the head
+            sd = OrderedDict((k[len("backbone."):], v) for k, v in sd.items() if k.startswith("backbone."))
+    return OrderedDict((k, v.detach().clone().contiguous()) for k, v in sd.items())

@@ -1,0 +1,436 @@
+"""Tests for dvae.py: DALL-E module tree and sizes, pixel/token helpers, and the restricted loader
+for OpenAI's whole-module pickles (parity against a stand-in `dall_e` package, refusal of foreign
+globals). Tiny configs throughout except the parameter-count test."""
+import os
+import pickle
+import sys
+import textwrap
+import zipfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dvae
+
+
+# ----------------------------------------------------------------------------------------------------
+# Module tree and sizes
+# ----------------------------------------------------------------------------------------------------
+
+def test_default_sizes_match_dalle():
+    enc, dec = dvae.Encoder(), dvae.Decoder()
+    enc_sd, dec_sd = enc.state_dict(), dec.state_dict()
+    assert (sum(t.numel() for t in enc_sd.values()), len(enc_sd)) == (53_786_240, 74)
+    assert (sum(t.numel() for t in dec_sd.values()), len(dec_sd)) == (43_829_766, 76)
+    assert enc.downsample == dec.downsample == 8
+
+    for key in ("blocks.input.w", "blocks.group_1.block_1.res_path.conv_1.w",
+                "blocks.group_2.block_1.id_path.w", "blocks.group_4.block_2.res_path.conv_4.b",
+                "blocks.output.conv.b"):
+        assert key in enc_sd, key
+    assert "blocks.group_1.block_1.id_path.w" not in enc_sd  # width unchanged -> Identity
+    assert "blocks.group_2.block_2.id_path.w" not in enc_sd
+    assert enc_sd["blocks.input.w"].shape == (256, 3, 7, 7)
+    assert enc_sd["blocks.group_1.block_1.res_path.conv_4.w"].shape == (256, 64, 1, 1)
+    assert enc_sd["blocks.output.conv.w"].shape == (8192, 2048, 1, 1)
+    assert isinstance(enc.blocks.group_3.pool, torch.nn.MaxPool2d) and not hasattr(enc.blocks.group_4, "pool")
+
+    # decoder: every group's block_1 changes width (the first from n_init=128)
+    for k in range(1, 5):
+        assert f"blocks.group_{k}.block_1.id_path.w" in dec_sd
+        assert f"blocks.group_{k}.block_2.id_path.w" not in dec_sd
+    assert dec_sd["blocks.input.w"].shape == (128, 8192, 1, 1)
+    assert dec_sd["blocks.group_1.block_1.res_path.conv_1.w"].shape == (512, 128, 1, 1)
+    assert dec_sd["blocks.group_1.block_1.res_path.conv_4.w"].shape == (2048, 512, 3, 3)
+    assert dec_sd["blocks.output.conv.w"].shape == (6, 256, 1, 1)
+    assert isinstance(dec.blocks.group_1.upsample, torch.nn.Upsample)
+    assert not hasattr(dec.blocks.group_4, "upsample")
+
+
+def test_conv_init_and_padding():
+    torch.manual_seed(0)
+    conv = dvae.Conv2d(64, 128, 3)
+    assert conv.w.shape == (128, 64, 3, 3) and conv.b.shape == (128,)
+    assert abs(conv.w.std().item() * (64 * 9) ** 0.5 - 1) < 0.05  # N(0, 1/sqrt(fan_in))
+    assert torch.all(conv.b == 0)
+    assert conv(torch.randn(2, 64, 5, 7)).shape == (2, 128, 5, 7)  # 'same' padding
+
+
+def test_config_round_trip_and_bad_inputs():
+    enc = dvae.Encoder(group_count=3, n_hid=8, n_blk_per_group=1, vocab_size=32)
+    dec = dvae.Decoder(group_count=3, n_init=16, n_hid=8, n_blk_per_group=1, vocab_size=32)
+    enc2, dec2 = dvae.build_dvae(dvae.dvae_config(enc), dvae.dvae_config(dec))
+    for a, b in ((enc, enc2), (dec, dec2)):
+        shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in (a, b)]
+        assert shapes[0] == shapes[1]
+    assert dvae.dvae_config(dec) == dict(group_count=3, n_init=16, n_hid=8, n_blk_per_group=1,
+                                         output_channels=3, vocab_size=32)
+    with pytest.raises(TypeError):
+        dvae.dvae_config(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="multiple of the dVAE down-sampling factor 4"):
+        enc(torch.rand(1, 3, 18, 16))
+    with pytest.raises(ValueError, match="one-hot"):
+        dec(torch.rand(1, 31, 4, 4))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pixels <-> tokens
+# ----------------------------------------------------------------------------------------------------
+
+def test_map_unmap_pixels():
+    x = torch.rand(2, 3, 8, 8)
+    m = dvae.map_pixels(x)
+    assert m.min() >= 0.1 and m.max() <= 0.9
+    assert torch.allclose(dvae.unmap_pixels(m), x, atol=1e-6)
+    assert dvae.unmap_pixels(torch.tensor([0.0, 1.0])).tolist() == [0.0, 1.0]  # clamped
+
+
+@pytest.mark.parametrize("group_count,n_hid,vocab,size", [(4, 8, 32, 32), (3, 16, 64, 16)])
+def test_tokenize_decode(group_count, n_hid, vocab, size):
+    torch.manual_seed(0)
+    enc = dvae.Encoder(group_count=group_count, n_hid=n_hid, vocab_size=vocab)
+    dec = dvae.Decoder(group_count=group_count, n_init=8, n_hid=n_hid, vocab_size=vocab)
+    f = 2 ** (group_count - 1)
+    assert enc.downsample == dec.downsample == f
+    images = torch.rand(2, 3, size, size)
+
+    tokens = dvae.tokenize(enc, images)
+    assert tokens.shape == (2, size // f, size // f) and tokens.dtype == torch.int64
+    assert torch.equal(tokens, enc(dvae.map_pixels(images)).argmax(1))
+
+    out = dvae.decode(dec, tokens)
+    assert out.shape == (2, 3, size, size) and out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 1 and not out.requires_grad
+    one_hot = F.one_hot(tokens, vocab).permute(0, 3, 1, 2).float()
+    assert torch.equal(out, dvae.unmap_pixels(torch.sigmoid(dec(one_hot)[:, :3])))
+
+
+def test_tokenize_and_decode_ignore_autocast():
+    torch.manual_seed(0)
+    # many tokens and a large vocabulary, so near-ties (which bf16 flips) are sure to occur
+    enc = dvae.Encoder(group_count=3, n_hid=16, n_blk_per_group=1, vocab_size=2048)
+    dec = dvae.Decoder(group_count=3, n_init=8, n_hid=16, n_blk_per_group=1, vocab_size=2048)
+    images = torch.rand(4, 3, 128, 128)
+    tokens = dvae.tokenize(enc, images)
+    out = dvae.decode(dec, tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_tokens = enc(dvae.map_pixels(images)).argmax(1)
+        assert torch.equal(dvae.tokenize(enc, images), tokens)
+        assert torch.equal(dvae.decode(dec, tokens), out)
+    # the check above is not vacuous: under bf16 some argmaxes do flip
+    assert (bf16_tokens != tokens).any()
+
+
+def test_forward_backward_tiny():
+    torch.manual_seed(0)
+    enc = dvae.Encoder(group_count=3, n_hid=8, n_blk_per_group=1, vocab_size=16)
+    dec = dvae.Decoder(group_count=3, n_init=8, n_hid=8, n_blk_per_group=1, vocab_size=16)
+    x = torch.rand(2, 3, 16, 16)
+    logits = enc(dvae.map_pixels(x))
+    assert logits.shape == (2, 16, 4, 4)
+    out = dec(F.softmax(logits, dim=1))
+    assert out.shape == (2, 6, 16, 16)
+    loss = F.mse_loss(torch.sigmoid(out[:, :3]), dvae.map_pixels(x))
+    loss.backward()
+    assert torch.isfinite(loss)
+    for p in list(enc.parameters()) + list(dec.parameters()):
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Official OpenAI pickles
+# ----------------------------------------------------------------------------------------------------
+# A stand-in `dall_e` package with OpenAI's class paths, attribute names and module tree (attrs is
+# not installed, so plain nn.Module subclasses). Pickles of its modules have the same layout as the
+# official encoder.pkl / decoder.pkl.
+
+_STANDIN = {
+    "__init__.py": "",
+    "utils.py": """
+        import math
+        import torch
+        import torch.nn as nn
+        import torch.nn.functional as F
+
+        class Conv2d(nn.Module):
+            def __init__(self, n_in, n_out, kw, use_float16=True, device=torch.device('cpu'),
+                         requires_grad=False):
+                super().__init__()
+                self.n_in, self.n_out, self.kw = n_in, n_out, kw
+                self.use_float16, self.device, self.requires_grad = use_float16, device, requires_grad
+                w = torch.empty((n_out, n_in, kw, kw), dtype=torch.float32, device=device)
+                w.normal_(std=1 / math.sqrt(n_in * kw ** 2))
+                b = torch.zeros((n_out,), dtype=torch.float32, device=device)
+                self.w, self.b = nn.Parameter(w, requires_grad), nn.Parameter(b, requires_grad)
+
+            def forward(self, x):
+                return F.conv2d(x.float(), self.w.float(), self.b.float(), padding=(self.kw - 1) // 2)
+    """,
+    "encoder.py": """
+        from collections import OrderedDict
+        from functools import partial
+        import torch
+        import torch.nn as nn
+        from dall_e.utils import Conv2d
+
+        class EncoderBlock(nn.Module):
+            def __init__(self, n_in, n_out, n_layers, device=None, requires_grad=False):
+                super().__init__()
+                self.n_in, self.n_out, self.n_layers = n_in, n_out, n_layers
+                self.device, self.requires_grad = device, requires_grad
+                self.n_hid = n_out // 4
+                self.post_gain = 1 / (n_layers ** 2)
+                conv = partial(Conv2d, device=device, requires_grad=requires_grad)
+                self.id_path = conv(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+                self.res_path = nn.Sequential(OrderedDict([
+                    ('relu_1', nn.ReLU()), ('conv_1', conv(n_in, self.n_hid, 3)),
+                    ('relu_2', nn.ReLU()), ('conv_2', conv(self.n_hid, self.n_hid, 3)),
+                    ('relu_3', nn.ReLU()), ('conv_3', conv(self.n_hid, self.n_hid, 3)),
+                    ('relu_4', nn.ReLU()), ('conv_4', conv(self.n_hid, n_out, 1))]))
+
+            def forward(self, x):
+                return self.id_path(x) + self.post_gain * self.res_path(x)
+
+        class Encoder(nn.Module):
+            def __init__(self, group_count=4, n_hid=256, n_blk_per_group=2, input_channels=3, vocab_size=8192,
+                         device=torch.device('cpu'), requires_grad=False, use_mixed_precision=True):
+                super().__init__()
+                self.group_count, self.n_hid, self.n_blk_per_group = group_count, n_hid, n_blk_per_group
+                self.input_channels, self.vocab_size = input_channels, vocab_size
+                self.device, self.requires_grad = device, requires_grad
+                self.use_mixed_precision = use_mixed_precision
+                blk = partial(EncoderBlock, n_layers=group_count * n_blk_per_group, device=device,
+                              requires_grad=requires_grad)
+                h, r = n_hid, range(n_blk_per_group)
+                self.blocks = nn.Sequential(OrderedDict([
+                    ('input', Conv2d(input_channels, h, 7, device=device, requires_grad=requires_grad)),
+                    ('group_1', nn.Sequential(OrderedDict([
+                        *[(f'block_{i + 1}', blk(h, h)) for i in r],
+                        ('pool', nn.MaxPool2d(kernel_size=2))]))),
+                    ('group_2', nn.Sequential(OrderedDict([
+                        *[(f'block_{i + 1}', blk(h if i == 0 else 2 * h, 2 * h)) for i in r],
+                        ('pool', nn.MaxPool2d(kernel_size=2))]))),
+                    ('group_3', nn.Sequential(OrderedDict([
+                        *[(f'block_{i + 1}', blk(2 * h if i == 0 else 4 * h, 4 * h)) for i in r],
+                        ('pool', nn.MaxPool2d(kernel_size=2))]))),
+                    ('group_4', nn.Sequential(OrderedDict([
+                        *[(f'block_{i + 1}', blk(4 * h if i == 0 else 8 * h, 8 * h)) for i in r]]))),
+                    ('output', nn.Sequential(OrderedDict([
+                        ('relu', nn.ReLU()),
+                        ('conv', Conv2d(8 * h, vocab_size, 1, use_float16=False, device=device,
+                                        requires_grad=requires_grad))]))),
+                ]))
+
+            def forward(self, x):
+                return self.blocks(x)
+    """,
+    "decoder.py": """
+        from collections import OrderedDict
+        from functools import partial
+        import torch
+        import torch.nn as nn
+        from dall_e.utils import Conv2d
+
+        class DecoderBlock(nn.Module):
+            def __init__(self, n_in, n_out, n_layers, device=None, requires_grad=False):
+                super().__init__()
+                self.n_in, self.n_out, self.n_layers = n_in, n_out, n_layers
+                self.device, self.requires_grad = device, requires_grad
+                self.n_hid = n_out // 4
+                self.post_gain = 1 / (n_layers ** 2)
+                conv = partial(Conv2d, device=device, requires_grad=requires_grad)
+                self.id_path = conv(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+                self.res_path = nn.Sequential(OrderedDict([
+                    ('relu_1', nn.ReLU()), ('conv_1', conv(n_in, self.n_hid, 1)),
+                    ('relu_2', nn.ReLU()), ('conv_2', conv(self.n_hid, self.n_hid, 3)),
+                    ('relu_3', nn.ReLU()), ('conv_3', conv(self.n_hid, self.n_hid, 3)),
+                    ('relu_4', nn.ReLU()), ('conv_4', conv(self.n_hid, n_out, 3))]))
+
+            def forward(self, x):
+                return self.id_path(x) + self.post_gain * self.res_path(x)
+
+        class Decoder(nn.Module):
+            def __init__(self, group_count=4, n_init=128, n_hid=256, n_blk_per_group=2, output_channels=3,
+                         vocab_size=8192, device=torch.device('cpu'), requires_grad=False,
+                         use_mixed_precision=True):
+                super().__init__()
+                self.group_count, self.n_init, self.n_hid = group_count, n_init, n_hid
+                self.n_blk_per_group, self.output_channels = n_blk_per_group, output_channels
+                self.vocab_size = vocab_size
+                self.device, self.requires_grad = device, requires_grad
+                self.use_mixed_precision = use_mixed_precision
+                blk = partial(DecoderBlock, n_layers=group_count * n_blk_per_group, device=device,
+                              requires_grad=requires_grad)
+                h, r = n_hid, range(n_blk_per_group)
+                self.blocks = nn.Sequential(OrderedDict([
+                    ('input', Conv2d(vocab_size, n_init, 1, use_float16=False, device=device,
+                                     requires_grad=requires_grad)),
+                    ('group_1', nn.Sequential(OrderedDict([
+                        *[(f'block_{i + 1}', blk(n_init if i == 0 else 8 * h, 8 * h)) for i in r],
+                        ('upsample', nn.Upsample(scale_factor=2, mode='nearest'))]))),
+                    ('group_2', nn.Sequential(OrderedDict([
+                        *[(f'block_{i + 1}', blk(8 * h if i == 0 else 4 * h, 4 * h)) for i in r],
+                        ('upsample', nn.Upsample(scale_factor=2, mode='nearest'))]))),
+                    ('group_3', nn.Sequential(OrderedDict([
+                        *[(f'block_{i + 1}', blk(4 * h if i == 0 else 2 * h, 2 * h)) for i in r],
+                        ('upsample', nn.Upsample(scale_factor=2, mode='nearest'))]))),
+                    ('group_4', nn.Sequential(OrderedDict([
+                        *[(f'block_{i + 1}', blk(2 * h if i == 0 else 1 * h, 1 * h)) for i in r]]))),
+                    ('output', nn.Sequential(OrderedDict([
+                        ('relu', nn.ReLU()),
+                        ('conv', Conv2d(1 * h, 2 * output_channels, 1, device=device,
+                                        requires_grad=requires_grad))]))),
+                ]))
+
+            def forward(self, x):
+                return self.blocks(x)
+    """,
+}
+
+_TINY_ENC = dict(n_hid=8, n_blk_per_group=1, vocab_size=32)
+_TINY_DEC = dict(n_init=12, n_hid=8, n_blk_per_group=1, vocab_size=32)
+
+
+def _forget_standin(root):
+    for name in [m for m in sys.modules if m == "dall_e" or m.startswith("dall_e.")]:
+        del sys.modules[name]
+    while str(root) in sys.path:
+        sys.path.remove(str(root))
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    """Stand-in dall_e modules pickled whole (zip and legacy, float32 and half), plus their
+    reference outputs; the stand-in package is gone again before any test loads them."""
+    root = tmp_path_factory.mktemp("standin")
+    (root / "dall_e").mkdir()
+    for name, source in _STANDIN.items():
+        (root / "dall_e" / name).write_text(textwrap.dedent(source))
+    sys.path.insert(0, str(root))
+    try:
+        from dall_e.decoder import Decoder as OfficialDecoder
+        from dall_e.encoder import Encoder as OfficialEncoder
+
+        torch.manual_seed(0)
+        enc, dec = OfficialEncoder(**_TINY_ENC), OfficialDecoder(**_TINY_DEC)
+        with torch.no_grad():  # non-zero biases, so a mix-up of w/b or of layers shows
+            for module in (enc, dec):
+                for name, p in module.named_parameters():
+                    if name.endswith(".b"):
+                        p.normal_(std=0.1)
+        images = torch.rand(2, 3, 32, 32)
+        tokens = torch.randint(0, 32, (2, 4, 4))
+        one_hot = F.one_hot(tokens, 32).permute(0, 3, 1, 2).float()
+        ref = dict(images=images, tokens=tokens,
+                   params=tuple({k: v.clone() for k, v in m.state_dict().items()} for m in (enc, dec)))
+        with torch.no_grad():
+            ref["logits"], ref["recon"] = enc(dvae.map_pixels(images)), dec(one_hot)
+
+        paths = {}
+        for fmt in ("zip", "legacy"):
+            for kind, module in (("encoder", enc), ("decoder", dec)):
+                paths[fmt, kind] = root / f"{kind}_{fmt}.pkl"
+                torch.save(module, paths[fmt, kind], _use_new_zipfile_serialization=fmt == "zip")
+        # half-precision weights and no config attributes: the loader must upcast and infer sizes
+        for kind, module in (("encoder", enc), ("decoder", dec)):
+            module.half()
+            for name in ("group_count", "n_init", "n_hid", "n_blk_per_group", "input_channels",
+                         "output_channels", "vocab_size"):
+                module.__dict__.pop(name, None)
+            paths["half", kind] = root / f"{kind}_half.pkl"
+            torch.save(module, paths["half", kind])
+    finally:
+        _forget_standin(root)
+    ref["paths"] = paths
+    return ref
+
+
+def test_standin_is_not_importable(official):
+    with pytest.raises(ImportError):
+        import dall_e  # noqa: F401
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_official_pickle_parity(official, fmt):
+    enc, dec = dvae.load_openai_dvae(official["paths"][fmt, "encoder"], official["paths"][fmt, "decoder"])
+    assert "dall_e" not in sys.modules
+    assert dvae.dvae_config(enc) == dict(group_count=4, input_channels=3, **_TINY_ENC)
+    assert dvae.dvae_config(dec) == dict(group_count=4, output_channels=3, **_TINY_DEC)
+    for ours, theirs in zip((enc, dec), official["params"]):
+        ours = ours.state_dict()
+        assert list(ours) == list(theirs)
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert not any(p.requires_grad for p in enc.parameters())  # loaded frozen
+
+    with torch.no_grad():
+        logits = enc(dvae.map_pixels(official["images"]))
+        one_hot = F.one_hot(official["tokens"], 32).permute(0, 3, 1, 2).float()
+        recon = dec(one_hot)
+    assert torch.equal(logits, official["logits"])
+    assert torch.equal(recon, official["recon"])
+    assert torch.equal(dvae.tokenize(enc, official["images"]), official["logits"].argmax(1))
+
+
+def test_official_pickle_half_weights_without_attributes(official):
+    paths = official["paths"]
+    enc, dec = dvae.load_openai_dvae(paths["half", "encoder"], paths["half", "decoder"])
+    assert dvae.dvae_config(enc) == dict(group_count=4, input_channels=3, **_TINY_ENC)
+    assert dvae.dvae_config(dec) == dict(group_count=4, output_channels=3, **_TINY_DEC)
+    for ours, theirs in zip((enc, dec), official["params"]):
+        for k, v in ours.state_dict().items():
+            assert v.dtype == torch.float32
+            assert torch.equal(v, theirs[k].half().float())
+
+
+def test_swapped_files_are_named(official):
+    with pytest.raises(ValueError, match="--dalle-encoder .*decoder_zip.pkl.*found dall_e.decoder.Decoder"):
+        dvae.load_openai_dvae(official["paths"]["zip", "decoder"], official["paths"]["zip", "encoder"])
+
+
+def test_missing_file_is_named(tmp_path, official):
+    missing = tmp_path / "nowhere" / "decoder.pkl"
+    with pytest.raises(FileNotFoundError, match=f"--dalle-decoder {missing}"):
+        dvae.load_openai_dvae(official["paths"]["zip", "encoder"], missing)
+
+
+def test_torchscript_archive_is_refused(tmp_path):
+    # torch.load would pass it on to torch.jit.load, bypassing the restricted unpickler
+    # (what marks one is a constants.pkl record; torch.jit.script itself is slow and deprecated)
+    path = tmp_path / "encoder.pkl"
+    torch.save(torch.zeros(2), path)
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("encoder/constants.pkl", pickle.dumps(()))
+    with pytest.raises(ValueError, match="--dalle-encoder .*TorchScript"):
+        dvae.load_openai_dvae(path, path)
+
+
+class _RunsShell:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+class _RunsEval:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return eval, (f"__import__('os').system({self.command!r})",)
+
+
+@pytest.mark.parametrize("payload,refused", [(_RunsShell, r"'(os|posix)\.system'"),
+                                             (_RunsEval, r"'builtins\.eval'")])
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_foreign_globals_are_refused(tmp_path, payload, refused, zip_format):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "encoder.pkl"
+    # a whole-module-looking pickle with one booby-trapped attribute next to real tensors
+    torch.save({"w": torch.zeros(2), "hook": payload(f"touch {marker}")}, path,
+               _use_new_zipfile_serialization=zip_format)
+    message = f"--dalle-encoder {path}: refusing to load global {refused}"
+    with pytest.raises(pickle.UnpicklingError, match=message):
+        dvae.load_openai_dvae(path, path)
+    assert not marker.exists()

@@ -420,7 +420,7 @@ def build_dataset(data, split, transform, synthetic_size=64, seed=0):
     folder = os.path.join(data, split)
     if not os.path.isdir(folder) and split == "train" and os.path.isdir(data):
         folder = data  # --data may point straight at a class-folder root
-    return ImageFolder(folder, transform)
+    return ImageFolder(folder, transform, seed=seed)  # seed: the augmentation stream (--seed)
 
 
 def build_loader(dataset, batch_size, num_workers=4, rank=0, world_size=1, shuffle=True,

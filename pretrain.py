@@ -45,7 +45,7 @@ from dvae import (JsonLog, autocast, cosine_lr, gather_rng_states, init_distribu
 # ----------------------------------------------------------------------------------------------------
 
 RECIPES = {
-    "builtin": dict(arch="vit_mini", img_size=32, patch_size=4, epochs=5, batch_size=64, blr=2e-3,
+    "builtin": dict(arch="vit_mini", img_size=32, patch_size=4, epochs=4, batch_size=64, blr=2e-3,
                     min_lr=1e-5, warmup_epochs=1, weight_decay=0.05, gen_dim=64, gen_depth=2,
                     gen_heads=2, crop_min=0.35, norm_window=5, drop_path=0.0, num_workers=1,
                     knn_k=20),
@@ -234,27 +234,33 @@ def param_groups(model, weight_decay):
 # ----------------------------------------------------------------------------------------------------
 
 def train_step(ddp_model, model, batches, tokenizer, optimizer, scaler, args, device):
-    """Returns (metrics of the last micro-batch, finite?). Skips the update when any rank's loss is
-    not finite (then every rank skips, so the replicas stay identical)."""
+    """One optimiser step over the micro-batches in `batches`. Returns (outputs of the last
+    micro-batch, whether the update was applied)."""
     optimizer.zero_grad(set_to_none=True)
+    finite = torch.ones((), device=device)
     for i, (images, tok_images) in enumerate(batches):
         images = images.to(device, non_blocking=True)
         tok_images = tok_images.to(device, non_blocking=True)
         mask = gen.mask_patches(args.mask_type, images.shape[0], model.generator.grid,
                                 args.mask_ratio).to(device)  # (B, N), True = masked
-        last = i == len(batches) - 1
         # no_sync: only the last micro-batch all-reduces the gradients
+        last = i == len(batches) - 1
         sync = ddp_model.no_sync() if (not last and ddp_model is not model) else nullcontext()
         with sync:
             with autocast(device, args.amp):
                 loss, out = ddp_model(images, tok_images, mask, tokenizer, args)
-            finite = torch.isfinite(loss.detach()).float()
-            if torch.distributed.is_initialized():
-                torch.distributed.all_reduce(finite, torch.distributed.ReduceOp.MIN)
-            if not finite.item():
-                optimizer.zero_grad(set_to_none=True)
-                return out, False
             scaler.scale(loss / len(batches)).backward()
+        finite = finite * torch.isfinite(loss.detach())
+    # One decision for all ranks (a NaN on any rank skips the update everywhere, so the replicas
+    # stay identical), taken after backward so every rank ran the same collectives. Skipping beats
+    # exiting: fp16 runs of the public MIM code die late in training on a single bad batch.
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(finite, torch.distributed.ReduceOp.MIN)
+    if not finite.item():
+        optimizer.zero_grad(set_to_none=True)
+        if scaler.is_enabled():
+            scaler.update(scaler.get_scale() / 2)  # back off as GradScaler does on overflow
+        return dict(out, loss=loss.detach()), False
     if args.clip_grad:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
@@ -264,11 +270,12 @@ def train_step(ddp_model, model, batches, tokenizer, optimizer, scaler, args, de
 
 
 def binary_auc(scores, labels):
-    """ROC-AUC of `scores` for binary `labels` via the rank-sum statistic (nan if one class only)."""
+    """ROC-AUC of `scores` for binary `labels` via the rank-sum statistic (None if one class only:
+    log.jsonl stays standard JSON)."""
     scores, labels = scores.float().flatten(), labels.bool().flatten()
     n_pos, n_neg = labels.sum().item(), (~labels).sum().item()
     if n_pos == 0 or n_neg == 0:
-        return float("nan")
+        return None
     ranks = torch.empty_like(scores)
     ranks[scores.argsort()] = torch.arange(1, len(scores) + 1, dtype=scores.dtype, device=scores.device)
     return ((ranks[labels].sum().item() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
@@ -396,6 +403,9 @@ def main(args):
     if rank == 0:
         log.write(**result)
         print(json.dumps(result))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return result
 
 
@@ -461,9 +471,9 @@ def save_samples(out, images, args, path, n=8):
 def describe(name, t):
     if isinstance(t, torch.Tensor):
         rng = f"[{t.float().min().item():.3g}, {t.float().max().item():.3g}]" if t.numel() else "[]"
-        print(f"  {name:<34} {str(tuple(t.shape)):<20} {str(t.dtype).replace('torch.', ''):<9} {rng}")
+        print(f"  {name:<42} {str(tuple(t.shape)):<18} {str(t.dtype).replace('torch.', ''):<8} {rng}")
     else:
-        print(f"  {name:<34} {t}")
+        print(f"  {name:<42} {t}")
 
 
 def explain(model, tokenizer, dataset, args, device):
@@ -473,33 +483,33 @@ def explain(model, tokenizer, dataset, args, device):
     images, tok_images = next(iter(loader))[0]
     images, tok_images = images.to(device), tok_images.to(device)
     print("one CIM step, in the order pretrain.py runs it:")
-    describe("data.py  image (normalised)", images)
-    describe("data.py  tokenizer view [0,1]", tok_images)
+    describe("data.PretrainTransform: image", images)
+    describe("data.PretrainTransform: tokenizer view", tok_images)
     tokens = dvae.tokenize(encoder, tok_images)
-    describe("dvae.py  tokenize -> tokens", tokens)
+    describe("dvae.tokenize: tokens", tokens)
     mask = gen.mask_patches(args.mask_type, images.shape[0], model.generator.grid, args.mask_ratio).to(device)
-    describe("generator.py  mask (True = masked)", mask)
+    describe("generator.mask_patches: mask (1=masked)", mask)
     logits, loss_gen = model.generator(images, mask, tokens)
-    describe("generator.py  logits (masked only)", logits)
-    describe("generator.py  L_gen", loss_gen)
+    describe("BEiTGenerator.forward: logits (M, V)", logits)
+    describe("BEiTGenerator.loss: L_gen", loss_gen)
     mixed, replaced, corrupted = gen.sample_and_decode(decoder, logits.detach(), tokens.flatten(1), mask,
                                                        args.temperature, args.sample, args.img_size)
-    describe("generator.py  mixed tokens", mixed)
-    describe("generator.py  replaced (RevDet label)", replaced)
-    describe("generator.py  corrupted image [0,1]", corrupted)
+    describe("generator.sample_and_decode: mixed", mixed)
+    describe("  replaced = mixed != tokens", replaced)
+    describe("  dvae.decode + resize: corrupted", corrupted)
     x = data.normalize(corrupted)
     feats = model.enhancer.backbone(x)
-    describe("enhancer.py  backbone features", feats)
+    describe("enhancer backbone: features", feats)
     out, loss_enh, metrics = model.enhancer(x, images, replaced)
-    describe(f"enhancer.py  {args.objective} output", out)
-    describe("enhancer.py  L_enh", loss_enh)
+    describe(f"Enhancer.forward: {args.objective} output", out)
+    describe("Enhancer.forward: L_enh", loss_enh)
     loss = loss_gen + args.enh_weight * loss_enh
-    describe("pretrain.py  L = L_gen + lambda L_enh", loss)
+    describe("L = L_gen + lambda * L_enh", loss)
     loss.backward()
     g_gen = sum(p.grad.norm() ** 2 for p in model.generator.parameters() if p.grad is not None) ** 0.5
     g_enh = sum(p.grad.norm() ** 2 for p in model.enhancer.parameters() if p.grad is not None) ** 0.5
-    describe("pretrain.py  grad norm generator", g_gen)
-    describe("pretrain.py  grad norm enhancer", g_enh)
+    describe("grad norm, generator", g_gen)
+    describe("grad norm, enhancer", g_enh)
     return {"loss": loss.item()}
 
 

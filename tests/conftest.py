@@ -1,0 +1,39 @@
+"""Shared fixtures for the stage-script tests: the repository on sys.path, one intra-op thread, and
+a tiny tokenizer trained once per session by `dvae.main` (the checkpoint pretrain.py reads via --dvae)."""
+import os
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)  # `pytest tests/` as well as `python -m pytest` from the repo root
+
+# Tiny models on a shared 2-core machine: with 2 OpenMP threads a step that takes 10 ms alone took
+# 2.5 s while other processes held the cores (threads spin at every barrier). One thread is
+# deterministic and fast; subprocesses get OMP_NUM_THREADS=1 for the same reason.
+torch.set_num_threads(1)
+
+# dvae.py's small preset shrunk: group_count 3 -> f = 4, so 16 px images give 4 x 4 tokens.
+TINY_DVAE = ["--preset", "small", "--n-hid", "8", "--vocab-size", "64", "--img-size", "16",
+             "--batch-size", "16", "--num-workers", "0", "--device", "cpu"]
+
+
+def subprocess_env():
+    """Environment for child Python processes: the repo importable, one thread each."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_dvae_ckpt(tmp_path_factory):
+    """Path of a dvae.py checkpoint (3 steps of the tiny config): a frozen tokenizer for pretrain.py
+    at --img-size 16 --patch-size 4 (grid 4, tokenizer view 4 * 4 = 16 px), vocabulary 64."""
+    import dvae
+
+    out = tmp_path_factory.mktemp("tiny_dvae")
+    dvae.main(dvae.get_args_parser().parse_args(
+        TINY_DVAE + ["--output-dir", str(out), "--max-steps", "3", "--warmup-steps", "1"]))
+    return str(out / "checkpoint-latest.pth")

@@ -1,0 +1,433 @@
+"""Tests for pretrain.py: real CIM steps on the built-in data (both objectives), the stop-gradient
+between generator and enhancer, optimiser groups, bit-exact resume (also after SIGKILL), a
+two-process gloo torchrun run, bf16 autocast, --explain / --bench, non-finite losses and bad
+inputs. Tiny config: 16 px images, 4 px patches (4 x 4 grid), a 1-block generator of width 32,
+vit_mini enhancer, the session's 64-code tokenizer (conftest.tiny_dvae_ckpt)."""
+import copy
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import dvae
+import enhancer as enh
+import generator as gen
+import pretrain
+from conftest import REPO, subprocess_env
+
+TINY = ["--img-size", "16", "--patch-size", "4", "--batch-size", "8", "--gen-dim", "32",
+        "--gen-depth", "1", "--gen-heads", "2", "--arch", "vit_mini", "--knn-k", "0",
+        "--log-every", "1", "--num-workers", "0", "--device", "cpu",
+        # the builtin recipe warms up over one epoch (1024 steps here): lr would stay ~0
+        "--warmup-epochs", "0", "--lr", "1e-3"]
+
+
+def flags(out, dvae_ckpt, *extra):
+    return TINY + ["--dvae", dvae_ckpt, "--output-dir", str(out), *extra]
+
+
+def run(out, dvae_ckpt, *extra):
+    return pretrain.main(pretrain.get_args_parser().parse_args(flags(out, dvae_ckpt, *extra)))
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_training_state(a, b):
+    """Two checkpoint-latest.pth dicts describe the same training state, tensor for tensor."""
+    assert a["step"] == b["step"] and a["skipped"] == b["skipped"]
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    oa, ob = a["optimizer"], b["optimizer"]
+    assert oa["param_groups"] == ob["param_groups"]
+    assert oa["state"].keys() == ob["state"].keys()
+    for i in oa["state"]:
+        for key in oa["state"][i]:
+            assert torch.equal(oa["state"][i][key], ob["state"][i][key]), (i, key)
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])  # the noise stream lines up too
+
+
+def tiny_model(dvae_ckpt, *extra):
+    args = pretrain.resolve_args(pretrain.get_args_parser().parse_args(flags("unused", dvae_ckpt, *extra)))
+    tokenizer = dvae.load_tokenizer(dvae_ckpt)
+    torch.manual_seed(0)
+    return args, pretrain.build_model(args, tokenizer[0].vocab_size), tokenizer
+
+
+def batch(B=4, S=16, T=16):
+    torch.manual_seed(1)
+    images = torch.randn(B, 3, S, S)  # normalised network view
+    tok_images = torch.rand(B, 3, T, T)  # tokenizer view in [0, 1]
+    return images, tok_images, gen.mask_patches("random", B, 4, 0.5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A real run
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("objective", ["revdet", "respix"])
+def test_tiny_run_logs_samples_checkpoints_and_exports(tmp_path, tiny_dvae_ckpt, objective):
+    steps = 3
+    result = run(tmp_path, tiny_dvae_ckpt, "--objective", objective, "--max-steps", str(steps))
+    assert result["steps"] == steps
+
+    log = read_log(tmp_path)
+    records = [r for r in log if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    keys = {"loss_gen", "acc_gen", "loss_enh", "replaced_frac", "mask_frac", "lr", "img_per_s",
+            "peak_mem_mb", "skipped"}
+    keys |= {"revdet_acc", "revdet_auc"} if objective == "revdet" else {"respix_mse"}
+    for r in records:
+        assert keys <= r.keys(), keys - r.keys()
+        assert all(math.isfinite(r[k]) for k in ("loss", "loss_gen", "loss_enh", "lr", "img_per_s"))
+        assert r["mask_frac"] == 0.5 and 0 < r["replaced_frac"] <= 0.5  # replaced only where masked
+        assert 0 <= r["acc_gen"] <= 1 and r["skipped"] == 0 and r["peak_mem_mb"] > 0
+        assert r["loss"] == pytest.approx(r["loss_gen"] + r["loss_enh"], rel=1e-5)  # lambda = 1
+    assert records[0]["lr"] == pytest.approx(1e-3) and records[-1]["lr"] < records[0]["lr"]
+    assert log[-1]["steps"] == steps  # the final summary line
+
+    assert (tmp_path / f"sample-{steps:06d}.png").is_file()
+
+    ckpt = load(tmp_path / "checkpoint-latest.pth")
+    assert ckpt["step"] == steps and ckpt["args"]["objective"] == objective
+    _, fresh, _ = tiny_model(tiny_dvae_ckpt, "--objective", objective)
+    assert ckpt["model"].keys() == fresh.state_dict().keys()
+
+    backbone = load(tmp_path / "backbone.pth")
+    reference = enh.build_backbone("vit_mini", img_size=16, patch_size=4)
+    assert list(backbone["model"]) == list(reference.state_dict())  # timm names, no prefixes
+    reference.load_state_dict(backbone["model"], strict=True)
+    assert (backbone["arch"], backbone["img_size"], backbone["patch_size"]) == ("vit_mini", 16, 4)
+    for name, t in backbone["model"].items():  # the export is the trained enhancer backbone
+        assert torch.equal(t, ckpt["model"]["enhancer.backbone." + name]), name
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mechanisms: the stop-gradient between the two networks, optimiser groups, tokenizer mismatch
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("objective", ["revdet", "respix"])
+def test_no_gradient_crosses_between_generator_and_enhancer(tiny_dvae_ckpt, objective):
+    args, model, tokenizer = tiny_model(tiny_dvae_ckpt, "--objective", objective)
+    loss, out = model(*batch(), tokenizer, args)
+    assert torch.isfinite(loss) and not out["corrupted"].requires_grad
+
+    out["loss_enh"].backward(retain_graph=True)
+    assert all(p.grad is None for p in model.generator.parameters())
+    enh_grads = [p.grad for p in model.enhancer.parameters()]
+    assert all(g is not None for g in enh_grads) and sum(g.abs().sum() for g in enh_grads) > 0
+
+    model.zero_grad(set_to_none=True)
+    out["loss_gen"].backward()
+    assert all(p.grad is None for p in model.enhancer.parameters())
+    assert sum(p.grad.abs().sum() for p in model.generator.parameters() if p.grad is not None) > 0
+    assert model.generator.mask_token.grad.abs().sum() > 0  # the generator did see [MASK]
+    assert all(p.grad is None for m in tokenizer for p in m.parameters())  # frozen tokenizer
+
+
+def test_param_groups_split_decay_and_cover_every_parameter_once(tiny_dvae_ckpt):
+    _, model, _ = tiny_model(tiny_dvae_ckpt)
+    decay, no_decay = pretrain.param_groups(model, 0.05)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    ids = [id(p) for g in (decay, no_decay) for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters() if p.requires_grad)  # once each
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+
+    special = {"generator.cls_token", "generator.mask_token",
+               "generator.rel_pos_bias.relative_position_bias_table",
+               "enhancer.backbone.pos_embed", "enhancer.backbone.cls_token"}
+    assert special <= no_decay_names
+    for name, p in model.named_parameters():
+        if p.ndim <= 1:  # norms, biases, q/v biases, layer scale
+            assert name in no_decay_names, name
+        elif name not in special:
+            assert name in decay_names, name
+    assert {"generator.blocks.0.attn.q_bias", "generator.blocks.0.ls1.gamma",
+            "enhancer.backbone.norm.weight", "enhancer.head.proj.bias"} <= no_decay_names
+    assert {"generator.blocks.0.attn.qkv.weight", "generator.lm_head.weight",
+            "enhancer.backbone.patch_embed.proj.weight", "enhancer.head.proj.weight"} <= decay_names
+
+
+def test_tokenizer_grid_mismatch_is_reported(tiny_dvae_ckpt):
+    """The tokenizer view must be (S/P) * f px; a 20 px view gives 5 x 5 tokens for a 4 x 4 grid."""
+    args, model, tokenizer = tiny_model(tiny_dvae_ckpt)
+    images, _, mask = batch()
+    with pytest.raises(ValueError, match=r"5x5 token grid but the generator expects 4x4.*16 px"):
+        model(images, torch.rand(4, 3, 20, 20), mask, tokenizer, args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resume: bit-exact, after an exception or a SIGKILL
+# ----------------------------------------------------------------------------------------------------
+
+K = 3  # the interrupted leg stops after step K of a 2K-step schedule
+RESUME = ["--max-steps", str(2 * K), "--save-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_dvae_ckpt):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run(out, tiny_dvae_ckpt, *RESUME)
+    return load(out / "checkpoint-latest.pth")
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, tiny_dvae_ckpt, uninterrupted,
+                                                           monkeypatch, capsys):
+    """--max-steps sets the schedule length, so the first leg must also be launched with 2K; it is
+    stopped in-process by an exception right after its step-K checkpoint (a crash)."""
+    real_save = pretrain.save_checkpoint
+
+    def save_then_crash(state, path):
+        real_save(state, path)
+        if state["step"] == K:
+            raise Crash
+
+    with monkeypatch.context() as m:
+        m.setattr(pretrain, "save_checkpoint", save_then_crash)
+        with pytest.raises(Crash):
+            run(tmp_path, tiny_dvae_ckpt, *RESUME)
+    mid = load(tmp_path / "checkpoint-latest.pth")
+    assert mid["step"] == K
+    assert any(not torch.equal(mid["model"][n], uninterrupted["model"][n]) for n in mid["model"])
+
+    capsys.readouterr()
+    run(tmp_path, tiny_dvae_ckpt, *RESUME)  # the same command: resumes OUTPUT_DIR/checkpoint-latest.pth
+    assert f"at step {K}" in capsys.readouterr().out
+    assert_same_training_state(uninterrupted, load(tmp_path / "checkpoint-latest.pth"))
+    assert [r["step"] for r in read_log(tmp_path) if "loss" in r] == list(range(1, 2 * K + 1))
+
+
+# The killed leg runs pretrain.py's main in a child process whose checkpoint writes are slowed
+# down (a slow disk), so the test can SIGKILL it part-way through the schedule.
+SLOW_SAVE = """
+import sys, time
+import pretrain
+real_save = pretrain.save_checkpoint
+def slow_save(state, path):
+    real_save(state, path)
+    time.sleep(0.5)
+pretrain.save_checkpoint = slow_save
+pretrain.main(pretrain.get_args_parser().parse_args(sys.argv[1:]))
+"""
+
+
+def test_resume_after_sigkill_equals_the_uninterrupted_run(tmp_path, tiny_dvae_ckpt, uninterrupted):
+    ckpt_path = tmp_path / "checkpoint-latest.pth"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, *flags(tmp_path, tiny_dvae_ckpt, *RESUME)],
+                            cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    step, deadline = 0, time.time() + 120
+    try:
+        while step < K and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            if ckpt_path.is_file():
+                step = load(ckpt_path)["step"]  # os.replace: always a complete file
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{err[-3000:]}"
+    killed_at = load(ckpt_path)["step"]
+    assert K <= killed_at < 2 * K
+
+    run(tmp_path, tiny_dvae_ckpt, *RESUME)
+    assert_same_training_state(uninterrupted, load(ckpt_path))
+
+
+def test_resume_refuses_another_arch_or_objective(tmp_path, tiny_dvae_ckpt, uninterrupted):
+    saved = tmp_path / "other.pth"
+    torch.save(uninterrupted, saved)
+    for flag, value in (("--objective", "respix"), ("--arch", "vit_t")):
+        with pytest.raises(ValueError, match=f"was trained with {flag} "):
+            run(tmp_path / flag.strip("-"), tiny_dvae_ckpt, "--resume", str(saved), "--max-steps", "1",
+                flag, value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Two processes (gloo): the replicas stay identical
+# ----------------------------------------------------------------------------------------------------
+
+# pretrain.main saves only rank 0's weights, so to compare the replicas this driver wraps
+# pretrain.build_model to keep a handle on each process's model and, after main returns, every
+# rank writes its own state_dict to OUTPUT_DIR/rank<R>.pth.
+DDP_DRIVER = """
+import os, sys, torch
+import pretrain
+built = []
+real_build = pretrain.build_model
+def build_model(args, vocab_size):
+    built.append(real_build(args, vocab_size))
+    return built[-1]
+pretrain.build_model = build_model
+args = pretrain.get_args_parser().parse_args(sys.argv[1:])
+pretrain.main(args)
+torch.save(built[0].state_dict(), os.path.join(args.output_dir, "rank%s.pth" % os.environ["RANK"]))
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_run_keeps_replicas_identical(tmp_path, tiny_dvae_ckpt):
+    driver = tmp_path / "ddp_driver.py"
+    driver.write_text(DDP_DRIVER)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(driver),
+           # --accum-iter 2: the first micro-batch runs under no_sync(), the second all-reduces
+           *flags(out, tiny_dvae_ckpt, "--dist-backend", "gloo", "--max-steps", "2", "--accum-iter", "2")]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    r0, r1 = load(out / "rank0.pth"), load(out / "rank1.pth")
+    ckpt = load(out / "checkpoint-latest.pth")
+    assert ckpt["step"] == 2 and len(ckpt["rng"]) == 2  # every rank's RNG state, for resume
+    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # masks differ per rank
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), name
+        assert torch.equal(r0[name], ckpt["model"][name]), name
+    log = read_log(out)
+    assert [r["step"] for r in log if "loss" in r] == [1, 2]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Precision, teaching and timing modes
+# ----------------------------------------------------------------------------------------------------
+
+def test_bf16_autocast_step_on_cpu(tmp_path, tiny_dvae_ckpt):
+    run(tmp_path, tiny_dvae_ckpt, "--amp", "bf16", "--max-steps", "2")
+    records = [r for r in read_log(tmp_path) if "loss" in r]
+    assert len(records) == 2 and records[-1]["skipped"] == 0
+    assert all(math.isfinite(r[k]) for r in records for k in ("loss", "loss_gen", "loss_enh"))
+    ckpt = load(tmp_path / "checkpoint-latest.pth")
+    assert all(t.dtype == torch.float32 for t in ckpt["model"].values() if t.is_floating_point())
+
+
+def test_explain_prints_every_stage_and_stops(tmp_path, tiny_dvae_ckpt, capsys):
+    result = run(tmp_path, tiny_dvae_ckpt, "--explain")
+    text = capsys.readouterr().out
+    lines = text[text.rindex("\n}\n"):]  # after print_args' JSON (whose keys say "mask")
+    for stage in ("tokenize", "mask", "logits", "corrupted", "L_gen", "L_enh"):
+        assert stage in lines, stage
+    order = [lines.index(s) for s in ("tokenize", "logits", "corrupted", "L_enh")]
+    assert order == sorted(order)  # pipeline order
+    assert math.isfinite(result["loss"])
+    assert not (tmp_path / "checkpoint-latest.pth").exists()  # nothing trained
+
+
+def test_bench_times_each_component(tmp_path, tiny_dvae_ckpt):
+    report = run(tmp_path, tiny_dvae_ckpt, "--bench", "1")
+    names = ("tokenize", "generator fwd", "generator bwd", "sample + decode", "enhancer fwd",
+             "enhancer bwd", "optimizer")
+    assert set(report) == {"img_per_s", *names}
+    assert all(report[k] > 0 for k in report)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Non-finite losses
+# ----------------------------------------------------------------------------------------------------
+
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path, tiny_dvae_ckpt, monkeypatch, capsys):
+    calls = []
+    real_forward = pretrain.CIM.forward
+
+    def forward(self, *a, **kw):
+        loss, out = real_forward(self, *a, **kw)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 2 else loss), out  # step 2 goes non-finite
+
+    monkeypatch.setattr(pretrain.CIM, "forward", forward)
+    run(tmp_path, tiny_dvae_ckpt, "--max-steps", "4")
+    assert "non-finite loss at step 2, update skipped (1 so far)" in capsys.readouterr().out
+    records = [r for r in read_log(tmp_path) if "loss" in r]
+    assert [(r["step"], r["skipped"]) for r in records] == [(1, 0), (3, 1), (4, 1)]
+    ckpt = load(tmp_path / "checkpoint-latest.pth")
+    assert (ckpt["step"], ckpt["skipped"]) == (4, 1)
+    assert all(s["step"].item() == 3 for s in ckpt["optimizer"]["state"].values())  # 3 real updates
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+
+
+def test_too_many_non_finite_losses_stop_the_run(tmp_path, tiny_dvae_ckpt, monkeypatch):
+    # every loss is NaN (lambda = nan): with --max-skips 1 the second skip stops the run, naming its step
+    with pytest.raises(FloatingPointError, match="2 non-finite losses, the last at step 2"):
+        run(tmp_path / "a", tiny_dvae_ckpt, "--enh-weight", "nan", "--max-skips", "1", "--max-steps", "3")
+
+    # below the limit the run finishes without ever applying an update
+    initial = []
+    real_build = pretrain.build_model
+
+    def build_model(*a):
+        model = real_build(*a)
+        initial.append(copy.deepcopy(model.state_dict()))
+        return model
+
+    monkeypatch.setattr(pretrain, "build_model", build_model)
+    run(tmp_path / "b", tiny_dvae_ckpt, "--enh-weight", "nan", "--max-steps", "3")
+    ckpt = load(tmp_path / "b" / "checkpoint-latest.pth")
+    assert (ckpt["step"], ckpt["skipped"]) == (3, 3) and ckpt["optimizer"]["state"] == {}
+    assert all(torch.equal(t, initial[0][name]) for name, t in ckpt["model"].items())
+    assert [r for r in read_log(tmp_path / "b") if "loss" in r] == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad inputs
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, error, pattern", [
+    (["--arch", "nope"], ValueError, r"--arch 'nope'"),
+    (["--img-size", "30", "--patch-size", "4"], ValueError, r"--img-size 30 .*--patch-size 4"),
+    (["--dalle-encoder", "encoder.pkl"], ValueError, r"--dalle-encoder and --dalle-decoder"),
+    (["--dalle-encoder", "e.pkl", "--dalle-decoder", "d.pkl", "--dvae", "x.pth"], ValueError,
+     r"either --dvae or --dalle-encoder"),
+])
+def test_bad_flags_are_named(tmp_path, extra, error, pattern):
+    args = TINY + ["--output-dir", str(tmp_path), "--max-steps", "1"] + extra
+    with pytest.raises(error, match=pattern):
+        pretrain.main(pretrain.get_args_parser().parse_args(args))
+
+
+def test_data_without_a_tokenizer_is_named(tmp_path):
+    (tmp_path / "imagenet" / "train" / "cls").mkdir(parents=True)
+    args = TINY + ["--output-dir", str(tmp_path / "out"), "--data", str(tmp_path / "imagenet")]
+    with pytest.raises(ValueError, match=r"--data needs a tokenizer.*--dalle-encoder.*--dvae"):
+        pretrain.main(pretrain.get_args_parser().parse_args(args))
+
+
+def test_missing_tokenizer_checkpoint_is_named(tmp_path):
+    missing = tmp_path / "tok.pth"
+    args = TINY + ["--output-dir", str(tmp_path / "out"), "--dvae", str(missing), "--max-steps", "1"]
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        pretrain.main(pretrain.get_args_parser().parse_args(args))
+
+
+def test_image_folder_smaller_than_a_batch_is_named(tmp_path, tiny_dvae_ckpt):
+    from PIL import Image
+    folder = tmp_path / "imgs" / "train" / "cls"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (24, 24), (60 * i, 90, 30)).save(folder / f"{i}.png")
+    with pytest.raises(ValueError, match=r"training set \(3 images\) is smaller than one step"):
+        run(tmp_path / "out", tiny_dvae_ckpt, "--data", str(tmp_path / "imgs"), "--max-steps", "1")

@@ -302,13 +302,16 @@ def log_record(out, args):
 def main(args):
     args = resolve_args(args)
     rank, world_size, device = init_distributed(args.device, args.dist_backend)
-    seed_everything(args.seed, rank)
     os.makedirs(args.output_dir, exist_ok=True)
     print_args(args, rank)
+    seed_everything(args.seed, rank)
     if args.bench:
         return benchmark(args, device)
 
     tokenizer = build_tokenizer(args, device)
+    # seeded again after the tokenizer: training the built-in one draws random numbers, and a run
+    # that finds it cached must start from the same RNG state as the run that trained it
+    seed_everything(args.seed, rank)
     grid = args.img_size // args.patch_size
     tok_size = grid * tokenizer[0].downsample  # the tokenizer sees the same crop at (S/P)*f px
 

@@ -259,7 +259,7 @@ class SyntheticShapes(DatasetBase):
         """Polygons (list of (points, is_hole)) of class `label` at a random place, size and angle."""
         s = self.size
         # large objects: at 32 px the class must be readable from a handful of 4 x 4 tokens (radius
-        # 0.22-0.36 with distractor blobs gave a k-NN of 17% after the default run, this 21-23%)
+        # 0.22-0.36 with distractor blobs gave a k-NN of 17% after the default run, this 20-23%)
         r = s * rng.uniform(0.32, 0.45)
         cx, cy = rng.uniform(r, s - r, size=2)
         angle = rng.uniform(0, 2 * np.pi)

@@ -736,9 +736,12 @@ def main(args):
             x = x.to(device, non_blocking=True)
             with autocast(device, args.amp):
                 out = ddp(x, temperature, kl_weight, args.recon_loss, args.relaxation == "hard")
-            if not torch.isfinite(out["loss"]):
-                raise FloatingPointError(f"dvae.py: non-finite loss at step {step}; try --amp none or a "
-                                         f"lower --lr")
+            finite = torch.isfinite(out["loss"].detach()).float()
+            if world_size > 1:  # every rank stops together, none is left waiting in a collective
+                torch.distributed.all_reduce(finite, torch.distributed.ReduceOp.MIN)
+            if not finite.item():
+                raise FloatingPointError(f"dvae.py: non-finite loss at step {step + 1}; try --amp none or a "
+                                         f"lower --lr, and resume from {args.output_dir}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(out["loss"]).backward()
             if args.clip_grad:

@@ -423,6 +423,11 @@ def resume(args, model, optimizer, scaler, rank, world_size, device):
         if k in saved and saved[k] != getattr(args, k):
             raise ValueError(f"--resume {path!r} was trained with --{k.replace('_', '-')} {saved[k]}, "
                              f"this run has {getattr(args, k)}: use another --output-dir or the same flags")
+    saved_vocab = ckpt["model"]["generator.lm_head.weight"].shape[0]
+    if saved_vocab != model.generator.vocab_size:
+        raise ValueError(f"--resume {path!r} holds a generator for a {saved_vocab}-code tokenizer, this "
+                         f"run's tokenizer has {model.generator.vocab_size} codes: pass the tokenizer it "
+                         f"was trained with (--dvae or --dalle-encoder/--dalle-decoder)")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])

@@ -263,6 +263,18 @@ def test_resume_refuses_another_arch_or_objective(tmp_path, tiny_dvae_ckpt, unin
                 flag, value)
 
 
+def test_resume_refuses_a_tokenizer_of_another_vocabulary(tmp_path, tiny_dvae_ckpt, uninterrupted):
+    """A checkpoint whose generator predicts 64 codes cannot continue with a 32-code tokenizer."""
+    other = tmp_path / "tok32"
+    dvae.main(dvae.get_args_parser().parse_args(
+        ["--preset", "small", "--n-hid", "8", "--vocab-size", "32", "--img-size", "16", "--batch-size", "16",
+         "--num-workers", "0", "--device", "cpu", "--output-dir", str(other), "--max-steps", "1"]))
+    saved = tmp_path / "other.pth"
+    torch.save(uninterrupted, saved)
+    with pytest.raises(ValueError, match="64-code tokenizer.*32 codes.*--dvae"):
+        run(tmp_path / "out", str(other / "checkpoint-latest.pth"), "--resume", str(saved), "--max-steps", "1")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Two processes (gloo): the replicas stay identical
 # ----------------------------------------------------------------------------------------------------

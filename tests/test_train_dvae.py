@@ -320,3 +320,19 @@ def test_two_process_gloo_tokenizer_run_and_bf16(tmp_path):
     steps = [r for r in read_log(out) if "recon" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(r["loss"] == r["loss"] and abs(r["loss"]) < 1e3 for r in steps)  # finite under bf16
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path, monkeypatch):
+    real_forward = dvae.DVAE.forward
+
+    def nan_at_second_step(self, *a, **kw):
+        out = real_forward(self, *a, **kw)
+        nan_at_second_step.calls += 1
+        if nan_at_second_step.calls == 2:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    nan_at_second_step.calls = 0
+    monkeypatch.setattr(dvae.DVAE, "forward", nan_at_second_step)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 2"):  # 1-based, as in log.jsonl
+        dvae.main(dvae_args(tmp_path, "--max-steps", "3"))

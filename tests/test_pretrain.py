@@ -443,3 +443,13 @@ def test_image_folder_smaller_than_a_batch_is_named(tmp_path, tiny_dvae_ckpt):
         Image.new("RGB", (24, 24), (60 * i, 90, 30)).save(folder / f"{i}.png")
     with pytest.raises(ValueError, match=r"training set \(3 images\) is smaller than one step"):
         run(tmp_path / "out", tiny_dvae_ckpt, "--data", str(tmp_path / "imgs"), "--max-steps", "1")
+
+
+def test_fp16_step_with_grad_scaler_on_cpu(tmp_path, tiny_dvae_ckpt):
+    """--amp fp16 goes through torch.amp.GradScaler (scale, unscale before clipping, step, update);
+    the scaler's state is checkpointed for resume."""
+    run(tmp_path, tiny_dvae_ckpt, "--amp", "fp16", "--max-steps", "2")
+    records = [r for r in read_log(tmp_path) if "loss" in r]
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
+    scaler = load(tmp_path / "checkpoint-latest.pth")["scaler"]
+    assert scaler["scale"] > 0 and "_growth_tracker" in scaler  # an enabled scaler's state

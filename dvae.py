@@ -26,8 +26,6 @@ import json
 import math
 import os
 import pickle
-import random
-import subprocess
 import time
 import types
 import warnings
@@ -394,130 +392,6 @@ def load_openai_dvae(encoder_path, decoder_path, map_location="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training helpers. Every stage uses these: pretrain.py imports them from here, and finetune.py /
-# segment.py import them from pretrain.py. They need torch alone, like the rest of this file.
-# ----------------------------------------------------------------------------------------------------
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}
-
-
-def init_distributed(device="auto", backend=None):
-    """Process setup from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT:
-    also multi-node through its rendezvous); without torchrun, one process. NCCL on GPUs, gloo on
-    CPUs unless `backend` says otherwise. Returns (rank, world_size, device)."""
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device, local_rank) if device == "cuda" else torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if "RANK" in os.environ and not torch.distributed.is_initialized():
-        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
-        torch.distributed.init_process_group(backend, rank=rank, world_size=world_size)
-    return rank, world_size, device
-
-
-def seed_everything(seed, rank=0):
-    """Different streams per rank (masks and Gumbel noise must differ across GPUs), same per run."""
-    random.seed(seed + rank)
-    torch.manual_seed(seed + rank)
-
-
-def get_rng_state(device):
-    """The RNG streams the code draws from (python `random`, torch CPU and CUDA), in types that
-    `torch.load(weights_only=True)` accepts. Data augmentation has its own per-sample seeds."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def gather_rng_states(device):
-    """Every rank's RNG state (rank-ordered list) so a checkpoint written by rank 0 resumes all."""
-    state = get_rng_state(device)
-    if not torch.distributed.is_initialized():
-        return [state]
-    states = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(states, state)
-    return states
-
-
-def autocast(device, amp):
-    """One autocast context for the whole forward; `amp` is the --amp flag (bf16|fp16|none)."""
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"--amp must be one of {list(AMP_DTYPES)}, got {amp!r}")
-    return torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp != "none")
-
-
-def cosine_lr(step, total_steps, warmup_steps, base_lr, final_lr):
-    """Per-iteration schedule: linear warm-up from 0, then half a cosine down to final_lr."""
-    if step < warmup_steps:
-        return base_lr * step / warmup_steps
-    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return final_lr + 0.5 * (base_lr - final_lr) * (1 + math.cos(math.pi * min(1.0, t)))
-
-
-def save_checkpoint(state, path):
-    """Write to `path.tmp`, fsync, then rename: a crash mid-save leaves the previous file intact."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, what="checkpoint"):
-    """torch.load(weights_only=True) with an error that names the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {path!r} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise RuntimeError(f"{what} {path!r} could not be loaded ({type(err).__name__}: {err})") from err
-
-
-class JsonLog:
-    """One JSON object per line in `path` (rank 0 only), flushed at once so `tail -f` works."""
-
-    def __init__(self, path, enabled=True):
-        self.file = open(path, "a") if enabled else None
-
-    def write(self, **record):
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def print_args(args, rank=0):
-    if rank == 0:
-        print(f"git commit: {git_commit() or 'unknown'}")
-        print(json.dumps(vars(args), indent=1, sort_keys=True))
-
-
-def unwrap(model):
-    """The plain module under DDP / torch.compile wrappers (checkpoints never hold their prefixes)."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
-# ----------------------------------------------------------------------------------------------------
 # Own tokenizer training: Gumbel-softmax relaxation (DALL-E, Ramesh et al. 2021, section 2.1)
 # ----------------------------------------------------------------------------------------------------
 #   python dvae.py --output-dir out/dvae                        # built-in data, "small" preset, CPU
@@ -559,6 +433,16 @@ class DVAE(nn.Module):
         kl = (log_q.exp() * (log_q + math.log(logits.shape[1]))).sum(1).mean()
         return {"loss": recon + kl_weight * kl, "recon": recon, "kl": kl,
                 "codes": logits.argmax(1)}
+
+
+def gumbel_schedule(step, total_steps, args):
+    """(Gumbel-softmax temperature, KL weight) at `step`: the temperature decays exponentially from
+    --temp-start to --temp-end over the first --temp-anneal of the run; the KL weight ramps linearly
+    from 0 to --kl-weight over the first --kl-warmup."""
+    frac = step / total_steps
+    temperature = args.temp_start * (args.temp_end / args.temp_start) ** min(1.0, frac / args.temp_anneal)
+    kl_weight = args.kl_weight * min(1.0, frac / args.kl_warmup) if args.kl_warmup else args.kl_weight
+    return temperature, kl_weight
 
 
 def codebook_stats(codes, vocab_size):
@@ -604,13 +488,16 @@ def get_args_parser():
                         "samples (the decoder sees what tokenize() gives it)")
     p.add_argument("--recon-loss", default="mse", choices=["mse", "logit_laplace"],
                    help="mse on [0,1] pixels (stable in short runs) or DALL-E's logit-Laplace NLL")
-    p.add_argument("--amp", default="none", choices=list(AMP_DTYPES),
+    p.add_argument("--amp", default="none", choices=["bf16", "fp16", "none"],
                    help="autocast dtype; bf16 on Ampere+ GPUs. Tokens are always computed in fp32")
     p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0 = off)")
     p.add_argument("--seed", type=int, default=0, help="seeds data order, augmentation and noise")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--resume", default="",
                    help="checkpoint to resume; by default OUTPUT_DIR/checkpoint-latest.pth if present")
+    p.add_argument("--allow-flag-changes", action="store_true",
+                   help="resume even though flags differ from the checkpoint's (e.g. a longer "
+                        "--max-steps); without it a resume must repeat the command that wrote it")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
     p.add_argument("--log-every", type=int, default=20, help="JSON log line every N steps")
     p.add_argument("--sample-every", type=int, default=500, help="reconstruction PNG every N steps")
@@ -638,7 +525,8 @@ def build_from_config(cfg):
 
 def load_tokenizer(path):
     """(Encoder, Decoder) from a checkpoint written by `python dvae.py` (weights + config)."""
-    ckpt = load_checkpoint(path, "tokenizer checkpoint (--dvae)")
+    import training
+    ckpt = training.load_checkpoint(path, "tokenizer checkpoint (--dvae)")
     if "encoder_config" not in ckpt:
         raise ValueError(f"{path!r} is not a dvae.py checkpoint (no 'encoder_config'); for OpenAI's "
                          f"weights pass --dalle-encoder/--dalle-decoder instead")
@@ -663,15 +551,35 @@ def evaluate_tokenizer(enc, dec, loader, device, max_batches=8):
     return {"val_recon_mse": sum(mse) / len(mse), "val_perplexity": perplexity, "val_usage": usage}
 
 
-def main(args):
-    import data  # stage imports stay inside main: the model code above needs torch alone
+# Flags that may differ between a checkpoint and the run resuming it: where things go, how often
+# they are written, how the process runs. Anything else would continue another experiment.
+RESUME_FREE_FLAGS = {"output_dir", "resume", "num_workers", "log_every", "sample_every", "save_every",
+                     "device", "dist_backend", "local_rank", "allow_flag_changes"}
 
+
+def check_args(args):
+    import training
+    training.check_flags(
+        args,
+        positive=("group_count", "n_hid", "n_blk_per_group", "vocab_size", "n_init", "img_size", "lr",
+                  "epochs", "max_steps", "batch_size", "save_every", "log_every", "sample_every",
+                  "temp_start", "temp_end", "temp_anneal"),
+        non_negative=("min_lr", "warmup_steps", "weight_decay", "kl_weight", "clip_grad", "num_workers"),
+        fraction=("kl_warmup",))
+
+
+def main(args):
+    import data  # the training stage's imports stay here: the model code above needs torch alone
+    import training
+    from tqdm import tqdm
+
+    check_args(args)
     owns_group = not torch.distributed.is_initialized()  # pretrain.py may call us inside its group
-    rank, world_size, device = init_distributed(args.device, args.dist_backend)
-    seed_everything(args.seed, rank)
+    rank, world_size, device = training.init_distributed(args.device, args.dist_backend)
+    training.seed_everything(args.seed, rank)
     cfg = resolve_config(args)
     os.makedirs(args.output_dir, exist_ok=True)
-    print_args(args, rank)
+    training.print_args(args, rank)
 
     # ---------------------------------------------------------------- data
     train_tf = data.PretrainTransform(cfg["img_size"], scale=(0.35, 1.0), normalized=False)
@@ -687,7 +595,7 @@ def main(args):
                          f"training set ({len(train_set)} images)")
     total_steps = args.max_steps or args.epochs * steps_per_epoch
 
-    # ---------------------------------------------------------------- model, optimiser
+    # ---------------------------------------------------------------- model, optimiser, resume
     enc, dec = build_from_config(cfg)
     model = DVAE(enc, dec).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.999),
@@ -696,50 +604,47 @@ def main(args):
     step = 0
     resume = args.resume or os.path.join(args.output_dir, "checkpoint-latest.pth")
     if args.resume or os.path.isfile(resume):
-        ckpt = load_checkpoint(resume, "--resume checkpoint")
+        ckpt = training.load_checkpoint(resume, "--resume checkpoint")
+        training.check_resume_flags(ckpt["args"], vars(args), RESUME_FREE_FLAGS, resume,
+                                    args.allow_flag_changes)
         model.encoder.load_state_dict(ckpt["encoder"])
         model.decoder.load_state_dict(ckpt["decoder"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
-        if len(ckpt["rng"]) == world_size:
-            set_rng_state(ckpt["rng"][rank], device)
+        training.restore_rng_states(ckpt["rng"], rank, world_size, device, resume)
         if rank == 0:
             print(f"resumed from {resume} at step {step}")
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    log = JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0)
+    log = training.JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0,
+                           resumed_at=step if step else None)
 
     def checkpoint():
-        rng = gather_rng_states(device)  # collective: every rank takes part
+        rng = training.gather_rng_states(device)  # collective: every rank takes part
         if rank == 0:
-            save_checkpoint({"encoder": model.encoder.state_dict(), "decoder": model.decoder.state_dict(),
-                             "encoder_config": dvae_config(model.encoder),
-                             "decoder_config": dvae_config(model.decoder),
-                             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                             "step": step, "total_steps": total_steps, "args": vars(args),
-                             "rng": rng}, os.path.join(args.output_dir, "checkpoint-latest.pth"))
+            training.save_checkpoint(
+                {"encoder": model.encoder.state_dict(), "decoder": model.decoder.state_dict(),
+                 "encoder_config": dvae_config(model.encoder), "decoder_config": dvae_config(model.decoder),
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                 "total_steps": total_steps, "args": vars(args), "rng": rng},
+                os.path.join(args.output_dir, "checkpoint-latest.pth"))
 
     # ---------------------------------------------------------------- training loop
-    from tqdm import tqdm
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="dvae", dynamic_ncols=True)
     t0, seen = time.time(), 0
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, start=offset * args.batch_size)
         for x, _ in loader:
-            frac = step / total_steps
-            temperature = args.temp_start * (args.temp_end / args.temp_start) ** min(1.0, frac / args.temp_anneal)
-            kl_weight = args.kl_weight * min(1.0, frac / args.kl_warmup) if args.kl_warmup else args.kl_weight
-            lr = cosine_lr(step, total_steps, args.warmup_steps, cfg["lr"], args.min_lr)
+            temperature, kl_weight = gumbel_schedule(step, total_steps, args)
+            lr = training.cosine_lr(step, total_steps, args.warmup_steps, cfg["lr"], args.min_lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             x = x.to(device, non_blocking=True)
-            with autocast(device, args.amp):
+            with training.autocast(device, args.amp):
                 out = ddp(x, temperature, kl_weight, args.recon_loss, args.relaxation == "hard")
-            finite = torch.isfinite(out["loss"].detach()).float()
-            if world_size > 1:  # every rank stops together, none is left waiting in a collective
-                torch.distributed.all_reduce(finite, torch.distributed.ReduceOp.MIN)
-            if not finite.item():
+            # every rank stops together, none is left waiting in a collective
+            if not training.all_ranks_true(torch.isfinite(out["loss"].detach()), device):
                 raise FloatingPointError(f"dvae.py: non-finite loss at step {step + 1}; try --amp none or a "
                                          f"lower --lr, and resume from {args.output_dir}")
             optimizer.zero_grad(set_to_none=True)

@@ -1,7 +1,7 @@
 """The enhancer side of CIM: ViT and ResNet backbones, RevDet and ResPix heads, target normalisation.
 
 CIM (Fang et al., ICLR 2023, arXiv 2202.03382) trains the enhancer on the corrupted image x~ that
-generator.py produces. There is no [MASK] token here: the enhancer only ever sees real-looking pixels,
+pretrain.py's CIM.forward decodes from the generator's samples. There is no [MASK] token here: the enhancer only ever sees real-looking pixels,
 which is the point of the method (Sec. 3). Two objectives (Sec. 3.2):
 
     RevDet  "replaced token detection": one logit per token of the tokenizer grid, label 1 where the
@@ -13,8 +13,12 @@ Backbones carry the parameter names of the checkpoints people already have, timm
 `VisionTransformer` and torchvision's `resnet50`, so `export_backbone()` is a plain state_dict and
 loads there with no renaming table.
 
-Needs torch alone (plus generator.py for the transformer block). Shape letters as in generator.py:
-B batch, N tokens, D width, H/W height/width, P patch size. 1 / True = replaced.
+It also owns the transformer parts (patch embedding, attention with an optional relative position
+bias, MLP, block with optional layer scale, stochastic depth, init) that generator.py builds its small
+BEiT from. Needs torch alone: copy the file into another project and it runs.
+
+Shape letters used throughout the repo: B batch, N tokens (patches), D width, H/W height/width,
+P patch size, h heads. 1 / True = replaced (RevDet label) or masked (generator input).
 """
 from collections import OrderedDict
 
@@ -22,7 +26,138 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from generator import Block, DropPath, PatchEmbed, init_vit_weights
+
+# ----------------------------------------------------------------------------------------------------
+# Transformer parts (parameter names follow timm's VisionTransformer so weights move with strict=True)
+# ----------------------------------------------------------------------------------------------------
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping P x P patches -> D-dim tokens with one strided conv (`proj`, as in timm)."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"image size {img_size} is not a multiple of patch size {patch_size}")
+        self.img_size, self.patch_size = img_size, patch_size
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        x = self.proj(x)                     # (B, D, H/P, W/P)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample with probability p."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class LayerScale(nn.Module):
+    """Per-channel learnable residual scale (CaiT / BEiT); stored as `gamma` like timm's `lsN.gamma`."""
+
+    def __init__(self, dim, init_value):
+        super().__init__()
+        self.gamma = nn.Parameter(init_value * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through F.scaled_dot_product_attention.
+
+    qkv_bias=True gives timm's single `qkv.bias`; qv_bias=True gives BEiT's separate `q_bias` and
+    `v_bias` (keys get no bias: it would cancel in the softmax). `bias` in forward is an additive
+    attention bias (h, N, N) or (B, h, N, N), e.g. BEiT's relative position bias.
+    """
+
+    def __init__(self, dim, num_heads, qkv_bias=True, qv_bias=False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        if qkv_bias and qv_bias:
+            raise ValueError("choose qkv_bias (timm) or qv_bias (BEiT), not both")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        if qv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = self.v_bias = None
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, bias=None):
+        B, N, D = x.shape
+        qkv_b = None
+        if self.q_bias is not None:
+            qkv_b = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, qkv_b if qkv_b is not None else self.qkv.bias)
+        qkv = qkv.reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, h, N, D/h)
+        if bias is not None:
+            bias = bias.to(q.dtype)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, N, D/h)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))).
+
+    init_values=None turns layer scale off (timm's default, no `ls*` keys); a float turns it on.
+    """
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, qv_bias=False, drop_path=0.0,
+                 init_values=None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qv_bias=qv_bias)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x, bias=None):
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), bias)))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+def init_vit_weights(module, std=0.02, bound=2.0):
+    """trunc-normal(std) linears and convs (convs viewed as linears), zero biases, unit LayerNorms.
+
+    `bound` is the truncation point in absolute units, as torch's trunc_normal_(a, b) takes it. timm's
+    ViT keeps torch's default of +-2 (at std 0.02 that is no truncation at all); BEiT passes
+    a=-std, b=std, i.e. truncates at one standard deviation: generator.py uses bound=std.
+    Use as `module.apply(functools.partial(init_vit_weights, bound=...))` or plain `module.apply(init_vit_weights)`.
+    """
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight.view(module.weight.shape[0], -1), std=std, a=-bound, b=bound)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,14 +1,17 @@
-"""The generator side of CIM: transformer parts, masking, the small BEiT generator, sampling, corrupt().
+"""The generator side of CIM: masking, the small BEiT generator, sampling of replacement tokens.
 
-CIM (Fang et al., ICLR 2023, arXiv 2202.03382) corrupts an image by letting a small BEiT predict
-the dVAE tokens of randomly masked patches, *sampling* replacements from its prediction and decoding
-the mixed token map with the frozen dVAE decoder. This file holds everything up to that corrupted
-image; enhancer.py holds what learns from it.
+CIM (Fang et al., ICLR 2023, arXiv 2202.03382) corrupts an image by letting a small BEiT predict the
+dVAE tokens of randomly masked patches, *sampling* replacements from its prediction and decoding the
+mixed token map with the frozen dVAE decoder. This file holds the generator's part of that: which
+patches are masked, the network, and the sampling. The corruption itself (tokenize, generate, sample,
+mix, decode) reads top to bottom in pretrain.py's CIM.forward.
 
-Needs torch alone (plus dvae.py for the tokenizer helpers). Shape letters used throughout the repo:
-B batch, N tokens (patches), D width, H/W height/width, P patch size, V vocabulary, h heads.
+Needs torch and enhancer.py (the generator is built from the enhancer's transformer blocks): copy
+the two files together. Shape letters as in the rest of the repo: B batch, N tokens (patches),
+G token-grid side, D width, V vocabulary, M masked tokens in a batch, h heads.
 Mask convention everywhere: True / 1 = masked (generator input) or replaced (RevDet label).
 """
+import functools
 import math
 import random
 
@@ -16,132 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-# ----------------------------------------------------------------------------------------------------
-# Transformer parts (parameter names follow timm's VisionTransformer so weights move with strict=True)
-# ----------------------------------------------------------------------------------------------------
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping P x P patches -> D-dim tokens with one strided conv (`proj`, as in timm)."""
-
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
-        super().__init__()
-        if img_size % patch_size:
-            raise ValueError(f"image size {img_size} is not a multiple of patch size {patch_size}")
-        self.img_size, self.patch_size = img_size, patch_size
-        self.grid_size = img_size // patch_size
-        self.num_patches = self.grid_size ** 2
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x):
-        x = self.proj(x)                     # (B, D, H/P, W/P)
-        return x.flatten(2).transpose(1, 2)  # (B, N, D)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample with probability p."""
-
-    def __init__(self, p=0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
-
-
-class LayerScale(nn.Module):
-    """Per-channel learnable residual scale (CaiT / BEiT); stored as `gamma` like timm's `lsN.gamma`."""
-
-    def __init__(self, dim, init_value):
-        super().__init__()
-        self.gamma = nn.Parameter(init_value * torch.ones(dim))
-
-    def forward(self, x):
-        return x * self.gamma
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention through F.scaled_dot_product_attention.
-
-    qkv_bias=True gives timm's single `qkv.bias`; qv_bias=True gives BEiT's separate `q_bias` and
-    `v_bias` (keys get no bias: it would cancel in the softmax). `bias` in forward is an additive
-    attention bias (h, N, N) or (B, h, N, N), e.g. BEiT's relative position bias.
-    """
-
-    def __init__(self, dim, num_heads, qkv_bias=True, qv_bias=False):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
-        if qkv_bias and qv_bias:
-            raise ValueError("choose qkv_bias (timm) or qv_bias (BEiT), not both")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        if qv_bias:
-            self.q_bias = nn.Parameter(torch.zeros(dim))
-            self.v_bias = nn.Parameter(torch.zeros(dim))
-        else:
-            self.q_bias = self.v_bias = None
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, bias=None):
-        B, N, D = x.shape
-        qkv_b = None
-        if self.q_bias is not None:
-            qkv_b = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, qkv_b if qkv_b is not None else self.qkv.bias)
-        qkv = qkv.reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, h, N, D/h)
-        if bias is not None:
-            bias = bias.to(q.dtype)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, N, D/h)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden_dim):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))).
-
-    init_values=None turns layer scale off (timm's default, no `ls*` keys); a float turns it on.
-    """
-
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, qv_bias=False, drop_path=0.0,
-                 init_values=None):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qv_bias=qv_bias)
-        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.drop_path = DropPath(drop_path)
-
-    def forward(self, x, bias=None):
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), bias)))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
-
-
-def init_vit_weights(module):
-    """BEiT/timm init: trunc-normal(0.02) linears, zero biases, unit LayerNorms; convs as linears."""
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
-        nn.init.trunc_normal_(module.weight.view(module.weight.shape[0], -1), std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+from enhancer import Block, PatchEmbed, init_vit_weights
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -315,10 +193,11 @@ class BEiTGenerator(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
+        # BEiT's trunc_normal_(std=0.02, a=-std, b=std): truncated at one standard deviation
         for p in (self.cls_token, self.mask_token, self.pos_embed):
             if p is not None:
-                nn.init.trunc_normal_(p, std=0.02)
-        self.apply(init_vit_weights)
+                nn.init.trunc_normal_(p, std=0.02, a=-0.02, b=0.02)
+        self.apply(functools.partial(init_vit_weights, std=0.02, bound=0.02))
         # BEiT's fix_init_weight: shrink each block's residual outputs by 1/sqrt(2 * layer) so the
         # residual stream's variance does not grow with depth at init.
         for i, blk in enumerate(self.blocks):
@@ -367,7 +246,7 @@ class BEiTGenerator(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Sampling and corrupt(): the generator's guesses, decoded into the corrupted image
+# Sampling: the generator's guesses become replacement tokens
 # ----------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -386,77 +265,8 @@ def sample_tokens(logits, temperature=1.0, mode="softmax", generator=None):
         raise ValueError(f"--sample must be 'softmax' or 'argmax', got {mode!r}")
     V = logits.shape[-1]
     probs = F.softmax(logits.float().reshape(-1, V) / temperature, dim=-1)  # (M, V), fp32 for multinomial
+    # A diverged generator (NaN or +inf logits give NaN rows) must not crash multinomial: the same
+    # logits make L_gen non-finite, so the training step is skipped by its one skip decision anyway.
+    probs = probs.nan_to_num(nan=1.0)
     z = torch.multinomial(probs, 1, generator=generator)                     # (M, 1)
     return z.view(logits.shape[:-1])                                         # (...)
-
-
-def _check_tokenizer_fits(generator, encoder, decoder, tokens):
-    """The tokenizer's grid and vocabulary must match the generator's (a clear error, not a shape crash)."""
-    if decoder.vocab_size != encoder.vocab_size:
-        raise ValueError(f"the dVAE encoder has {encoder.vocab_size} codes but the decoder "
-                         f"{decoder.vocab_size}: load both halves of the same tokenizer")
-    if encoder.vocab_size > generator.vocab_size:
-        raise ValueError(f"the tokenizer's vocabulary ({encoder.vocab_size}) is larger than the "
-                         f"generator's lm_head ({generator.vocab_size}): build the generator with "
-                         f"vocab_size >= {encoder.vocab_size}")
-    if tuple(tokens.shape[1:]) != (generator.grid, generator.grid):
-        G = generator.grid
-        raise ValueError(f"the tokenizer gives a {tokens.shape[1]}x{tokens.shape[2]} token grid but the "
-                         f"generator expects {G}x{G} (image {generator.patch_embed.img_size} / patch "
-                         f"{generator.patch_embed.patch_size}): feed the tokenizer "
-                         f"{G}*downsample = {G * encoder.downsample} px images")
-
-
-def corrupt(generator, encoder, decoder, images, tok_images, mask, temperature=1.0, sample="softmax",
-            out_size=None, rng=None):
-    """CIM's corruption (paper Sec. 2.1): tokenize, let the generator guess masked tokens, decode.
-
-    images: (B, 3, S, S) normalised generator/enhancer input; tok_images: the same crops in [0, 1] at
-    the tokenizer resolution G*f; mask: (B, N) bool, True = masked. Returns a dict:
-      corrupted (B, 3, out_size, out_size) in [0, 1], no grad (the caller normalises it for the enhancer),
-      tokens (B, N) the tokenizer's tokens, mixed (B, N) the tokens fed to the decoder,
-      mask (B, N) bool, replaced (B, N) bool = mixed != tokens (the RevDet label),
-      loss_gen scalar with grad (MIM cross-entropy), acc_gen float tensor (masked-token accuracy).
-    The decoder output (G*f px) is resized to out_size (default S) bilinearly (align_corners=False, no
-    antialias), which keeps values in [0, 1]. `rng` is an optional torch.Generator for the sampling.
-    """
-    import dvae  # imported here so the rest of this file needs torch alone
-
-    mask = mask.bool()
-    # The frozen dVAE gives the targets, computed without grad in fp32 (dvae.tokenize does both).
-    tokens = dvae.tokenize(encoder, tok_images)  # (B, G, G)
-    _check_tokenizer_fits(generator, encoder, decoder, tokens)
-    tokens = tokens.flatten(1)                   # (B, N)
-    # L_gen: the generator predicts the masked tokens (the only loss that reaches the generator).
-    logits, loss_gen = generator(images, mask, tokens)  # (M, V)
-    with torch.no_grad():
-        logits = logits.detach()
-        acc_gen = (logits.argmax(-1) == tokens[mask]).float().sum() / max(logits.shape[0], 1)
-    mixed, replaced, corrupted = sample_and_decode(decoder, logits, tokens, mask, temperature, sample,
-                                                   out_size or images.shape[-1], rng)
-    return dict(corrupted=corrupted, tokens=tokens, mixed=mixed, mask=mask, replaced=replaced,
-                loss_gen=loss_gen, acc_gen=acc_gen)
-
-
-@torch.no_grad()
-def sample_and_decode(decoder, logits, tokens, mask, temperature=1.0, sample="softmax", out_size=None,
-                      rng=None):
-    """The second half of corrupt(): replace masked tokens with samples and decode the mix.
-
-    logits (M, V) for the masked positions, tokens (B, N), mask (B, N) bool. Returns
-    mixed (B, N), replaced (B, N) bool = mixed != tokens, corrupted (B, 3, out_size, out_size).
-    """
-    import dvae
-
-    B, N = tokens.shape
-    G = math.isqrt(N)
-    # Sample only among the tokenizer's codes: a wider lm_head must not emit ids the decoder lacks.
-    logits = logits[:, :decoder.vocab_size]
-    mixed = tokens.clone()
-    mixed[mask] = sample_tokens(logits, temperature, sample, generator=rng)
-    corrupted = dvae.decode(decoder, mixed.view(B, G, G))  # (B, 3, G*f, G*f) in [0, 1]
-    if out_size and corrupted.shape[-1] != out_size:
-        corrupted = F.interpolate(corrupted, size=(out_size, out_size), mode="bilinear",
-                                  align_corners=False, antialias=False)
-    # A sampled token equal to the original counts as original: nothing visible was replaced.
-    return mixed, mixed != tokens, corrupted

@@ -3,28 +3,22 @@
     python pretrain.py                         # built-in data on a CPU, ~5 minutes: trains the small
                                                # tokenizer first, pre-trains, prints a k-NN check
     python pretrain.py --explain               # one batch through one step, every tensor printed
-    python pretrain.py --bench 20              # time each component on synthetic tensors
+    python pretrain.py --bench 20              # time each phase of the step on synthetic tensors
     torchrun --nproc_per_node 8 pretrain.py --arch vit_b --objective revdet --data /path/imagenet \\
         --dalle-encoder encoder.pkl --dalle-decoder decoder.pkl --output-dir out/cim_vit_b
 
-One step (paper Sec. 2, Fig. 1), read `train_step` below top to bottom:
+One step (paper Sec. 2, Fig. 1) reads top to bottom in `CIM.forward`:
     tokens  = dVAE-encode(tokenizer view)                        frozen, no grad, fp32
     logits  = generator(image with masked patches -> [MASK])      L_gen = CE on masked tokens
     mixed   = tokens with masked ones replaced by samples        no grad
     x~      = dVAE-decode(mixed), resized to the image size      no grad
     enhancer(x~): RevDet (was this token replaced?) or ResPix (original pixels, window-normalised)
-    L = L_gen + lambda * L_enh; one optimiser over generator + enhancer
-
-Also holds the training helpers finetune.py and segment.py reuse (re-exported from dvae.py:
-distributed init, AMP, schedule, atomic checkpoints, RNG state; defined here: optimiser groups,
-k-NN evaluation, backbone export).
+    L = L_gen + lambda * L_enh; one optimiser over generator + enhancer (`train_step`)
 """
 import argparse
 from contextlib import nullcontext
 import json
-import math
 import os
-import resource
 import time
 
 import torch
@@ -36,43 +30,58 @@ import data
 import dvae
 import enhancer as enh
 import generator as gen
-from dvae import (JsonLog, autocast, cosine_lr, gather_rng_states, init_distributed, load_checkpoint,
-                  print_args, save_checkpoint, seed_everything, set_rng_state, unwrap)
+import training
 
 # ----------------------------------------------------------------------------------------------------
-# Recipes: defaults for the flags left unset. "builtin" runs on a laptop CPU in minutes; "imagenet"
-# is the paper's setting (BEiT recipe, Sec. 4 / Appendix of the CIM paper).
+# Recipes: the values of the flags left unset. "builtin" runs on a laptop CPU in minutes; "imagenet"
+# is the paper's setting (CIM Sec. 4 / appendix, BEiT's recipe where CIM says nothing).
 # ----------------------------------------------------------------------------------------------------
 
 RECIPES = {
     "builtin": dict(arch="vit_mini", img_size=32, patch_size=4, epochs=4, batch_size=64, blr=2e-3,
-                    min_lr=1e-5, warmup_epochs=1, weight_decay=0.05, gen_dim=64, gen_depth=2,
-                    gen_heads=2, crop_min=0.35, norm_window=5, drop_path=0.0, num_workers=1,
-                    knn_k=20),
+                    min_lr=1e-5, warmup_epochs=1, weight_decay=0.05, opt_betas=[0.9, 0.98],
+                    gen_dim=64, gen_depth=2, gen_heads=2, crop_min=0.35, color_jitter=0.0,
+                    norm_window=5, drop_path=0.0, num_workers=1, knn_k=20),
+    # BEiT: batch 2048, lr 1.5e-3 (blr = 1.5e-3 * 256 / 2048), AdamW (0.9, 0.999) as in
+    # run_beit_pretraining.py, 10 warm-up epochs, cosine to 1e-5, drop path 0.1, colour jitter 0.4
     "imagenet": dict(arch="vit_b", img_size=224, patch_size=16, epochs=300, batch_size=64,
                      blr=1.5e-3 * 256 / 2048, min_lr=1e-5, warmup_epochs=10, weight_decay=0.05,
-                     gen_dim=256, gen_depth=4, gen_heads=4, crop_min=0.08, norm_window=9,
-                     drop_path=0.1, num_workers=10, knn_k=20),
+                     opt_betas=[0.9, 0.999], gen_dim=256, gen_depth=4, gen_heads=4, crop_min=0.08,
+                     color_jitter=0.4, norm_window=9, drop_path=0.1, num_workers=10, knn_k=20),
 }
+
+# Flags a resumed run may change: where output goes, how often it is written, how the processes run.
+# Anything else would continue another experiment under the old run's name (see `resume`).
+RESUME_FREE_FLAGS = {"output_dir", "resume", "num_workers", "log_every", "sample_every", "save_every",
+                     "knn_k", "device", "dist_backend", "local_rank", "compile", "max_skips", "bench",
+                     "explain", "allow_flag_changes", "min_tokenizer_perplexity"}
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("pretrain.py: CIM pre-training (generator + enhancer)")
     a = p.add_argument
+
+    def r(name, help, **kw):  # a flag whose default comes from the recipe; --help shows both
+        key = name[2:].replace("-", "_")
+        values = ", ".join(f"{k} {v}" for k, v in ((k, RECIPES[k][key]) for k in RECIPES))
+        a(name, default=None, help=f"{help} [recipe: {values}]", **kw)
+
+    a("--recipe", default=None, choices=list(RECIPES),
+      help="defaults of every flag marked [recipe]: builtin (CPU minutes; the default without --data) "
+           "or imagenet (the paper's ViT-B setting; the default with --data)")
     # what to train
-    a("--arch", default=None, help=f"enhancer backbone: one of {list(enh.ARCHS)} "
-      "(builtin: vit_mini, imagenet: vit_b)")
+    r("--arch", f"enhancer backbone, one of {list(enh.ARCHS)}")
     a("--objective", default="revdet", choices=["revdet", "respix"],
       help="revdet: per-token 'was it replaced?' (BCE); respix: regress all original pixels")
-    a("--img-size", type=int, default=None, help="input size S (224; builtin 32)")
-    a("--patch-size", type=int, default=None, help="ViT patch P; the token grid is S/P (16; builtin 4)")
+    r("--img-size", "input size S", type=int)
+    r("--patch-size", "ViT patch P; the token grid is S/P", type=int)
     a("--enh-weight", type=float, default=1.0, help="lambda in L = L_gen + lambda * L_enh")
-    a("--drop-path", type=float, default=None, help="enhancer stochastic depth (0.1 for ViT-B)")
+    r("--drop-path", "enhancer stochastic depth", type=float)
     a("--init-values", type=float, default=None, help="enhancer layer scale init (off by default)")
     # generator
-    a("--gen-dim", type=int, default=None, help="generator width (256 at 224 px)")
-    a("--gen-depth", type=int, default=None, help="generator blocks; the paper finds 4-6 best")
-    a("--gen-heads", type=int, default=None, help="generator attention heads")
+    r("--gen-dim", "generator width", type=int)
+    r("--gen-depth", "generator blocks; the paper finds 4-6 best", type=int)
+    r("--gen-heads", "generator attention heads", type=int)
     a("--mask-type", default="random", choices=["random", "block"],
       help="random: exact round(r*N) patches per image (CIM's choice); block: BEiT blockwise")
     a("--mask-ratio", type=float, default=0.5, help="fraction of patches the generator re-draws")
@@ -82,46 +91,52 @@ def get_args_parser():
     # enhancer targets
     a("--norm-pix", default="window", choices=["none", "patch", "window"],
       help="ResPix target normalisation; window (per-pixel k x k statistics) is the paper's best")
-    a("--norm-window", type=int, default=None, help="odd window size k for --norm-pix window (9)")
+    r("--norm-window", "odd window size k for --norm-pix window", type=int)
     # tokenizer
     a("--dvae", default="", help="own tokenizer checkpoint from `python dvae.py`")
     a("--dalle-encoder", default="", help="OpenAI DALL-E encoder.pkl (official weights)")
     a("--dalle-decoder", default="", help="OpenAI DALL-E decoder.pkl (official weights)")
+    a("--min-tokenizer-perplexity", type=float, default=16.0,
+      help="stop at start if the tokenizer's code perplexity on 512 training images is below this: "
+           "a collapsed codebook makes every corruption trivial (0 = skip the check)")
     # data
     a("--data", default=None, help="ImageNet-layout root (DIR/train/<class>/*, DIR/val/...); omit to "
       "use the built-in procedural dataset")
-    a("--crop-min", type=float, default=None, help="random-resized-crop min scale (0.08)")
-    a("--color-jitter", type=float, default=0.0, help="colour jitter strength (0 = off, BEiT: 0.4)")
-    a("--num-workers", type=int, default=None, help="DataLoader workers per process")
+    r("--crop-min", "random-resized-crop min scale", type=float)
+    r("--color-jitter", "colour jitter strength (0 = off)", type=float)
+    r("--num-workers", "DataLoader workers per process", type=int)
     # optimisation
-    a("--epochs", type=int, default=None, help="training epochs (300 in the paper)")
+    r("--epochs", "training epochs (300 in the paper)", type=int)
     a("--max-steps", type=int, default=None, help="stop after this many optimiser steps (tests, "
       "benchmarks); schedules then span this many steps")
-    a("--batch-size", type=int, default=None, help="images per process per micro-step")
+    r("--batch-size", "images per process per micro-step", type=int)
     a("--accum-iter", type=int, default=1, help="micro-steps per optimiser step (gradient accumulation)")
     a("--lr", type=float, default=None, help="absolute peak lr; default blr * total_batch / 256")
-    a("--blr", type=float, default=None, help="base lr per 256 images (BEiT: 1.5e-3 at batch 2048)")
-    a("--min-lr", type=float, default=None, help="final lr of the cosine schedule")
-    a("--warmup-epochs", type=float, default=None, help="linear warm-up length")
-    a("--weight-decay", type=float, default=None, help="AdamW weight decay (not on norms, biases, "
-      "position embeddings, special tokens)")
+    r("--blr", "base lr per 256 images (BEiT: 1.5e-3 at batch 2048)", type=float)
+    r("--min-lr", "final lr of the cosine schedule", type=float)
+    r("--warmup-epochs", "linear warm-up length", type=float)
+    r("--weight-decay", "AdamW weight decay (not on norms, biases, position embeddings, special "
+      "tokens)", type=float)
+    r("--opt-betas", "AdamW betas", type=float, nargs=2)
     a("--clip-grad", type=float, default=3.0, help="max global grad norm (BEiT: 3.0; 0 = off)")
     a("--amp", default="none", choices=["bf16", "fp16", "none"],
       help="autocast dtype; bf16 on A100/H100 (fp16 needs the GradScaler and NaNs more often)")
-    a("--max-skips", type=int, default=20, help="stop after this many non-finite losses (skipped "
-      "steps); a few over 300 epochs are normal with fp16")
+    a("--max-skips", type=int, default=20, help="stop after this many skipped steps (non-finite loss "
+      "or gradients); a few over 300 epochs are normal")
     # runtime
     a("--output-dir", default="out/pretrain", help="checkpoints, log.jsonl, PNG grids, backbone")
     a("--resume", default="", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint-latest.pth)")
+    a("--allow-flag-changes", action="store_true", help="resume even though flags differ from the "
+      "checkpoint's; without it a resume must repeat the command that wrote the checkpoint")
     a("--save-every", type=int, default=500, help="also checkpoint every N optimiser steps")
     a("--log-every", type=int, default=20, help="JSON log line every N optimiser steps")
     a("--sample-every", type=int, default=500, help="PNG grid every N optimiser steps")
-    a("--knn-k", type=int, default=None, help="neighbours for the final k-NN check (0 = skip it)")
+    r("--knn-k", "neighbours for the final k-NN check (0 = skip it)", type=int)
     a("--seed", type=int, default=0, help="seed for data order, augmentation, masks and sampling")
     a("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     a("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo)")
-    a("--compile", action="store_true", help="torch.compile generator and enhancer")
-    a("--bench", type=int, default=0, help="time N steps on synthetic tensors per component, exit")
+    a("--compile", action="store_true", help="torch.compile the generator and the enhancer")
+    a("--bench", type=int, default=0, help="time N steps on synthetic tensors, per phase and whole, exit")
     a("--explain", action="store_true", help="print every tensor of one step (a teaching aid), exit")
     a("--local-rank", "--local_rank", type=int, default=0,
       help="accepted for torch.distributed.launch; torchrun passes LOCAL_RANK in the environment")
@@ -129,11 +144,25 @@ def get_args_parser():
 
 
 def resolve_args(args):
-    """Fill unset flags from the recipe (builtin without --data, imagenet with it) and check them."""
-    recipe = RECIPES["builtin" if args.data is None else "imagenet"]
-    for k, v in recipe.items():
+    """Fill unset flags from the recipe (builtin without --data, imagenet with it) and check every
+    flag before any work is done."""
+    args.recipe = args.recipe or ("builtin" if args.data is None else "imagenet")
+    for k, v in RECIPES[args.recipe].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    training.check_flags(
+        args,
+        positive=("img_size", "patch_size", "gen_dim", "gen_depth", "gen_heads", "norm_window", "epochs",
+                  "max_steps", "batch_size", "accum_iter", "lr", "blr", "temperature", "save_every",
+                  "log_every", "sample_every"),
+        non_negative=("enh_weight", "min_lr", "warmup_epochs", "weight_decay", "clip_grad", "max_skips",
+                      "knn_k", "num_workers", "bench", "color_jitter", "min_tokenizer_perplexity"),
+        fraction=("drop_path",),
+        open_fraction=("mask_ratio",))
+    if not 0 < args.crop_min <= 1:
+        raise ValueError(f"--crop-min must be in (0, 1], got {args.crop_min}")
+    if not all(0 <= b < 1 for b in args.opt_betas):
+        raise ValueError(f"--opt-betas must be two numbers in [0, 1), got {args.opt_betas}")
     if args.arch not in enh.ARCHS:
         raise ValueError(f"--arch {args.arch!r} is unknown; choose one of {list(enh.ARCHS)}")
     if args.img_size % args.patch_size:
@@ -175,7 +204,7 @@ def train_builtin_tokenizer(args):
     targs = dvae.get_args_parser().parse_args([
         "--output-dir", out, "--preset", "small", "--img-size", str(grid * f),
         "--seed", str(args.seed), "--device", args.device, "--num-workers", str(args.num_workers)])
-    cached = load_checkpoint(ckpt) if os.path.isfile(ckpt) else None
+    cached = training.load_checkpoint(ckpt) if os.path.isfile(ckpt) else None
     if cached is None or cached["step"] < cached["total_steps"]:  # absent or interrupted: (re)train
         print(f"pretrain.py: no tokenizer given: training the small dVAE on the built-in data first "
               f"(cached in {out}; pass --dvae to use another)")
@@ -183,38 +212,122 @@ def train_builtin_tokenizer(args):
     return dvae.load_tokenizer(ckpt)
 
 
+@torch.no_grad()
+def check_tokenizer_usage(encoder, dataset, device, floor, n=512, what="the tokenizer"):
+    """Code perplexity and usage of the tokenizer on n training images spread over the dataset.
+
+    A collapsed codebook (a few codes for every patch) gives the generator nothing to predict and the
+    enhancer nothing to find: training goes on with 100% RevDet accuracy and learns nothing. Stop
+    before that, naming the cause. Deterministic (fixed indices, per-sample augmentation seeds), so
+    every rank decides alike without a collective."""
+    indices = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).long().tolist()
+    codes = []
+    for chunk in torch.tensor(indices).split(64):
+        tok_images = torch.stack([dataset[i][0][1] for i in chunk.tolist()]).to(device)
+        codes.append(dvae.tokenize(encoder, tok_images).cpu())
+    perplexity, usage = dvae.codebook_stats(torch.cat(codes), encoder.vocab_size)
+    stats = {"tokenizer_perplexity": perplexity, "tokenizer_usage": usage}
+    print(f"pretrain.py: {what} uses {100 * usage:.1f}% of its {encoder.vocab_size} codes on "
+          f"{len(indices)} training images, perplexity {perplexity:.1f}")
+    if perplexity < floor:
+        raise ValueError(f"{what} has collapsed: code perplexity {perplexity:.1f} (of "
+                         f"{encoder.vocab_size} codes, {100 * usage:.1f}% in use) on {len(indices)} "
+                         f"training images, below --min-tokenizer-perplexity {floor:g}. Retrain it "
+                         f"(dvae.py: more steps, a larger --kl-weight) or pass "
+                         f"--min-tokenizer-perplexity 0 to train on it anyway")
+    return stats
+
+
 # ----------------------------------------------------------------------------------------------------
-# The model: generator + enhancer in one module (one DDP wrapper, one optimiser)
+# The model: the whole CIM step in one forward
 # ----------------------------------------------------------------------------------------------------
 
-def build_model(args, vocab_size):
+def no_trace(name, value):
+    pass
+
+
+class CIM(nn.Module):
+    """Generator + enhancer, and the step that joins them (paper Sec. 2, Fig. 1).
+
+    The frozen dVAE is held in a plain tuple, not as a submodule, so it stays out of state_dict(),
+    the optimiser and DDP's gradient buckets. Settings come in at construction:
+    temperature and sample (how replacement tokens are drawn), enh_weight (lambda).
+    """
+
+    def __init__(self, generator, enhancer, encoder, decoder, temperature=1.0, sample="softmax",
+                 enh_weight=1.0):
+        super().__init__()
+        if decoder.vocab_size != encoder.vocab_size:
+            raise ValueError(f"the dVAE encoder has {encoder.vocab_size} codes but the decoder "
+                             f"{decoder.vocab_size}: load both halves of the same tokenizer")
+        if encoder.vocab_size > generator.vocab_size:
+            raise ValueError(f"the tokenizer's vocabulary ({encoder.vocab_size}) is larger than the "
+                             f"generator's lm_head ({generator.vocab_size})")
+        self.generator, self.enhancer = generator, enhancer
+        self.tokenizer = (encoder, decoder)
+        self.temperature, self.sample, self.enh_weight = temperature, sample, enh_weight
+
+    def forward(self, images, tok_images, mask, trace=no_trace):
+        """images (B, 3, S, S) normalised; tok_images (B, 3, G*f, G*f), the same crops in [0, 1];
+        mask (B, N) bool, True = masked. Returns (L, outputs). trace(name, tensor) is called with
+        every intermediate (--explain prints them, --bench times the phases between them)."""
+        encoder, decoder = self.tokenizer
+        B, G = images.shape[0], self.generator.grid
+        # 1. targets: the frozen dVAE's token for every patch (no grad, fp32 inside dvae.tokenize)
+        tokens = dvae.tokenize(encoder, tok_images)                  # (B, G, G)
+        self.check_grid(tokens, encoder)
+        tokens = tokens.flatten(1)                                    # (B, N)
+        trace("tokens", tokens)
+        # 2. the generator predicts the masked tokens; L_gen is the only loss that reaches it
+        logits, loss_gen = self.generator(images, mask, tokens)      # (M, V), M = mask.sum()
+        trace("logits", logits)
+        trace("loss_gen", loss_gen)
+        with torch.no_grad():
+            # 3. sample replacements z' ~ softmax(logits / T), only among the decoder's codes
+            sampled = gen.sample_tokens(logits[:, :decoder.vocab_size], self.temperature, self.sample)
+            # 4. mix: z' at masked positions (row-major, as the logits), the original elsewhere. A
+            #    sample equal to the original changes nothing visible: it counts as not replaced
+            mixed = tokens.masked_scatter(mask, sampled)              # (B, N)
+            replaced = mixed != tokens                                # (B, N) bool, the RevDet label
+            trace("mixed", mixed)
+            trace("replaced", replaced)
+            # 5. decode the mix, resize to the input size (bilinear keeps [0, 1]): the corrupted image
+            corrupted = dvae.decode(decoder, mixed.view(B, G, G))     # (B, 3, G*f, G*f) in [0, 1]
+            if corrupted.shape[-2:] != images.shape[-2:]:
+                corrupted = F.interpolate(corrupted, size=images.shape[-2:], mode="bilinear",
+                                          align_corners=False)        # (B, 3, S, S)
+            trace("corrupted", corrupted)
+            acc_gen = (logits.argmax(-1) == tokens[mask]).float().mean()
+        # 6. the enhancer sees only the normalised corrupted image; `corrupted` carries no gradient,
+        #    so nothing of L_enh reaches the generator (Sec. 2: the two are not adversarial)
+        out, loss_enh, metrics = self.enhancer(data.normalize(corrupted), images, replaced)
+        trace("enhancer output", out)
+        trace("loss_enh", loss_enh)
+        # 7. one loss, one backward, one optimiser
+        loss = loss_gen + self.enh_weight * loss_enh
+        trace("loss", loss)
+        return loss, dict(metrics, tokens=tokens, mask=mask, mixed=mixed, replaced=replaced,
+                          corrupted=corrupted, out=out, loss_gen=loss_gen, acc_gen=acc_gen,
+                          loss_enh=loss_enh)
+
+    def check_grid(self, tokens, encoder):
+        """The tokenizer view must be (S/P)*f px: a clear error instead of a shape crash."""
+        G = self.generator.grid
+        if tuple(tokens.shape[1:]) != (G, G):
+            raise ValueError(f"the tokenizer gives a {tokens.shape[1]}x{tokens.shape[2]} token grid but the "
+                             f"generator expects {G}x{G} (image {self.generator.patch_embed.img_size} / "
+                             f"patch {self.generator.patch_embed.patch_size}): feed the tokenizer "
+                             f"{G}*downsample = {G * encoder.downsample} px images")
+
+
+def build_model(args, encoder, decoder):
     grid = args.img_size // args.patch_size
-    generator = gen.BEiTGenerator(args.img_size, args.patch_size, vocab_size, args.gen_dim,
+    generator = gen.BEiTGenerator(args.img_size, args.patch_size, encoder.vocab_size, args.gen_dim,
                                   args.gen_depth, args.gen_heads)
     backbone = enh.build_backbone(args.arch, img_size=args.img_size, patch_size=args.patch_size,
                                   drop_path_rate=args.drop_path, init_values=args.init_values)
     enhancer = enh.Enhancer(backbone, args.objective, grid, args.norm_pix, args.norm_window)
-    return CIM(generator, enhancer)
-
-
-class CIM(nn.Module):
-    """Holds the two trained networks. The frozen tokenizer is passed to each call instead of being
-    a submodule, so it stays out of state_dict(), the optimiser and DDP's gradient buckets."""
-
-    def __init__(self, generator, enhancer):
-        super().__init__()
-        self.generator, self.enhancer = generator, enhancer
-
-    def forward(self, images, tok_images, mask, tokenizer, args):
-        encoder, decoder = tokenizer
-        # 1-3: tokenize, generator guesses (L_gen), sample + decode -> corrupted image in [0, 1]
-        c = gen.corrupt(self.generator, encoder, decoder, images, tok_images, mask,
-                        args.temperature, args.sample, out_size=images.shape[-1])
-        # 4: the enhancer sees the normalised corrupted image; `corrupted` carries no gradient, so
-        # nothing of L_enh reaches the generator (paper Sec. 2: the two are not adversarial)
-        out, loss_enh, metrics = self.enhancer(data.normalize(c["corrupted"]), images, c["replaced"])
-        loss = c["loss_gen"] + args.enh_weight * loss_enh
-        return loss, dict(c, out=out, loss_enh=loss_enh, **metrics)
+    return CIM(generator, enhancer, encoder, decoder, args.temperature, args.sample, args.enh_weight)
 
 
 def param_groups(model, weight_decay):
@@ -233,9 +346,9 @@ def param_groups(model, weight_decay):
 # One training step (optimiser step over `accum_iter` micro-batches)
 # ----------------------------------------------------------------------------------------------------
 
-def train_step(ddp_model, model, batches, tokenizer, optimizer, scaler, args, device):
-    """One optimiser step over the micro-batches in `batches`. Returns (outputs of the last
-    micro-batch, whether the update was applied)."""
+def train_step(ddp_model, model, batches, optimizer, scaler, args, device, trace=no_trace):
+    """One optimiser step over the micro-batches in `batches` (each (images, tok_images)).
+    Returns (outputs of the last micro-batch, whether the update was applied)."""
     optimizer.zero_grad(set_to_none=True)
     finite = torch.ones((), device=device)
     for i, (images, tok_images) in enumerate(batches):
@@ -243,30 +356,38 @@ def train_step(ddp_model, model, batches, tokenizer, optimizer, scaler, args, de
         tok_images = tok_images.to(device, non_blocking=True)
         mask = gen.mask_patches(args.mask_type, images.shape[0], model.generator.grid,
                                 args.mask_ratio).to(device)  # (B, N), True = masked
+        trace("images", images)
+        trace("tokenizer view", tok_images)
+        trace("mask", mask)
         # no_sync: only the last micro-batch all-reduces the gradients
         last = i == len(batches) - 1
-        sync = ddp_model.no_sync() if (not last and ddp_model is not model) else nullcontext()
-        with sync:
-            with autocast(device, args.amp):
-                loss, out = ddp_model(images, tok_images, mask, tokenizer, args)
+        ddp = isinstance(ddp_model, nn.parallel.DistributedDataParallel)
+        with ddp_model.no_sync() if (ddp and not last) else nullcontext():
+            with training.autocast(device, args.amp):
+                loss, out = ddp_model(images, tok_images, mask, trace=trace)
             scaler.scale(loss / len(batches)).backward()
         finite = finite * torch.isfinite(loss.detach())
+    trace("backward", None)
+    scaler.unscale_(optimizer)  # a no-op without fp16: gradients are then already unscaled
+    # the norm is needed anyway (clipping, the log, the skip decision); max_norm=inf only measures it
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad or float("inf"))
+    if not scaler.is_enabled():
+        # under fp16 the GradScaler skips overflowing gradients itself (and lowers its scale); in
+        # bf16/fp32 a finite loss can still give non-finite gradients, and AdamW would step with NaN
+        finite = finite * torch.isfinite(grad_norm)
     # One decision for all ranks (a NaN on any rank skips the update everywhere, so the replicas
     # stay identical), taken after backward so every rank ran the same collectives. Skipping beats
     # exiting: fp16 runs of the public MIM code die late in training on a single bad batch.
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(finite, torch.distributed.ReduceOp.MIN)
-    if not finite.item():
+    out = dict(out, loss=loss.detach(), grad_norm=grad_norm)
+    if not training.all_ranks_true(finite, device):
         optimizer.zero_grad(set_to_none=True)
         if scaler.is_enabled():
             scaler.update(scaler.get_scale() / 2)  # back off as GradScaler does on overflow
-        return dict(out, loss=loss.detach()), False
-    if args.clip_grad:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        return out, False
     scaler.step(optimizer)
     scaler.update()
-    return dict(out, loss=loss.detach()), True
+    trace("optimizer", None)
+    return out, True
 
 
 def binary_auc(scores, labels):
@@ -285,7 +406,7 @@ def log_record(out, args):
     """Scalars of one step for the JSON log (reads tensors back from the device: only at log time)."""
     rec = {"loss": out["loss"].item(), "loss_gen": out["loss_gen"].item(),
            "acc_gen": out["acc_gen"].item(), "loss_enh": out["loss_enh"].item(),
-           "mask_frac": out["mask"].float().mean().item(),
+           "grad_norm": out["grad_norm"].item(), "mask_frac": out["mask"].float().mean().item(),
            "replaced_frac": out["replaced"].float().mean().item()}
     if args.objective == "revdet":
         rec["revdet_acc"] = out["revdet_acc"].item()
@@ -301,24 +422,27 @@ def log_record(out, args):
 
 def main(args):
     args = resolve_args(args)
-    rank, world_size, device = init_distributed(args.device, args.dist_backend)
+    rank, world_size, device = training.init_distributed(args.device, args.dist_backend)
     os.makedirs(args.output_dir, exist_ok=True)
-    print_args(args, rank)
-    seed_everything(args.seed, rank)
+    if rank == 0:
+        print(f"pretrain.py: recipe {args.recipe} (flags not given take its values; see --help)")
+    training.print_args(args, rank)
+    training.seed_everything(args.seed, rank)
     if args.bench:
         return benchmark(args, device)
 
     tokenizer = build_tokenizer(args, device)
     # seeded again after the tokenizer: training the built-in one draws random numbers, and a run
     # that finds it cached must start from the same RNG state as the run that trained it
-    seed_everything(args.seed, rank)
+    training.seed_everything(args.seed, rank)
     grid = args.img_size // args.patch_size
     tok_size = grid * tokenizer[0].downsample  # the tokenizer sees the same crop at (S/P)*f px
 
-    # ---------------------------------------------------------------- data
+    # ---------------------------------------------------------------- data (all of it checked now)
     transform = data.PretrainTransform(args.img_size, tok_size, scale=(args.crop_min, 1.0),
                                        color_jitter=args.color_jitter)
     train_set = data.build_dataset(args.data, "train", transform, seed=args.seed)
+    knn_sets = knn_datasets(args) if args.knn_k and not args.explain else None  # a missing val/ now
     loader, sampler = data.build_loader(train_set, args.batch_size, args.num_workers, rank, world_size,
                                         seed=args.seed)
     steps_per_epoch = len(loader) // args.accum_iter
@@ -328,37 +452,44 @@ def main(args):
                          f"{world_size} processes)")
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     total_batch = args.batch_size * args.accum_iter * world_size
-    args.lr = args.lr or args.blr * total_batch / 256  # MAE/BEiT linear scaling rule
+    if args.lr is None:
+        args.lr = args.blr * total_batch / 256  # MAE/BEiT linear scaling rule
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
+    source = args.dvae or args.dalle_encoder or "the built-in tokenizer"
+    tok_stats = check_tokenizer_usage(tokenizer[0], train_set, device, args.min_tokenizer_perplexity,
+                                      what=f"tokenizer {source}")
 
     # ---------------------------------------------------------------- model, optimiser, resume
-    model = build_model(args, tokenizer[0].vocab_size).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98))
+    model = build_model(args, *tokenizer).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+                                  betas=tuple(args.opt_betas))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     step, skipped = resume(args, model, optimizer, scaler, rank, world_size, device)
+    if args.compile:  # in place: state_dict keys and the DDP wrapper stay as they are
+        model.generator.compile()
+        model.enhancer.compile()
     ddp_model = model
-    if args.compile:
-        ddp_model = torch.compile(ddp_model)
     if world_size > 1:
         ddp_model = nn.parallel.DistributedDataParallel(
-            ddp_model, device_ids=[device.index] if device.type == "cuda" else None)
-    log = JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0)
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.explain:
+        return explain(ddp_model, model, loader, optimizer, scaler, args, device)
+    log = training.JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0, resumed_at=step)
     if rank == 0:
         n_gen = sum(p.numel() for p in model.generator.parameters())
         n_enh = sum(p.numel() for p in model.enhancer.parameters())
         print(f"generator {n_gen / 1e6:.2f}M params, enhancer {n_enh / 1e6:.2f}M params, "
               f"{total_steps} steps of {total_batch} images, lr {args.lr:.2e}")
+        if step == 0:
+            log.write(step=0, **tok_stats)
 
     def checkpoint():
-        rng = gather_rng_states(device)  # a collective: every rank calls checkpoint()
+        rng = training.gather_rng_states(device)  # a collective: every rank calls checkpoint()
         if rank == 0:
-            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scaler": scaler.state_dict(), "step": step, "skipped": skipped,
-                             "args": vars(args), "rng": rng},
-                            os.path.join(args.output_dir, "checkpoint-latest.pth"))
-
-    if args.explain:
-        return explain(model, tokenizer, train_set, args, device)
+            training.save_checkpoint(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict(), "step": step, "skipped": skipped, "args": vars(args),
+                 "rng": rng}, os.path.join(args.output_dir, "checkpoint-latest.pth"))
 
     # ---------------------------------------------------------------- training loop
     model.train()
@@ -370,25 +501,26 @@ def main(args):
         sampler.set_epoch(epoch, start=offset * args.accum_iter * args.batch_size)
         batches = iter(loader)
         for _ in range(steps_per_epoch - offset):
-            lr = cosine_lr(step, total_steps, warmup_steps, args.lr, args.min_lr)
+            lr = training.cosine_lr(step, total_steps, warmup_steps, args.lr, args.min_lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             micro = [next(batches)[0] for _ in range(args.accum_iter)]
-            out, ok = train_step(ddp_model, model, micro, tokenizer, optimizer, scaler, args, device)
+            out, ok = train_step(ddp_model, model, micro, optimizer, scaler, args, device)
             step += 1
             seen += total_batch
             bar.update(1)
             if not ok:
                 skipped += 1
-                print(f"pretrain.py: non-finite loss at step {step}, update skipped ({skipped} so far)")
+                print(f"pretrain.py: non-finite loss or gradients at step {step}, update skipped "
+                      f"({skipped} so far)")
                 if skipped > args.max_skips:
-                    raise FloatingPointError(f"pretrain.py: {skipped} non-finite losses, the last at step "
+                    raise FloatingPointError(f"pretrain.py: {skipped} non-finite steps, the last at step "
                                              f"{step}; lower --lr, use --amp bf16 or none, or resume "
                                              f"from {args.output_dir}/checkpoint-latest.pth")
             elif step % args.log_every == 0 or step == total_steps:
                 rec = dict(step=step, epoch=epoch, lr=lr, **log_record(out, args),
-                           img_per_s=seen / (time.time() - t0), peak_mem_mb=peak_memory_mb(device),
-                           skipped=skipped)
+                           img_per_s=seen / (time.time() - t0),
+                           peak_mem_mb=training.peak_memory_mb(device), skipped=skipped)
                 bar.set_postfix(gen=f"{rec['loss_gen']:.3f}", enh=f"{rec['loss_enh']:.3f}")
                 log.write(**rec)
             if rank == 0 and ok and (step % args.sample_every == 0 or step == total_steps):
@@ -401,8 +533,8 @@ def main(args):
     if rank == 0:
         torch.save(export(model, args), os.path.join(args.output_dir, "backbone.pth"))
     result = {"steps": step, "minutes": (time.time() - t0) / 60}
-    if args.knn_k:
-        result.update(knn_report(model.enhancer.backbone, args, device))
+    if knn_sets:
+        result.update(knn_report(model.enhancer.backbone, knn_sets, args, device))
     if rank == 0:
         log.write(**result)
         print(json.dumps(result))
@@ -417,8 +549,9 @@ def resume(args, model, optimizer, scaler, rank, world_size, device):
     path = args.resume or os.path.join(args.output_dir, "checkpoint-latest.pth")
     if not (args.resume or os.path.isfile(path)):
         return 0, 0
-    ckpt = load_checkpoint(path, "--resume checkpoint")
+    ckpt = training.load_checkpoint(path, "--resume checkpoint")
     saved = ckpt.get("args", {})
+    # a checkpoint of another network cannot be loaded at all, whatever the user allows
     for k in ("arch", "objective", "img_size", "patch_size", "gen_dim", "gen_depth", "gen_heads"):
         if k in saved and saved[k] != getattr(args, k):
             raise ValueError(f"--resume {path!r} was trained with --{k.replace('_', '-')} {saved[k]}, "
@@ -428,27 +561,20 @@ def resume(args, model, optimizer, scaler, rank, world_size, device):
         raise ValueError(f"--resume {path!r} holds a generator for a {saved_vocab}-code tokenizer, this "
                          f"run's tokenizer has {model.generator.vocab_size} codes: pass the tokenizer it "
                          f"was trained with (--dvae or --dalle-encoder/--dalle-decoder)")
+    changed = training.check_resume_flags(saved, vars(args), RESUME_FREE_FLAGS, path,
+                                          args.allow_flag_changes)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
-    if len(ckpt["rng"]) == world_size:
-        set_rng_state(ckpt["rng"][rank], device)
-    elif rank == 0:
-        print(f"pretrain.py: {path} was written by {len(ckpt['rng'])} processes, this run has "
-              f"{world_size}: RNG streams restart from the seed")
+    training.restore_rng_states(ckpt["rng"], rank, world_size, device, path)
     if rank == 0:
-        print(f"resumed from {path} at step {ckpt['step']}")
+        print(f"resumed from {path} at step {ckpt['step']}"
+              + (f" with changed flags: {', '.join(training.flag(k) for k in changed)}" if changed else ""))
     return ckpt["step"], ckpt.get("skipped", 0)
 
 
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 # ----------------------------------------------------------------------------------------------------
-# Feedback: PNG grids, --explain, --bench
+# Feedback: PNG grids, --explain, --bench (both run train_step and CIM.forward themselves)
 # ----------------------------------------------------------------------------------------------------
 
 def patch_map(values, grid, size):
@@ -481,97 +607,85 @@ def describe(name, t):
         rng = f"[{t.float().min().item():.3g}, {t.float().max().item():.3g}]" if t.numel() else "[]"
         print(f"  {name:<42} {str(tuple(t.shape)):<18} {str(t.dtype).replace('torch.', ''):<8} {rng}")
     else:
-        print(f"  {name:<42} {t}")
+        print(f"  {name}")
 
 
-def explain(model, tokenizer, dataset, args, device):
-    """One batch through one step, each tensor in pipeline order (the paper's Fig. 1 as shapes)."""
-    encoder, decoder = tokenizer
-    loader, _ = data.build_loader(dataset, min(args.batch_size, 4), 0, seed=args.seed)
-    images, tok_images = next(iter(loader))[0]
-    images, tok_images = images.to(device), tok_images.to(device)
-    print("one CIM step, in the order pretrain.py runs it:")
-    describe("data.PretrainTransform: image", images)
-    describe("data.PretrainTransform: tokenizer view", tok_images)
-    tokens = dvae.tokenize(encoder, tok_images)
-    describe("dvae.tokenize: tokens", tokens)
-    mask = gen.mask_patches(args.mask_type, images.shape[0], model.generator.grid, args.mask_ratio).to(device)
-    describe("generator.mask_patches: mask (1=masked)", mask)
-    logits, loss_gen = model.generator(images, mask, tokens)
-    describe("BEiTGenerator.forward: logits (M, V)", logits)
-    describe("BEiTGenerator.loss: L_gen", loss_gen)
-    mixed, replaced, corrupted = gen.sample_and_decode(decoder, logits.detach(), tokens.flatten(1), mask,
-                                                       args.temperature, args.sample, args.img_size)
-    describe("generator.sample_and_decode: mixed", mixed)
-    describe("  replaced = mixed != tokens", replaced)
-    describe("  dvae.decode + resize: corrupted", corrupted)
-    x = data.normalize(corrupted)
-    feats = model.enhancer.backbone(x)
-    describe("enhancer backbone: features", feats)
-    out, loss_enh, metrics = model.enhancer(x, images, replaced)
-    describe(f"Enhancer.forward: {args.objective} output", out)
-    describe("Enhancer.forward: L_enh", loss_enh)
-    loss = loss_gen + args.enh_weight * loss_enh
-    describe("L = L_gen + lambda * L_enh", loss)
-    loss.backward()
-    g_gen = sum(p.grad.norm() ** 2 for p in model.generator.parameters() if p.grad is not None) ** 0.5
-    g_enh = sum(p.grad.norm() ** 2 for p in model.enhancer.parameters() if p.grad is not None) ** 0.5
-    describe("grad norm, generator", g_gen)
-    describe("grad norm, enhancer", g_enh)
-    return {"loss": loss.item()}
+def explain(ddp_model, model, loader, optimizer, scaler, args, device):
+    """One batch through one training step, each tensor in pipeline order as CIM.forward makes it
+    (the paper's Fig. 1 as shapes). Nothing is saved."""
+    (images, tok_images), _ = next(iter(loader))
+    batch = [(images[:4], tok_images[:4])]
+    print("one CIM step, in the order pretrain.py runs it (train_step -> CIM.forward):")
+    hook = model.enhancer.backbone.register_forward_hook(
+        lambda module, inputs, output: describe("enhancer backbone: features", output))
+    out, ok = train_step(ddp_model, model, batch, optimizer, scaler, args, device, trace=describe)
+    hook.remove()
+    norm = lambda m: sum(p.grad.norm() ** 2 for p in m.parameters() if p.grad is not None) ** 0.5  # noqa: E731
+    describe("grad norm, generator (from L_gen only)", norm(model.generator))
+    describe("grad norm, enhancer (from L_enh only)", norm(model.enhancer))
+    return {"loss": out["loss"].item(), "applied": ok}
+
+
+# trace events that end a phase of the step -> the phase they end (events between them add to the next)
+BENCH_PHASES = {"mask": "batch + mask", "tokens": "tokenize", "loss_gen": "generator fwd",
+                "replaced": "sample + mix", "corrupted": "decode + resize", "loss": "enhancer fwd",
+                "backward": "backward (both)", "optimizer": "clip + optimizer"}
 
 
 def benchmark(args, device):
-    """--bench N: N steps on random tensors (no data loading, untrained tokenizer of the right
-    shape) with each component timed separately; prints img/s and per-component ms and memory."""
+    """--bench N: N training steps on random tensors (no data loading, an untrained tokenizer of the
+    right shape), through the same train_step and CIM.forward as training, with --compile honoured.
+    Per phase (synchronising at phase ends, bench only) and the un-instrumented whole step."""
     grid = args.img_size // args.patch_size
     preset = "dalle" if args.data is not None or args.img_size >= 112 else "small"
-    cfg = dvae.DVAE_PRESETS[preset]
-    encoder, decoder = (m.to(device).eval().requires_grad_(False) for m in dvae.build_from_config(cfg))
-    model = build_model(args, cfg["vocab_size"]).to(device).train()
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-4, betas=(0.9, 0.98))
+    encoder, decoder = (m.to(device).eval().requires_grad_(False)
+                        for m in dvae.build_from_config(dvae.DVAE_PRESETS[preset]))
+    model = build_model(args, encoder, decoder).to(device).train()
+    if args.compile:
+        model.generator.compile()
+        model.enhancer.compile()
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-4,
+                                  betas=tuple(args.opt_betas))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     B, S, T = args.batch_size, args.img_size, grid * encoder.downsample
-    images = torch.randn(B, 3, S, S, device=device)
-    tok_images = torch.rand(B, 3, T, T, device=device)
-    times, mems = {}, {}
+    batch = [(torch.randn(B, 3, S, S), torch.rand(B, 3, T, T)) for _ in range(args.accum_iter)]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times, mems, mark = {}, {}, [0.0]
 
-    def timed(name, fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        t = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            mems[name] = max(mems.get(name, 0), torch.cuda.max_memory_allocated(device) / 2 ** 20)
-        times.setdefault(name, []).append(time.perf_counter() - t)
-        return result
+    def timer(name, value):
+        if name in BENCH_PHASES:
+            sync()
+            now = time.perf_counter()
+            phase = BENCH_PHASES[name]
+            times[phase] = times.get(phase, 0.0) + now - mark[0]
+            if device.type == "cuda":
+                mems[phase] = max(mems.get(phase, 0), torch.cuda.max_memory_allocated(device) / 2 ** 20)
+            mark[0] = now
 
-    for it in range(args.bench + 2):  # 2 warm-up steps, not counted
-        mask = gen.mask_patches(args.mask_type, B, grid, args.mask_ratio).to(device)
-        optimizer.zero_grad(set_to_none=True)
-        tokens = timed("tokenize", lambda: dvae.tokenize(encoder, tok_images).flatten(1))
-        with autocast(device, args.amp):
-            logits, loss_gen = timed("generator fwd", lambda: model.generator(images, mask, tokens))
-        timed("generator bwd", lambda: loss_gen.backward())
-        mixed, replaced, corrupted = timed("sample + decode", lambda: gen.sample_and_decode(
-            decoder, logits.detach(), tokens, mask, args.temperature, args.sample, S))
-        with autocast(device, args.amp):
-            _, loss_enh, _ = timed("enhancer fwd", lambda: model.enhancer(data.normalize(corrupted),
-                                                                         images, replaced))
-        timed("enhancer bwd", lambda: (args.enh_weight * loss_enh).backward())
-        timed("optimizer", lambda: optimizer.step())
-        if it < 2:
-            times.clear()
-    total = sum(sum(v) for v in times.values()) / args.bench
-    print(f"bench: {args.arch} {args.objective} {S}px batch {B} amp {args.amp} on {device}: "
-          f"{B / total:.1f} img/s, {1000 * total:.1f} ms/step")
-    report = {"img_per_s": B / total}
-    for name, v in times.items():
-        ms = 1000 * sum(v) / len(v)
-        report[name] = ms
-        print(f"  {name:<16} {ms:8.2f} ms  {100 * ms / (1000 * total):5.1f}%"
-              + (f"  peak {mems[name]:.0f} MiB" if name in mems else ""))
+    def step(trace):
+        sync()
+        mark[0] = t = time.perf_counter()
+        train_step(model, model, batch, optimizer, scaler, args, device, trace)
+        sync()
+        return time.perf_counter() - t
+
+    for _ in range(2):  # warm-up (and compilation), not counted
+        step(no_trace)
+    times.clear()
+    for _ in range(args.bench):
+        step(timer)
+    whole = sum(step(no_trace) for _ in range(args.bench)) / args.bench
+    phased = sum(times.values()) / args.bench
+    n = B * args.accum_iter
+    print(f"bench: {args.arch} {args.objective} {S}px batch {n} amp {args.amp} compile {args.compile} "
+          f"on {device}: whole step {1000 * whole:.1f} ms, {n / whole:.1f} img/s "
+          f"(instrumented: {1000 * phased:.1f} ms)")
+    report = {"img_per_s": n / whole, "step_ms": 1000 * whole}
+    for phase in BENCH_PHASES.values():
+        ms = 1000 * times.get(phase, 0.0) / args.bench
+        report[phase] = ms
+        print(f"  {phase:<18} {ms:8.2f} ms  {100 * ms / (1000 * phased):5.1f}%"
+              + (f"  peak {mems[phase]:.0f} MiB" if phase in mems else ""))
     return report
 
 
@@ -579,74 +693,36 @@ def benchmark(args, device):
 # Evaluation and export: weighted k-NN on pooled features, backbone weights under timm/torchvision names
 # ----------------------------------------------------------------------------------------------------
 
-def pooled_features(backbone, x):
-    """Global feature of a backbone: mean of ViT patch tokens (cls dropped) or of the ResNet map."""
-    f = backbone(x)
-    return f[:, 1:].mean(1) if f.ndim == 3 else f.mean((2, 3))  # (B, D)
-
-
-@torch.no_grad()
-def extract_features(backbone, loader, device):
-    feats, labels = [], []
-    for x, y in loader:
-        feats.append(F.normalize(pooled_features(backbone, x.to(device)).float(), dim=1))
-        labels.append(y.to(device))
-    feats, labels = torch.cat(feats), torch.cat(labels)
-    if torch.distributed.is_initialized():  # every rank holds an equal shard (padded sampler)
-        world = torch.distributed.get_world_size()
-        gathered = [torch.empty_like(feats) for _ in range(world)]
-        torch.distributed.all_gather(gathered, feats)
-        glabels = [torch.empty_like(labels) for _ in range(world)]
-        torch.distributed.all_gather(glabels, labels)
-        feats, labels = torch.cat(gathered), torch.cat(glabels)
-    return feats, labels
-
-
-def knn_classify(train_feats, train_labels, test_feats, num_classes, k=20, temperature=0.07):
-    """Weighted k-NN (Wu et al. 2018, as in DINO): the k most cosine-similar training features vote
-    with weight exp(sim / T). Features must be L2-normalised. Returns predicted labels."""
-    preds = []
-    for chunk in test_feats.split(1024):
-        sim = chunk @ train_feats.T                         # (b, n_train)
-        top_sim, top_idx = sim.topk(min(k, sim.shape[1]), dim=1)  # (b, k)
-        votes = torch.zeros(chunk.shape[0], num_classes, device=chunk.device)
-        votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
-        preds.append(votes.argmax(1))
-    return torch.cat(preds)
-
-
-def knn_accuracy(backbone, train_set, val_set, device, k=20, batch_size=128, num_workers=0):
-    """Top-1 weighted k-NN accuracy (%) of the backbone's pooled features, train -> val."""
-    was_training = backbone.training
-    backbone.eval()
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
-        if torch.distributed.is_initialized() else (0, 1)
-    feats = []
-    for ds in (train_set, val_set):
-        loader, _ = data.build_loader(ds, batch_size, num_workers, rank, world, shuffle=False,
-                                      drop_last=False)
-        feats.append(extract_features(backbone, loader, device))
-    backbone.train(was_training)
-    (tr_f, tr_y), (va_f, va_y) = feats
-    pred = knn_classify(tr_f, tr_y, va_f, len(train_set.classes), k)
-    return 100.0 * (pred == va_y).float().mean().item()
-
-
-def knn_report(backbone, args, device):
-    """The default run's evidence: k-NN accuracy of the pre-trained enhancer next to the same
-    architecture at random init (a random network's features already beat chance)."""
+def knn_datasets(args):
+    """The k-NN check's train and val sets, built at start so a missing val/ split stops the run
+    before training, not after it."""
     tf = data.EvalTransform(args.img_size, crop_pct=1.0)
+    if args.data is not None and not os.path.isdir(os.path.join(args.data, "val")):
+        raise FileNotFoundError(f"--data {args.data}: no val/ split for the final k-NN check "
+                                f"(expected {os.path.join(args.data, 'val', '<class>', '*')}); add "
+                                f"one or pass --knn-k 0")
     train_set = data.build_dataset(args.data, "train", tf, seed=args.seed)
     val_set = data.build_dataset(args.data, "val", tf, seed=args.seed)
     if args.data is None:  # a 4096-image memory bank keeps the CPU check to seconds
         train_set.length = 4096
+    return train_set, val_set
+
+
+def knn_report(backbone, knn_sets, args, device):
+    """The run's evidence: k-NN accuracy of the pre-trained enhancer next to the same architecture
+    at random init (a random network's features already beat chance)."""
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
+        if torch.distributed.is_initialized() else (0, 1)
+    loaders = [data.build_loader(ds, 128, 0, rank, world, shuffle=False, drop_last=False)[0]
+               for ds in knn_sets]
+    num_classes = len(knn_sets[0].classes)
     torch.manual_seed(args.seed)
     random_init = enh.build_backbone(args.arch, img_size=args.img_size, patch_size=args.patch_size,
                                      init_values=args.init_values).to(device)
-    result = {"knn_pretrained": knn_accuracy(backbone, train_set, val_set, device, args.knn_k),
-              "knn_random_init": knn_accuracy(random_init, train_set, val_set, device, args.knn_k),
-              "knn_chance": 100.0 / len(train_set.classes)}
-    return result
+    return {"knn_pretrained": training.knn_accuracy(backbone, *loaders, num_classes, device, args.knn_k),
+            "knn_random_init": training.knn_accuracy(random_init, *loaders, num_classes, device,
+                                                     args.knn_k),
+            "knn_chance": 100.0 / num_classes}
 
 
 def export(model, args):

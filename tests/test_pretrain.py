@@ -21,13 +21,17 @@ import dvae
 import enhancer as enh
 import generator as gen
 import pretrain
+import training
 from conftest import REPO, subprocess_env
 
 TINY = ["--img-size", "16", "--patch-size", "4", "--batch-size", "8", "--gen-dim", "32",
         "--gen-depth", "1", "--gen-heads", "2", "--arch", "vit_mini", "--knn-k", "0",
         "--log-every", "1", "--num-workers", "0", "--device", "cpu",
         # the builtin recipe warms up over one epoch (1024 steps here): lr would stay ~0
-        "--warmup-epochs", "0", "--lr", "1e-3"]
+        "--warmup-epochs", "0", "--lr", "1e-3",
+        # the session's 3-step tokenizer uses few codes; these tests are about the mechanics (the
+        # usage check has its own tests below)
+        "--min-tokenizer-perplexity", "0"]
 
 
 def flags(out, dvae_ckpt, *extra):
@@ -66,7 +70,7 @@ def tiny_model(dvae_ckpt, *extra):
     args = pretrain.resolve_args(pretrain.get_args_parser().parse_args(flags("unused", dvae_ckpt, *extra)))
     tokenizer = dvae.load_tokenizer(dvae_ckpt)
     torch.manual_seed(0)
-    return args, pretrain.build_model(args, tokenizer[0].vocab_size), tokenizer
+    return args, pretrain.build_model(args, *tokenizer), tokenizer
 
 
 def batch(B=4, S=16, T=16):
@@ -124,7 +128,7 @@ def test_tiny_run_logs_samples_checkpoints_and_exports(tmp_path, tiny_dvae_ckpt,
 @pytest.mark.parametrize("objective", ["revdet", "respix"])
 def test_no_gradient_crosses_between_generator_and_enhancer(tiny_dvae_ckpt, objective):
     args, model, tokenizer = tiny_model(tiny_dvae_ckpt, "--objective", objective)
-    loss, out = model(*batch(), tokenizer, args)
+    loss, out = model(*batch())
     assert torch.isfinite(loss) and not out["corrupted"].requires_grad
 
     out["loss_enh"].backward(retain_graph=True)
@@ -170,7 +174,7 @@ def test_tokenizer_grid_mismatch_is_reported(tiny_dvae_ckpt):
     args, model, tokenizer = tiny_model(tiny_dvae_ckpt)
     images, _, mask = batch()
     with pytest.raises(ValueError, match=r"5x5 token grid but the generator expects 4x4.*16 px"):
-        model(images, torch.rand(4, 3, 20, 20), mask, tokenizer, args)
+        model(images, torch.rand(4, 3, 20, 20), mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -196,7 +200,7 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, tiny_dvae_c
                                                            monkeypatch, capsys):
     """--max-steps sets the schedule length, so the first leg must also be launched with 2K; it is
     stopped in-process by an exception right after its step-K checkpoint (a crash)."""
-    real_save = pretrain.save_checkpoint
+    real_save = training.save_checkpoint
 
     def save_then_crash(state, path):
         real_save(state, path)
@@ -204,7 +208,7 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, tiny_dvae_c
             raise Crash
 
     with monkeypatch.context() as m:
-        m.setattr(pretrain, "save_checkpoint", save_then_crash)
+        m.setattr(training, "save_checkpoint", save_then_crash)
         with pytest.raises(Crash):
             run(tmp_path, tiny_dvae_ckpt, *RESUME)
     mid = load(tmp_path / "checkpoint-latest.pth")
@@ -222,12 +226,12 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, tiny_dvae_c
 # down (a slow disk), so the test can SIGKILL it part-way through the schedule.
 SLOW_SAVE = """
 import sys, time
-import pretrain
-real_save = pretrain.save_checkpoint
+import pretrain, training
+real_save = training.save_checkpoint
 def slow_save(state, path):
     real_save(state, path)
     time.sleep(0.5)
-pretrain.save_checkpoint = slow_save
+training.save_checkpoint = slow_save
 pretrain.main(pretrain.get_args_parser().parse_args(sys.argv[1:]))
 """
 
@@ -287,8 +291,8 @@ import os, sys, torch
 import pretrain
 built = []
 real_build = pretrain.build_model
-def build_model(args, vocab_size):
-    built.append(real_build(args, vocab_size))
+def build_model(*a):
+    built.append(real_build(*a))
     return built[-1]
 pretrain.build_model = build_model
 args = pretrain.get_args_parser().parse_args(sys.argv[1:])
@@ -341,21 +345,43 @@ def test_bf16_autocast_step_on_cpu(tmp_path, tiny_dvae_ckpt):
 def test_explain_prints_every_stage_and_stops(tmp_path, tiny_dvae_ckpt, capsys):
     result = run(tmp_path, tiny_dvae_ckpt, "--explain")
     text = capsys.readouterr().out
-    lines = text[text.rindex("\n}\n"):]  # after print_args' JSON (whose keys say "mask")
-    for stage in ("tokenize", "mask", "logits", "corrupted", "L_gen", "L_enh"):
-        assert stage in lines, stage
-    order = [lines.index(s) for s in ("tokenize", "logits", "corrupted", "L_enh")]
-    assert order == sorted(order)  # pipeline order
-    assert math.isfinite(result["loss"])
-    assert not (tmp_path / "checkpoint-latest.pth").exists()  # nothing trained
+    lines = text[text.index("one CIM step"):]
+    stages = ("images", "mask", "tokens", "logits", "loss_gen", "mixed", "replaced", "corrupted",
+              "enhancer backbone: features", "enhancer output", "loss_enh", "backward", "optimizer",
+              "grad norm, generator")
+    positions = [lines.index("  " + s) for s in stages]
+    assert positions == sorted(positions)  # pipeline order, as CIM.forward runs it
+    assert math.isfinite(result["loss"]) and result["applied"]
+    assert not (tmp_path / "checkpoint-latest.pth").exists()  # nothing saved
+    assert not (tmp_path / "log.jsonl").exists()
 
 
-def test_bench_times_each_component(tmp_path, tiny_dvae_ckpt):
-    report = run(tmp_path, tiny_dvae_ckpt, "--bench", "1")
-    names = ("tokenize", "generator fwd", "generator bwd", "sample + decode", "enhancer fwd",
-             "enhancer bwd", "optimizer")
-    assert set(report) == {"img_per_s", *names}
+def test_bench_runs_the_training_step_per_phase_and_whole(tmp_path, tiny_dvae_ckpt, monkeypatch):
+    calls = []
+    real_forward = pretrain.CIM.forward
+
+    def forward(self, *a, **kw):
+        calls.append(1)
+        return real_forward(self, *a, **kw)
+
+    monkeypatch.setattr(pretrain.CIM, "forward", forward)
+    report = run(tmp_path, tiny_dvae_ckpt, "--bench", "2", "--accum-iter", "2")
+    assert set(report) == {"img_per_s", "step_ms", *pretrain.BENCH_PHASES.values()}
     assert all(report[k] > 0 for k in report)
+    assert sum(report[p] for p in pretrain.BENCH_PHASES.values()) >= 0.5 * report["step_ms"]
+    assert len(calls) == 2 * (2 + 2 + 2)  # 2 micro-batches x (warm-up, timed per phase, whole) steps
+
+
+def test_compile_with_accumulation_in_one_process(tmp_path, tiny_dvae_ckpt, monkeypatch):
+    """--compile used to wrap the model in an OptimizedModule that train_step then took for DDP
+    (AttributeError: no_sync). Compilation is in place now; the eager backend keeps the test fast."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *a, **kw: real_compile(*a, **dict(kw, backend="eager")))
+    run(tmp_path, tiny_dvae_ckpt, "--compile", "--accum-iter", "2", "--max-steps", "2")
+    ckpt = load(tmp_path / "checkpoint-latest.pth")
+    assert ckpt["step"] == 2 and not any("_orig_mod" in k for k in ckpt["model"])
+    report = run(tmp_path / "bench", tiny_dvae_ckpt, "--compile", "--bench", "1")
+    assert report["img_per_s"] > 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -373,7 +399,7 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path, tiny_dvae_ckpt, monk
 
     monkeypatch.setattr(pretrain.CIM, "forward", forward)
     run(tmp_path, tiny_dvae_ckpt, "--max-steps", "4")
-    assert "non-finite loss at step 2, update skipped (1 so far)" in capsys.readouterr().out
+    assert "non-finite loss or gradients at step 2, update skipped (1 so far)" in capsys.readouterr().out
     records = [r for r in read_log(tmp_path) if "loss" in r]
     assert [(r["step"], r["skipped"]) for r in records] == [(1, 0), (3, 1), (4, 1)]
     ckpt = load(tmp_path / "checkpoint-latest.pth")
@@ -382,10 +408,21 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path, tiny_dvae_ckpt, monk
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
 
 
+def nan_loss(monkeypatch):
+    real_forward = pretrain.CIM.forward
+
+    def forward(self, *a, **kw):
+        loss, out = real_forward(self, *a, **kw)
+        return loss * float("nan"), out
+
+    monkeypatch.setattr(pretrain.CIM, "forward", forward)
+
+
 def test_too_many_non_finite_losses_stop_the_run(tmp_path, tiny_dvae_ckpt, monkeypatch):
-    # every loss is NaN (lambda = nan): with --max-skips 1 the second skip stops the run, naming its step
-    with pytest.raises(FloatingPointError, match="2 non-finite losses, the last at step 2"):
-        run(tmp_path / "a", tiny_dvae_ckpt, "--enh-weight", "nan", "--max-skips", "1", "--max-steps", "3")
+    nan_loss(monkeypatch)
+    # every loss is NaN: with --max-skips 1 the second skip stops the run, naming its step
+    with pytest.raises(FloatingPointError, match="2 non-finite steps, the last at step 2"):
+        run(tmp_path / "a", tiny_dvae_ckpt, "--max-skips", "1", "--max-steps", "3")
 
     # below the limit the run finishes without ever applying an update
     initial = []
@@ -397,11 +434,37 @@ def test_too_many_non_finite_losses_stop_the_run(tmp_path, tiny_dvae_ckpt, monke
         return model
 
     monkeypatch.setattr(pretrain, "build_model", build_model)
-    run(tmp_path / "b", tiny_dvae_ckpt, "--enh-weight", "nan", "--max-steps", "3")
+    run(tmp_path / "b", tiny_dvae_ckpt, "--max-steps", "3")
     ckpt = load(tmp_path / "b" / "checkpoint-latest.pth")
     assert (ckpt["step"], ckpt["skipped"]) == (3, 3) and ckpt["optimizer"]["state"] == {}
     assert all(torch.equal(t, initial[0][name]) for name, t in ckpt["model"].items())
     assert [r for r in read_log(tmp_path / "b") if "loss" in r] == []
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_finite_loss_with_non_finite_gradients_is_skipped(tmp_path, tiny_dvae_ckpt, monkeypatch, amp):
+    """0 * sqrt(p - p) is 0 in the forward pass and NaN in the backward pass (0 * inf): the loss is
+    finite, the gradients are not. AdamW must not step with them."""
+    real_forward = pretrain.CIM.forward
+
+    def forward(self, *a, **kw):
+        loss, out = real_forward(self, *a, **kw)
+        p = self.generator.lm_head.bias
+        return loss + 0.0 * torch.sqrt((p - p.detach()).sum()), out
+
+    monkeypatch.setattr(pretrain.CIM, "forward", forward)
+    run(tmp_path, tiny_dvae_ckpt, "--max-steps", "2", "--amp", amp)
+    ckpt = load(tmp_path / "checkpoint-latest.pth")
+    assert (ckpt["step"], ckpt["skipped"]) == (2, 2) and ckpt["optimizer"]["state"] == {}
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+
+
+def test_diverged_generator_is_skipped_not_a_sampling_crash(tmp_path, tiny_dvae_ckpt, capsys):
+    """--lr 1e30 makes the generator's logits non-finite after the first update; torch.multinomial
+    used to raise before the skip decision. Now every later step is skipped, then the run stops."""
+    with pytest.raises(FloatingPointError, match="non-finite steps"):
+        run(tmp_path, tiny_dvae_ckpt, "--lr", "1e30", "--max-steps", "6", "--max-skips", "2")
+    assert "update skipped (2 so far)" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from PIL import Image
 
 import data
 import dvae
+import training
 from conftest import TINY_DVAE, subprocess_env
 
 
@@ -131,7 +132,7 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch
     dvae.main(dvae_args(tmp_path / "a", *flags))
 
     with monkeypatch.context() as m:
-        crash_after_checkpoint(m, dvae, k)
+        crash_after_checkpoint(m, training, k)
         with pytest.raises(Crash):
             dvae.main(dvae_args(tmp_path / "b", *flags))
     mid = torch.load(tmp_path / "b" / "checkpoint-latest.pth", weights_only=True)
@@ -156,15 +157,17 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch
 
 
 def test_a_longer_max_steps_extends_a_finished_run(tmp_path, capsys):
-    """`--max-steps 2k` after a finished k-step run resumes at step k (the schedules are then
+    """`--max-steps 2k --allow-flag-changes` after a finished k-step run resumes at step k (the schedules are then
     stretched to 2k steps, so the result differs from a run launched with 2k: no equality here)."""
     k = 3
     dvae.main(dvae_args(tmp_path, "--max-steps", str(k), "--log-every", "1", "--warmup-steps", "1"))
     first = torch.load(tmp_path / "checkpoint-latest.pth", weights_only=True)
     assert (first["step"], first["total_steps"]) == (k, k)
     capsys.readouterr()
+    with pytest.raises(ValueError, match=r"--max-steps 3 -> 6.*--allow-flag-changes"):
+        dvae.main(dvae_args(tmp_path, "--max-steps", str(2 * k), "--log-every", "1", "--warmup-steps", "1"))
     stats = dvae.main(dvae_args(tmp_path, "--max-steps", str(2 * k), "--log-every", "1",
-                                "--warmup-steps", "1"))
+                                "--warmup-steps", "1", "--allow-flag-changes"))
     assert f"resumed from {tmp_path / 'checkpoint-latest.pth'} at step {k}" in capsys.readouterr().out
     second = torch.load(tmp_path / "checkpoint-latest.pth", weights_only=True)
     assert (second["step"], second["total_steps"], stats["step"]) == (2 * k, 2 * k, 2 * k)
@@ -217,7 +220,7 @@ def test_unknown_amp_is_rejected_by_argparse(capsys):
         dvae.get_args_parser().parse_args(["--amp", "bogus"])
     assert "--amp" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--amp"):
-        dvae.autocast(torch.device("cpu"), "bogus")
+        training.autocast(torch.device("cpu"), "bogus")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,7 +229,7 @@ def test_unknown_amp_is_rejected_by_argparse(capsys):
 
 def test_cosine_lr_warmup_peak_and_final_value():
     total, warm, base, final = 100, 10, 1e-3, 1e-5
-    lrs = [dvae.cosine_lr(s, total, warm, base, final) for s in range(total + 1)]
+    lrs = [training.cosine_lr(s, total, warm, base, final) for s in range(total + 1)]
     assert lrs[0] == 0.0
     assert lrs[5] == pytest.approx(base / 2)
     assert lrs[warm] == pytest.approx(base)
@@ -234,13 +237,13 @@ def test_cosine_lr_warmup_peak_and_final_value():
     assert all(a < b for a, b in zip(lrs[:warm], lrs[1:warm + 1]))           # linear warm-up
     assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))           # then monotone down
     assert lrs[(total + warm) // 2] == pytest.approx((base + final) / 2)     # half-way down the cosine
-    assert dvae.cosine_lr(total + 50, total, warm, base, final) == pytest.approx(final)  # flat after
-    assert dvae.cosine_lr(0, total, 0, base, final) == base                   # no warm-up
+    assert training.cosine_lr(total + 50, total, warm, base, final) == pytest.approx(final)  # flat after
+    assert training.cosine_lr(0, total, 0, base, final) == base                   # no warm-up
 
 
 SAVE_LOOP = """
 import sys, torch
-from dvae import save_checkpoint
+from training import save_checkpoint
 path, n = sys.argv[1], int(sys.argv[2])
 save_checkpoint({"version": 0, "w": torch.zeros(n)}, path)
 print("saved", flush=True)
@@ -274,7 +277,7 @@ def test_save_checkpoint_survives_sigkill_mid_write(tmp_path):
         proc.wait(timeout=30)
     assert partial, "never saw a partly written .tmp (the kill was not mid-write)"
     assert proc.returncode == -signal.SIGKILL  # killed while still looping
-    ckpt = dvae.load_checkpoint(path)  # weights_only=True
+    ckpt = training.load_checkpoint(path)  # weights_only=True
     v = ckpt["version"]
     assert isinstance(v, int) and v >= 0
     assert ckpt["w"].shape == (n,) and torch.equal(ckpt["w"], torch.full((n,), float(v)))
@@ -283,15 +286,15 @@ def test_save_checkpoint_survives_sigkill_mid_write(tmp_path):
 def test_load_checkpoint_names_a_corrupt_file(tmp_path):
     good = tmp_path / "good.pth"
     torch.save({"w": torch.arange(1000.0)}, good)
-    assert torch.equal(dvae.load_checkpoint(str(good))["w"], torch.arange(1000.0))
+    assert torch.equal(training.load_checkpoint(str(good))["w"], torch.arange(1000.0))
     for name, payload in (("garbage.pth", b"not a checkpoint"),
                           ("truncated.pth", good.read_bytes()[: good.stat().st_size // 2])):
         bad = tmp_path / name
         bad.write_bytes(payload)
         with pytest.raises(RuntimeError, match=re.escape(str(bad))):
-            dvae.load_checkpoint(str(bad))
+            training.load_checkpoint(str(bad))
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        dvae.load_checkpoint(str(tmp_path / "missing.pth"))
+        training.load_checkpoint(str(tmp_path / "missing.pth"))
 
 
 # ----------------------------------------------------------------------------------------------------

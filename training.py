@@ -1,0 +1,297 @@
+"""The loop parts every CIM stage shares: processes, precision, schedule, checkpoints, logs, k-NN.
+
+Every stage script (dvae.py's tokenizer training, pretrain.py, finetune.py, segment.py) runs the same
+plumbing around its own step; it lives here once, written out plainly:
+
+    init_distributed    torchrun's environment -> (rank, world_size, device); one CPU process without it
+    autocast            one autocast context from the --amp flag (bf16 | fp16 | none)
+    cosine_lr           per-iteration linear warm-up + cosine schedule
+    save_checkpoint     atomic write (tmp file, fsync, rename); load_checkpoint reads weights_only=True
+    get/set/gather_rng  every RNG stream a bit-exact resume needs, for every rank
+    JsonLog             one JSON line per log interval; a resume cuts the lines written after the checkpoint
+    check_flags         numeric flags checked at start, with the flag named in the error
+    check_resume_flags  a resumed run must be the same command (or say that it changes flags)
+    knn_classify        weighted k-NN on pooled features (Wu et al. 2018, as in DINO)
+
+Needs torch alone (tqdm in the stage scripts). Nothing model-specific: models come in as arguments.
+"""
+import json
+import math
+import os
+import random
+import resource
+import subprocess
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------
+# Processes and precision
+# ----------------------------------------------------------------------------------------------------
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": torch.float32}
+
+
+def init_distributed(device="auto", backend=None):
+    """Process setup from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT:
+    also multi-node through its rendezvous); without torchrun, one process. NCCL on GPUs, gloo on
+    CPUs unless `backend` says otherwise. Returns (rank, world_size, device)."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device, local_rank) if device == "cuda" else torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ and not torch.distributed.is_initialized():
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        torch.distributed.init_process_group(backend, rank=rank, world_size=world_size)
+    return rank, world_size, device
+
+
+def autocast(device, amp):
+    """One autocast context for the whole forward; `amp` is the --amp flag (bf16|fp16|none)."""
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"--amp must be one of {list(AMP_DTYPES)}, got {amp!r}")
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp != "none")
+
+
+def all_ranks_true(flag, device):
+    """True on every rank iff `flag` (a bool tensor or float 0/1) is true on every rank. One
+    collective and one host sync: stage loops take every skip/stop decision through it, so no rank
+    steps (or waits in a collective) alone."""
+    flag = torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(())
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def peak_memory_mb(device):
+    """Peak CUDA memory allocated, or on a CPU the process max-RSS, in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schedules
+# ----------------------------------------------------------------------------------------------------
+
+def cosine_lr(step, total_steps, warmup_steps, base_lr, final_lr):
+    """Per-iteration schedule: linear warm-up from 0, then half a cosine down to final_lr."""
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return final_lr + 0.5 * (base_lr - final_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# RNG state: every stream the code draws from, for every rank
+# ----------------------------------------------------------------------------------------------------
+
+def seed_everything(seed, rank=0):
+    """Different streams per rank (masks and Gumbel noise must differ across GPUs), same per run."""
+    random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def get_rng_state(device):
+    """The RNG streams the code draws from (python `random`, torch CPU and CUDA), in types that
+    `torch.load(weights_only=True)` accepts. Data augmentation has its own per-sample seeds."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def gather_rng_states(device):
+    """Every rank's RNG state (rank-ordered list) so a checkpoint written by rank 0 resumes all.
+    A collective: every rank must call it."""
+    state = get_rng_state(device)
+    if not torch.distributed.is_initialized():
+        return [state]
+    states = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_states(states, rank, world_size, device, path):
+    """This rank's stream from a checkpoint; a different world size restarts the streams (said)."""
+    if len(states) == world_size:
+        set_rng_state(states[rank], device)
+    elif rank == 0:
+        print(f"{path} was written by {len(states)} processes, this run has {world_size}: RNG streams "
+              f"restart from the seed")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints and logs
+# ----------------------------------------------------------------------------------------------------
+
+def save_checkpoint(state, path):
+    """Write to `path.tmp`, fsync, then rename: a crash mid-save leaves the previous file intact."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, what="checkpoint"):
+    """torch.load(weights_only=True) with an error that names the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise RuntimeError(f"{what} {path!r} could not be loaded ({type(err).__name__}: {err})") from err
+
+
+class JsonLog:
+    """One JSON object per line in `path` (rank 0 only), flushed at once so `tail -f` works.
+
+    resumed_at=STEP: the run continues from a checkpoint of that step, so lines logged after it (by
+    the run that crashed) are dropped first; otherwise the continuation would log those steps twice.
+    """
+
+    def __init__(self, path, enabled=True, resumed_at=None):
+        self.file = None
+        if not enabled:
+            return
+        if resumed_at is not None and os.path.isfile(path):
+            with open(path) as f:
+                lines = f.readlines()
+            keep = []
+            for line in lines:
+                try:
+                    if json.loads(line).get("step", 0) > resumed_at:
+                        break
+                except json.JSONDecodeError:  # a line cut short by the crash
+                    break
+                keep.append(line)
+            if len(keep) < len(lines):
+                with open(path + ".tmp", "w") as f:
+                    f.writelines(keep)
+                os.replace(path + ".tmp", path)
+        self.file = open(path, "a")
+
+    def write(self, **record):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def print_args(args, rank=0):
+    if rank == 0:
+        print(f"git commit: {git_commit() or 'unknown'}")
+        print(json.dumps(vars(args), indent=1, sort_keys=True))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flags: checked at start, and compared with a checkpoint's on resume
+# ----------------------------------------------------------------------------------------------------
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check_flags(args, positive=(), non_negative=(), fraction=(), open_fraction=()):
+    """Stop before any work when a numeric flag is out of range (NaN included), naming the flag.
+    Flags left at None (not set, no recipe value) are not checked.
+        positive       > 0           non_negative   >= 0
+        fraction       in [0, 1)     open_fraction  in (0, 1)
+    """
+    rules = [(positive, lambda v: v > 0, "a number > 0"),
+             (non_negative, lambda v: v >= 0, "a number >= 0"),
+             (fraction, lambda v: 0 <= v < 1, "in [0, 1)"),
+             (open_fraction, lambda v: 0 < v < 1, "strictly between 0 and 1")]
+    for names, ok, what in rules:
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                raise ValueError(f"{flag(name)} must be {what}, got {value}")
+
+
+def check_resume_flags(saved, current, free, path, allow=False, allow_flag="--allow-flag-changes"):
+    """A resumed run must be the command that wrote the checkpoint: any other flag would silently
+    continue a different experiment under the old run's name (and overwrite its stored args).
+    `free` names the flags that may change (where output goes, workers, logging intervals...).
+    Returns the differing flags; raises unless `allow` (the user asked for it)."""
+    diff = {k: (saved[k], current[k]) for k in sorted(set(saved) & set(current))
+            if k not in free and saved[k] != current[k]}
+    if diff and not allow:
+        listed = "; ".join(f"{flag(k)} {old!r} -> {new!r}" for k, (old, new) in diff.items())
+        raise ValueError(f"{path} was written with other flags ({listed}). Use another --output-dir "
+                         f"for a new run, the same flags to resume, or add {allow_flag} to resume "
+                         f"with the new ones")
+    return diff
+
+
+# ----------------------------------------------------------------------------------------------------
+# k-NN evaluation of pooled features (pretrain.py's check, finetune.py --mode knn)
+# ----------------------------------------------------------------------------------------------------
+
+def pooled_features(backbone, x):
+    """Global feature of a backbone: mean of the ViT's patch tokens (B, 1+N, D) with cls dropped,
+    or of a CNN's map (B, C, H, W)."""
+    f = backbone(x)
+    return f[:, 1:].mean(1) if f.ndim == 3 else f.mean((2, 3))  # (B, D)
+
+
+@torch.no_grad()
+def extract_features(backbone, loader, device):
+    """L2-normalised pooled features and labels of every sample of `loader`, gathered from all ranks
+    (the loader's sampler gives every rank an equal, padded shard)."""
+    feats, labels = [], []
+    for x, y in loader:
+        feats.append(F.normalize(pooled_features(backbone, x.to(device)).float(), dim=1))
+        labels.append(y.to(device))
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    if torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        gathered = [torch.empty_like(feats) for _ in range(world)]
+        torch.distributed.all_gather(gathered, feats)
+        glabels = [torch.empty_like(labels) for _ in range(world)]
+        torch.distributed.all_gather(glabels, labels)
+        feats, labels = torch.cat(gathered), torch.cat(glabels)
+    return feats, labels
+
+
+def knn_classify(train_feats, train_labels, test_feats, num_classes, k=20, temperature=0.07):
+    """Weighted k-NN (Wu et al. 2018, as in DINO): the k most cosine-similar training features vote
+    with weight exp(sim / T). Features must be L2-normalised. Returns predicted labels."""
+    preds = []
+    for chunk in test_feats.split(1024):
+        sim = chunk @ train_feats.T                                # (b, n_train)
+        top_sim, top_idx = sim.topk(min(k, sim.shape[1]), dim=1)   # (b, k)
+        votes = torch.zeros(chunk.shape[0], num_classes, device=chunk.device)
+        votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+def knn_accuracy(backbone, train_loader, val_loader, num_classes, device, k=20, temperature=0.07):
+    """Top-1 weighted k-NN accuracy (%) of the backbone's pooled features, train -> val."""
+    was_training = backbone.training
+    backbone.eval()
+    tr_f, tr_y = extract_features(backbone, train_loader, device)
+    va_f, va_y = extract_features(backbone, val_loader, device)
+    backbone.train(was_training)
+    pred = knn_classify(tr_f, tr_y, va_f, num_classes, k, temperature)
+    return 100.0 * (pred == va_y).float().mean().item()

@@ -105,6 +105,24 @@ class DatasetBase(torch.utils.data.Dataset):
 # Datasets
 # ----------------------------------------------------------------------------------------------------
 
+def walk_once(top):
+    """(folder, sorted file names) for `top` and every folder below it, sorted, following symlinks
+    (datasets are often assembled from links) but entering each real folder once: a link loop
+    (`cls/loop -> ..`) or two links to one folder would otherwise list the same images again and
+    again. A folder reached a second time is skipped with a warning naming the link."""
+    seen = set()
+    for dirpath, dirnames, files in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            print(f"data.py: WARNING {dirpath} leads to {real}, already listed (a symlink loop or a "
+                  f"second link to it); its images are counted once", file=sys.stderr)
+            dirnames[:] = []  # do not descend: everything below was listed too
+            continue
+        seen.add(real)
+        dirnames.sort()  # os.walk visits sub-folders in this (now sorted) order
+        yield dirpath, sorted(files)
+
+
 class ImageFolder(DatasetBase):
     """`root/<class>/**/<image>` -> (transform(RGB image), class index). Classes are the sorted
     sub-folder names, images sorted within each, so indices agree on every rank and machine."""
@@ -117,8 +135,8 @@ class ImageFolder(DatasetBase):
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
         self.samples = []
         for label, name in enumerate(self.classes):
-            for dirpath, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-                for f in sorted(files):
+            for dirpath, files in walk_once(os.path.join(root, name)):
+                for f in files:
                     if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
                         self.samples.append((os.path.join(dirpath, f), label))
         if not self.samples:

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, features
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import data  # noqa: E402
+import data
 from data import (ADE20K, IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ImageFolder,  # noqa: E402
                   PretrainTransform, ResumableSampler, SyntheticShapes, build_dataset, build_loader,
                   denormalize, load_rgb, normalize, random_resized_crop_box, reduce_zero_label,
@@ -113,6 +112,25 @@ def test_imagefolder_finds_nested_and_mixed_case_extensions(tmp_path):
         # JPEG is lossy; the others are exact.
         tol = 6 if rel.endswith("JPEG") else 0
         assert np.abs(np.asarray(img, np.int16) - np.array(expected[rel][0])).max() <= tol
+
+
+def test_imagefolder_lists_each_image_once_through_symlink_loops(tmp_path, capsys):
+    """`cat/sub/up -> ..` used to be followed until the path grew too long, listing the class's
+    images dozens of times; a second link to a listed folder doubled its images. Links are still
+    followed (datasets are often assembled from them), each real folder once, with a warning."""
+    root = tmp_path / "train"
+    for rel in ("cat/a.png", "cat/sub/b.png", "dog/c.png"):
+        write(root / rel, solid((10, 20, 30), (8, 8)))
+    os.symlink(root / "cat", root / "cat" / "sub" / "up")   # a loop
+    os.symlink(root / "cat" / "sub", root / "cat" / "zz")   # a second way into cat/sub
+    os.symlink(root / "dog", root / "cat" / "linked")       # a linked folder: followed
+    ds = ImageFolder(str(root))
+    assert sorted(rel_samples(ds, root)) == [
+        (os.path.join("cat", "a.png"), 0), (os.path.join("cat", "linked", "c.png"), 0),
+        (os.path.join("cat", "sub", "b.png"), 0), (os.path.join("dog", "c.png"), 1)]
+    err = capsys.readouterr().err
+    assert str(root / "cat" / "sub" / "up") in err and str(root / "cat" / "zz") in err
+    assert err.count("already listed") == 2
 
 
 def write_mode_images(root):

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from enhancer import (ARCHS, Enhancer, ResNet, VisionTransformer, build_backbone, export_backbone,  # noqa: E402
                       normalize_target, patchify, unpatchify)
 

@@ -516,3 +516,155 @@ def test_fp16_step_with_grad_scaler_on_cpu(tmp_path, tiny_dvae_ckpt):
     assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
     scaler = load(tmp_path / "checkpoint-latest.pth")["scaler"]
     assert scaler["scale"] > 0 and "_growth_tracker" in scaler  # an enabled scaler's state
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flags: checked at start; a resume must be the same command
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--accum-iter", "-1"], r"--accum-iter must be a number > 0, got -1"),   # used to hang
+    (["--accum-iter", "0"], r"--accum-iter must be a number > 0, got 0"),     # ZeroDivisionError
+    (["--save-every", "0"], r"--save-every must be a number > 0"),            # ZeroDivisionError
+    (["--epochs", "0"], r"--epochs must be a number > 0"),                    # 0 steps, untrained export
+    (["--max-steps", "-3"], r"--max-steps must be a number > 0"),
+    (["--lr", "0"], r"--lr must be a number > 0"),                            # silently replaced
+    (["--blr", "nan"], r"--blr must be a number > 0, got nan"),
+    (["--mask-ratio", "1"], r"--mask-ratio must be strictly between 0 and 1"),
+    (["--temperature", "0"], r"--temperature must be a number > 0"),
+    (["--enh-weight", "nan"], r"--enh-weight must be a number >= 0"),
+    (["--drop-path", "1"], r"--drop-path must be in \[0, 1\)"),
+    (["--crop-min", "0"], r"--crop-min must be in \(0, 1\]"),
+    (["--opt-betas", "0.9", "1.0"], r"--opt-betas must be two numbers in \[0, 1\)"),
+    (["--num-workers", "-1"], r"--num-workers must be a number >= 0"),
+    (["--min-tokenizer-perplexity", "-1"], r"--min-tokenizer-perplexity must be a number >= 0"),
+])
+def test_numeric_flags_are_checked_before_any_work(tmp_path, extra, pattern):
+    args = TINY + ["--output-dir", str(tmp_path), "--dvae", str(tmp_path / "never_read.pth")] + extra
+    with pytest.raises(ValueError, match=pattern):
+        pretrain.main(pretrain.get_args_parser().parse_args(args))
+    assert not os.listdir(tmp_path)  # stopped before writing anything
+
+
+def test_an_explicit_lr_is_used_as_given(tmp_path, tiny_dvae_ckpt):
+    run(tmp_path, tiny_dvae_ckpt, "--max-steps", "1", "--lr", "3e-4")
+    assert read_log(tmp_path)[1]["lr"] == pytest.approx(3e-4)
+
+
+def test_resume_with_other_flags_is_refused_naming_each(tmp_path, tiny_dvae_ckpt, capsys):
+    run(tmp_path, tiny_dvae_ckpt, "--max-steps", "2")
+    before = load(tmp_path / "checkpoint-latest.pth")
+    changed = ("--batch-size", "4", "--mask-ratio", "0.3", "--temperature", "2", "--seed", "1")
+    with pytest.raises(ValueError, match=r"--batch-size 8 -> 4; --mask-ratio 0.5 -> 0.3; --seed 0 -> 1; "
+                                         r"--temperature 1.0 -> 2.0\).*--allow-flag-changes"):
+        run(tmp_path, tiny_dvae_ckpt, "--max-steps", "2", *changed)
+    after = load(tmp_path / "checkpoint-latest.pth")
+    assert after["args"] == before["args"]  # nothing overwritten
+    # flags that only say where and how often things are written may change
+    run(tmp_path, tiny_dvae_ckpt, "--max-steps", "2", "--log-every", "5", "--num-workers", "1")
+    # explicitly allowed: continues from step 2 with the new flags
+    capsys.readouterr()
+    run(tmp_path, tiny_dvae_ckpt, "--max-steps", "3", "--mask-ratio", "0.3", "--allow-flag-changes")
+    assert "at step 2 with changed flags: --mask-ratio, --max-steps" in capsys.readouterr().out
+    assert load(tmp_path / "checkpoint-latest.pth")["args"]["mask_ratio"] == 0.3
+
+
+def test_log_holds_each_step_once_after_a_resume(tmp_path, tiny_dvae_ckpt, monkeypatch):
+    """The crashed leg logged steps 1..3 but checkpointed at 2: the resumed run must not append a
+    second step-3 line (it re-runs step 3 from the step-2 state)."""
+    real_write = training.JsonLog.write
+
+    def write_then_crash(self, **rec):
+        real_write(self, **rec)
+        if rec.get("step") == 3:
+            raise Crash
+
+    with monkeypatch.context() as m:
+        m.setattr(training.JsonLog, "write", write_then_crash)
+        with pytest.raises(Crash):
+            run(tmp_path, tiny_dvae_ckpt, "--max-steps", "5", "--save-every", "2")
+    assert [r["step"] for r in read_log(tmp_path) if "loss" in r] == [1, 2, 3]
+    run(tmp_path, tiny_dvae_ckpt, "--max-steps", "5", "--save-every", "2")
+    assert [r["step"] for r in read_log(tmp_path) if "loss" in r] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in read_log(tmp_path) if "tokenizer_perplexity" in r] == [0]
+
+
+def test_missing_val_split_stops_before_training(tmp_path, tiny_dvae_ckpt):
+    from PIL import Image
+    folder = tmp_path / "imgs" / "train" / "cls"
+    folder.mkdir(parents=True)
+    for i in range(16):
+        Image.new("RGB", (24, 24), (10 * i, 90, 30)).save(folder / f"{i}.png")
+    with pytest.raises(FileNotFoundError, match=r"no val/ split.*--knn-k 0"):
+        run(tmp_path / "out", tiny_dvae_ckpt, "--data", str(tmp_path / "imgs"), "--knn-k", "5")
+    assert not (tmp_path / "out" / "checkpoint-latest.pth").exists()
+    # without the k-NN check, a folder with train/ only is fine
+    run(tmp_path / "out", tiny_dvae_ckpt, "--data", str(tmp_path / "imgs"), "--max-steps", "1")
+
+
+def collapsed_tokenizer(tmp_path, tiny_dvae_ckpt, codes):
+    """The session tokenizer with its logit layer's bias forcing `codes` codes: the argmax is then
+    one of them everywhere."""
+    ckpt = load(tiny_dvae_ckpt)
+    bias = ckpt["encoder"]["blocks.output.conv.b"]
+    bias.fill_(-1e4)
+    bias[:codes] = 1e4
+    path = tmp_path / f"collapsed{codes}.pth"
+    torch.save(ckpt, path)
+    return str(path)
+
+
+def test_collapsed_tokenizer_stops_the_run_unless_overridden(tmp_path, tiny_dvae_ckpt):
+    path = collapsed_tokenizer(tmp_path, tiny_dvae_ckpt, 1)
+    args = flags(tmp_path / "a", path, "--max-steps", "1")
+    args[args.index("--min-tokenizer-perplexity") + 1] = "4"
+    with pytest.raises(ValueError, match=r"tokenizer .*collapsed0?.*collapsed: code perplexity 1.0 \(of 64 "
+                                         r"codes, 1.6% in use\).*--min-tokenizer-perplexity 4"):
+        pretrain.main(pretrain.get_args_parser().parse_args(args))
+    assert not (tmp_path / "a" / "checkpoint-latest.pth").exists()
+    run(tmp_path / "b", path, "--max-steps", "1")  # TINY passes --min-tokenizer-perplexity 0
+    assert read_log(tmp_path / "b")[0] == {"step": 0, "tokenizer_perplexity": 1.0,
+                                           "tokenizer_usage": 1 / 64}
+
+
+class ValueCoder(torch.nn.Module):
+    """Stand-in encoder: code k for an image of value k/3 (four codes of 64)."""
+    vocab_size, downsample = 64, 4
+
+    def forward(self, x):  # x went through dvae.map_pixels: [0, 1] -> [0.1, 0.9]
+        code = ((x[:, 0, ::4, ::4] - 0.1) / 0.8 * 3).round().long()      # (B, h, w)
+        return torch.nn.functional.one_hot(code, 64).permute(0, 3, 1, 2).float()
+
+
+class Blocks(torch.utils.data.Dataset):
+    """1000 images in 4 contiguous blocks of one value each: ((view, tokenizer view), label)."""
+
+    def __len__(self):
+        return 1000
+
+    def __getitem__(self, i):
+        return (torch.zeros(3, 16, 16), torch.full((3, 16, 16), (i // 250) / 3)), 0
+
+
+def test_usage_check_measures_perplexity_over_spread_images():
+    """The first 64 images would all be of block 0 (perplexity 1): the check samples the whole set."""
+    stats = pretrain.check_tokenizer_usage(ValueCoder(), Blocks(), torch.device("cpu"), floor=0, n=64)
+    assert stats["tokenizer_usage"] == 4 / 64
+    assert 3.95 < stats["tokenizer_perplexity"] <= 4.0
+    with pytest.raises(ValueError, match="perplexity 4.0 .*below --min-tokenizer-perplexity 5"):
+        pretrain.check_tokenizer_usage(ValueCoder(), Blocks(), torch.device("cpu"), floor=5, n=64)
+
+
+def test_help_shows_each_recipe_and_the_run_prints_its_recipe(tmp_path, tiny_dvae_ckpt, capsys):
+    text = pretrain.get_args_parser().format_help()
+    assert "[recipe: builtin vit_mini, imagenet vit_b]" in text
+    assert "[recipe: builtin [0.9, 0.98], imagenet [0.9, 0.999]]" in " ".join(text.split())
+    assert "[recipe: builtin 0.0, imagenet 0.4]" in " ".join(text.split())  # colour jitter
+    imagenet = pretrain.resolve_args(pretrain.get_args_parser().parse_args(["--data", "x"]))
+    assert (imagenet.recipe, imagenet.arch, imagenet.opt_betas, imagenet.color_jitter) == \
+        ("imagenet", "vit_b", [0.9, 0.999], 0.4)
+    builtin = pretrain.resolve_args(pretrain.get_args_parser().parse_args(["--recipe", "builtin",
+                                                                           "--data", "x"]))
+    assert (builtin.recipe, builtin.arch, builtin.img_size) == ("builtin", "vit_mini", 32)
+    run(tmp_path, tiny_dvae_ckpt, "--max-steps", "1")
+    assert "recipe builtin" in capsys.readouterr().out

@@ -339,3 +339,28 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, monkeypatch):
     monkeypatch.setattr(dvae.DVAE, "forward", nan_at_second_step)
     with pytest.raises(FloatingPointError, match="non-finite loss at step 2"):  # 1-based, as in log.jsonl
         dvae.main(dvae_args(tmp_path, "--max-steps", "3"))
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--save-every", "0"], r"--save-every must be a number > 0, got 0"),
+    (["--epochs", "0"], r"--epochs must be a number > 0"),
+    (["--max-steps", "-3"], r"--max-steps must be a number > 0"),
+    (["--lr", "0"], r"--lr must be a number > 0"),
+    (["--temp-end", "0"], r"--temp-end must be a number > 0"),
+    (["--kl-weight", "nan"], r"--kl-weight must be a number >= 0, got nan"),
+    (["--kl-warmup", "1"], r"--kl-warmup must be in \[0, 1\)"),
+    (["--vocab-size", "0"], r"--vocab-size must be a number > 0"),
+])
+def test_numeric_flags_are_checked_before_any_work(tmp_path, extra, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        dvae.main(dvae_args(tmp_path / "out", *extra))
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_with_other_flags_is_refused(tmp_path):
+    dvae.main(dvae_args(tmp_path, "--max-steps", "2", "--warmup-steps", "1"))
+    with pytest.raises(ValueError, match=r"--kl-weight 0.001 -> 0.01; --seed 0 -> 3\)"):
+        dvae.main(dvae_args(tmp_path, "--max-steps", "2", "--warmup-steps", "1", "--seed", "3",
+                            "--kl-weight", "0.01"))
+    # where and how often things are written may change
+    dvae.main(dvae_args(tmp_path, "--max-steps", "2", "--warmup-steps", "1", "--log-every", "7"))

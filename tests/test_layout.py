@@ -1,0 +1,105 @@
+"""The file layout readers rely on: the import graph between project files, the outside libraries
+each file may use, and model files that run when copied out of the repository alone."""
+import ast
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+PROJECT = {"data", "training", "dvae", "enhancer", "generator", "pretrain", "finetune", "segment"}
+# project files each file may import (anywhere in the file, functions included)
+GRAPH = {
+    "data": set(),
+    "training": set(),
+    "enhancer": set(),
+    "generator": {"enhancer"},
+    "dvae": {"data", "training"},  # for its own tokenizer-training stage only
+    "pretrain": {"data", "training", "dvae", "generator", "enhancer"},
+    "finetune": {"data", "training", "enhancer"},
+    "segment": {"data", "training", "enhancer", "finetune"},
+}
+# outside the standard library
+LIBRARIES = {
+    "data": {"torch", "numpy", "PIL"},
+    "training": {"torch", "tqdm"},
+    "enhancer": {"torch"},
+    "generator": {"torch"},
+    "dvae": {"torch", "tqdm"},
+    "pretrain": {"torch", "tqdm"},
+    "finetune": {"torch", "numpy", "PIL", "tqdm"},
+    "segment": {"torch", "numpy", "PIL", "tqdm"},
+}
+
+
+def imported_modules(path):
+    """Top-level names of every module a file imports, at any depth of the file."""
+    names = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("name", sorted(GRAPH))
+def test_import_graph_and_libraries(name):
+    path = os.path.join(REPO, name + ".py")
+    if not os.path.isfile(path):
+        pytest.skip(f"{name}.py is not written yet")
+    names = imported_modules(path)
+    assert names & PROJECT - {name} <= GRAPH[name], f"{name}.py imports {sorted(names & PROJECT)}"
+    outside = {n for n in names - PROJECT if n not in sys.stdlib_module_names}
+    assert outside <= LIBRARIES[name], f"{name}.py imports {sorted(outside)}"
+
+
+def test_stage_files_hold_no_shared_helpers_twice():
+    """training.py is the one home of the loop parts: no stage defines them again."""
+    shared = {"init_distributed", "autocast", "cosine_lr", "save_checkpoint", "load_checkpoint",
+              "seed_everything", "gather_rng_states", "knn_classify", "print_args"}
+    for name in GRAPH:
+        path = os.path.join(REPO, name + ".py")
+        if name == "training" or not os.path.isfile(path):
+            continue
+        defined = {n.name for n in ast.walk(ast.parse(open(path).read()))
+                   if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        assert not defined & shared, f"{name}.py defines {sorted(defined & shared)}"
+
+
+COPIED_OUT = """
+import sys
+sys.path.insert(0, sys.argv[1])  # python -I: only the standard paths and the copied files
+import torch
+import enhancer
+backbone = enhancer.build_backbone("vit_mini", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+model = enhancer.Enhancer(backbone, "revdet", 4, "window", 5)
+out, loss, _ = model(torch.randn(2, 3, 32, 32), None, torch.rand(2, 16) > 0.5)
+loss.backward()
+assert out.shape == (2, 16) and torch.isfinite(loss)
+if len(sys.argv) > 2:
+    import generator
+    g = generator.BEiTGenerator(32, 8, vocab_size=64, embed_dim=32, depth=1, num_heads=2)
+    mask = generator.mask_patches("random", 2, 4, 0.5)
+    logits, loss = g(torch.randn(2, 3, 32, 32), mask, torch.randint(64, (2, 16)))
+    assert logits.shape == (16, 64) and torch.isfinite(loss)
+    assert generator.sample_tokens(logits).shape == (16,)
+print("ok", sorted(m for m in sys.modules if m in {"data", "training", "dvae", "pretrain"}))
+"""
+
+
+@pytest.mark.parametrize("files", [("enhancer.py",), ("generator.py", "enhancer.py")])
+def test_model_files_run_when_copied_out_alone(tmp_path, files):
+    for f in files:
+        shutil.copy(os.path.join(REPO, f), tmp_path / f)
+    script = tmp_path / "use_them.py"
+    script.write_text(COPIED_OUT)
+    extra = ["with-generator"] if "generator.py" in files else []
+    proc = subprocess.run([sys.executable, "-I", str(script), str(tmp_path), *extra], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env={"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok []"

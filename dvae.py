@@ -401,10 +401,10 @@ DVAE_PRESETS = {
     # 32 px crops of the built-in data -> 8 x 8 tokens of 512 codes; ~2 minutes on 2 CPU cores.
     # lr 1e-2 reached half the reconstruction error of 3e-3 in 512 steps (see README)
     "small": dict(group_count=3, n_hid=32, n_blk_per_group=1, vocab_size=512, n_init=64, img_size=32,
-                  lr=1e-2),
+                  lr=1e-2, kl_weight=1e-3, kl_warmup=0.2),
     # DALL-E's own architecture (the official weights' shapes), trained at 256 px
     "dalle": dict(group_count=4, n_hid=256, n_blk_per_group=2, vocab_size=8192, n_init=128,
-                  img_size=256, lr=1e-3),
+                  img_size=256, lr=1e-3, kl_weight=1e-2, kl_warmup=0.0),
 }
 
 
@@ -435,13 +435,14 @@ class DVAE(nn.Module):
                 "codes": logits.argmax(1)}
 
 
-def gumbel_schedule(step, total_steps, args):
+def gumbel_schedule(step, total_steps, args, cfg):
     """(Gumbel-softmax temperature, KL weight) at `step`: the temperature decays exponentially from
     --temp-start to --temp-end over the first --temp-anneal of the run; the KL weight ramps linearly
-    from 0 to --kl-weight over the first --kl-warmup."""
+    from 0 to the preset's (or --kl-weight's) value over the first --kl-warmup."""
     frac = step / total_steps
     temperature = args.temp_start * (args.temp_end / args.temp_start) ** min(1.0, frac / args.temp_anneal)
-    kl_weight = args.kl_weight * min(1.0, frac / args.kl_warmup) if args.kl_warmup else args.kl_weight
+    warmup = cfg["kl_warmup"]
+    kl_weight = cfg["kl_weight"] * (min(1.0, frac / warmup) if warmup else 1.0)
     return temperature, kl_weight
 
 
@@ -479,10 +480,12 @@ def get_args_parser():
                    help="final temperature (DALL-E anneals 1 -> 1/16); lower = closer to hard codes")
     p.add_argument("--temp-anneal", type=float, default=0.7,
                    help="fraction of training over which the temperature decays exponentially")
-    p.add_argument("--kl-weight", type=float, default=1e-3,
-                   help="weight of KL(q || uniform) after warm-up; larger spreads codebook usage")
-    p.add_argument("--kl-warmup", type=float, default=0.2,
-                   help="fraction of training over which the KL weight ramps up from 0")
+    p.add_argument("--kl-weight", type=float, default=None,
+                   help="weight of KL(q || uniform) after warm-up; larger spreads codebook usage "
+                        "(preset: small 1e-3, dalle 1e-2)")
+    p.add_argument("--kl-warmup", type=float, default=None,
+                   help="fraction of training over which the KL weight ramps up from 0 (preset: "
+                        "small 0.2, dalle 0: full weight from the first step)")
     p.add_argument("--relaxation", default="soft", choices=["hard", "soft"],
                    help="soft: DALL-E's relaxed one-hot mixture; hard: straight-through one-hot "
                         "samples (the decoder sees what tokenize() gives it)")
@@ -550,6 +553,9 @@ def evaluate_tokenizer(enc, dec, loader, device, max_batches=8):
     perplexity, usage = codebook_stats(torch.cat(codes), enc.vocab_size)
     return {"val_recon_mse": sum(mse) / len(mse), "val_perplexity": perplexity, "val_usage": usage}
 
+
+# Below this validation perplexity the run ends with a warning (pretrain.py's default floor, too)
+COLLAPSE_PERPLEXITY = 16
 
 # Flags that may differ between a checkpoint and the run resuming it: where things go, how often
 # they are written, how the process runs. Anything else would continue another experiment.
@@ -636,7 +642,7 @@ def main(args):
         epoch, offset = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, start=offset * args.batch_size)
         for x, _ in loader:
-            temperature, kl_weight = gumbel_schedule(step, total_steps, args)
+            temperature, kl_weight = gumbel_schedule(step, total_steps, args, cfg)
             lr = training.cosine_lr(step, total_steps, args.warmup_steps, cfg["lr"], args.min_lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -679,6 +685,12 @@ def main(args):
         stats.update(step=step, minutes=(time.time() - t0) / 60)
         log.write(**stats)
         print(json.dumps(stats))
+        if stats["val_perplexity"] < COLLAPSE_PERPLEXITY:
+            print(f"dvae.py: WARNING the codebook has collapsed: validation perplexity "
+                  f"{stats['val_perplexity']:.1f} of {cfg['vocab_size']} codes "
+                  f"({100 * stats['val_usage']:.1f}% in use). CIM needs diverse tokens; train longer "
+                  f"(short runs anneal the temperature before the codes spread) or raise --kl-weight. "
+                  f"pretrain.py refuses tokenizers below --min-tokenizer-perplexity (16)")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # nobody reads the checkpoint before rank 0 has written it
         if owns_group:

@@ -621,8 +621,8 @@ def explain(ddp_model, model, loader, optimizer, scaler, args, device):
     out, ok = train_step(ddp_model, model, batch, optimizer, scaler, args, device, trace=describe)
     hook.remove()
     norm = lambda m: sum(p.grad.norm() ** 2 for p in m.parameters() if p.grad is not None) ** 0.5  # noqa: E731
-    describe("grad norm, generator (from L_gen only)", norm(model.generator))
-    describe("grad norm, enhancer (from L_enh only)", norm(model.enhancer))
+    describe("grad norm after clipping, generator (L_gen only)", norm(model.generator))
+    describe("grad norm after clipping, enhancer (L_enh only)", norm(model.enhancer))
     return {"loss": out["loss"].item(), "applied": ok}
 
 

@@ -348,7 +348,7 @@ def test_explain_prints_every_stage_and_stops(tmp_path, tiny_dvae_ckpt, capsys):
     lines = text[text.index("one CIM step"):]
     stages = ("images", "mask", "tokens", "logits", "loss_gen", "mixed", "replaced", "corrupted",
               "enhancer backbone: features", "enhancer output", "loss_enh", "backward", "optimizer",
-              "grad norm, generator")
+              "grad norm after clipping, generator")
     positions = [lines.index("  " + s) for s in stages]
     assert positions == sorted(positions)  # pipeline order, as CIM.forward runs it
     assert math.isfinite(result["loss"]) and result["applied"]

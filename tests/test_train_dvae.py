@@ -359,8 +359,34 @@ def test_numeric_flags_are_checked_before_any_work(tmp_path, extra, pattern):
 
 def test_resume_with_other_flags_is_refused(tmp_path):
     dvae.main(dvae_args(tmp_path, "--max-steps", "2", "--warmup-steps", "1"))
-    with pytest.raises(ValueError, match=r"--kl-weight 0.001 -> 0.01; --seed 0 -> 3\)"):
+    with pytest.raises(ValueError, match=r"--kl-weight None -> 0.01; --seed 0 -> 3\)"):
         dvae.main(dvae_args(tmp_path, "--max-steps", "2", "--warmup-steps", "1", "--seed", "3",
                             "--kl-weight", "0.01"))
     # where and how often things are written may change
     dvae.main(dvae_args(tmp_path, "--max-steps", "2", "--warmup-steps", "1", "--log-every", "7"))
+
+
+def test_gumbel_schedule_follows_the_preset_and_flags():
+    """The dalle preset has its own KL weight, at full strength from the first step (with 8192
+    nearly flat logits a ramp from 0 let the argmax fall onto one code within 30 steps on photos)."""
+    def schedule(*extra, step=0, total=100):
+        args = dvae.get_args_parser().parse_args(list(extra))
+        return dvae.gumbel_schedule(step, total, args, dvae.resolve_config(args))
+
+    assert schedule("--preset", "dalle") == (1.0, 1e-2)
+    assert schedule("--preset", "small") == (1.0, 0.0)                        # KL ramps from 0 ...
+    assert schedule("--preset", "small", step=10)[1] == pytest.approx(5e-4)   # ... over 20% of the run
+    assert schedule("--preset", "small", step=20)[1] == pytest.approx(1e-3)
+    assert schedule("--preset", "small", step=70)[0] == pytest.approx(1 / 16)  # annealed by 70%
+    assert schedule("--preset", "small", "--kl-weight", "0.05", "--kl-warmup", "0", step=1) == \
+        (pytest.approx((1 / 16) ** (1 / 70)), 0.05)
+
+
+def test_a_collapsed_codebook_is_reported_at_the_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(dvae, "COLLAPSE_PERPLEXITY", 1e9)  # every codebook counts as collapsed
+    stats = dvae.main(dvae_args(tmp_path / "a", "--max-steps", "2", "--warmup-steps", "1"))
+    out = capsys.readouterr().out
+    assert f"codebook has collapsed: validation perplexity {stats['val_perplexity']:.1f} of 64 codes" in out
+    monkeypatch.setattr(dvae, "COLLAPSE_PERPLEXITY", 0.0)
+    dvae.main(dvae_args(tmp_path / "b", "--max-steps", "2", "--warmup-steps", "1"))
+    assert "codebook has collapsed" not in capsys.readouterr().out

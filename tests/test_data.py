@@ -8,7 +8,6 @@ file runs in seconds on a laptop CPU.
 import os
 import random
 import shutil
-import sys
 import warnings
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, features
 
 import data
-from data import (ADE20K, IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ImageFolder,  # noqa: E402
+from data import (ADE20K, IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ImageFolder,
                   PretrainTransform, ResumableSampler, SyntheticShapes, build_dataset, build_loader,
                   denormalize, load_rgb, normalize, random_resized_crop_box, reduce_zero_label,
                   save_grid, to_tensor)

@@ -4,14 +4,12 @@ Tiny configs only (32-128 px, depth 1-2); full-size models are built on the meta
 allocates no memory and runs no init kernels, so the key-list tests are instant.
 """
 import math
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from enhancer import (ARCHS, Enhancer, ResNet, VisionTransformer, build_backbone, export_backbone,  # noqa: E402
+from enhancer import (ARCHS, Enhancer, ResNet, VisionTransformer, build_backbone, export_backbone,
                       normalize_target, patchify, unpatchify)
 
 # ----------------------------------------------------------------------------------------------------

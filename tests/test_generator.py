@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import generator as gen

@@ -273,6 +273,7 @@ class CIM(nn.Module):
         every intermediate (--explain prints them, --bench times the phases between them)."""
         encoder, decoder = self.tokenizer
         B, G = images.shape[0], self.generator.grid
+        mask = mask.bool()  # a 0/1 integer mask would index by value, not select
         # 1. targets: the frozen dVAE's token for every patch (no grad, fp32 inside dvae.tokenize)
         tokens = dvae.tokenize(encoder, tok_images)                  # (B, G, G)
         self.check_grid(tokens, encoder)

@@ -135,3 +135,13 @@ def test_tokenizer_that_does_not_fit_is_named(dvae_parts):
     # A wider lm_head is fine: samples stay inside the tokenizer's codebook.
     _, out = CIM(tiny_generator(vocab=64), tiny_enhancer(), enc, dec)(images, tok_images, mask)
     assert out["mixed"].max() < VOCAB
+
+
+def test_an_integer_mask_selects_like_a_bool_mask(dvae_parts):
+    """A 0/1 uint8 mask must not index by value (tokens[mask] would pick rows 0 and 1)."""
+    enc, dec, f = dvae_parts
+    model = CIM(tiny_generator(), tiny_enhancer(), enc, dec, sample="argmax")
+    images, tok_images, mask = _batch(2, f)
+    loss_b, out_b = model(images, tok_images, mask)
+    loss_u, out_u = model(images, tok_images, mask.to(torch.uint8))
+    assert torch.equal(out_b["mixed"], out_u["mixed"]) and loss_b.item() == loss_u.item()

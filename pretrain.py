@@ -331,6 +331,13 @@ def build_model(args, encoder, decoder):
     return CIM(generator, enhancer, encoder, decoder, args.temperature, args.sample, args.enh_weight)
 
 
+def compile_in_place(model):
+    """torch.compile the generator and the enhancer in place (nn.Module.compile): state_dict keys
+    keep no `_orig_mod.` prefix and the DDP wrapper around the CIM stays as it is."""
+    model.generator.compile()
+    model.enhancer.compile()
+
+
 def param_groups(model, weight_decay):
     """AdamW groups: no decay on 1-D tensors (norms, biases, layer scale, q/v bias) nor on position
     embeddings, cls/mask tokens and the relative position table (BEiT/MAE convention)."""
@@ -466,9 +473,8 @@ def main(args):
                                   betas=tuple(args.opt_betas))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     step, skipped = resume(args, model, optimizer, scaler, rank, world_size, device)
-    if args.compile:  # in place: state_dict keys and the DDP wrapper stay as they are
-        model.generator.compile()
-        model.enhancer.compile()
+    if args.compile:
+        compile_in_place(model)
     ddp_model = model
     if world_size > 1:
         ddp_model = nn.parallel.DistributedDataParallel(
@@ -643,8 +649,7 @@ def benchmark(args, device):
                         for m in dvae.build_from_config(dvae.DVAE_PRESETS[preset]))
     model = build_model(args, encoder, decoder).to(device).train()
     if args.compile:
-        model.generator.compile()
-        model.enhancer.compile()
+        compile_in_place(model)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-4,
                                   betas=tuple(args.opt_betas))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")

@@ -498,12 +498,18 @@ def test_missing_tokenizer_checkpoint_is_named(tmp_path):
         pretrain.main(pretrain.get_args_parser().parse_args(args))
 
 
-def test_image_folder_smaller_than_a_batch_is_named(tmp_path, tiny_dvae_ckpt):
+def train_only_folder(root, n):
+    """root/train/cls/{0..n-1}.png, 24 px, and no val/ split."""
     from PIL import Image
-    folder = tmp_path / "imgs" / "train" / "cls"
+    folder = root / "train" / "cls"
     folder.mkdir(parents=True)
-    for i in range(3):
-        Image.new("RGB", (24, 24), (60 * i, 90, 30)).save(folder / f"{i}.png")
+    for i in range(n):
+        Image.new("RGB", (24, 24), (10 * i, 90, 30)).save(folder / f"{i}.png")
+    return str(root)
+
+
+def test_image_folder_smaller_than_a_batch_is_named(tmp_path, tiny_dvae_ckpt):
+    train_only_folder(tmp_path / "imgs", 3)
     with pytest.raises(ValueError, match=r"training set \(3 images\) is smaller than one step"):
         run(tmp_path / "out", tiny_dvae_ckpt, "--data", str(tmp_path / "imgs"), "--max-steps", "1")
 
@@ -590,11 +596,7 @@ def test_log_holds_each_step_once_after_a_resume(tmp_path, tiny_dvae_ckpt, monke
 
 
 def test_missing_val_split_stops_before_training(tmp_path, tiny_dvae_ckpt):
-    from PIL import Image
-    folder = tmp_path / "imgs" / "train" / "cls"
-    folder.mkdir(parents=True)
-    for i in range(16):
-        Image.new("RGB", (24, 24), (10 * i, 90, 30)).save(folder / f"{i}.png")
+    train_only_folder(tmp_path / "imgs", 16)
     with pytest.raises(FileNotFoundError, match=r"no val/ split.*--knn-k 0"):
         run(tmp_path / "out", tiny_dvae_ckpt, "--data", str(tmp_path / "imgs"), "--knn-k", "5")
     assert not (tmp_path / "out" / "checkpoint-latest.pth").exists()

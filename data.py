@@ -49,6 +49,24 @@ def load_rgb(path, draft_size=None):
         return to_rgb(img)
 
 
+def typical_image_side(root, n=16):
+    """Median longer side of the first image of up to n class folders of `root` (headers only), to
+    tell a folder of small photos from an ImageNet-sized one without scanning it."""
+    check_folder(root, "image folder", ImageFolder.LAYOUT)
+    sides = []
+    for name in sorted(e.name for e in os.scandir(root) if e.is_dir())[:n]:
+        for dirpath, files in walk_once(os.path.join(root, name)):
+            image = next((f for f in sorted(files) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS), None)
+            if image is not None:
+                with Image.open(os.path.join(dirpath, image)) as img:
+                    sides.append(max(img.size))
+                break
+    if not sides:
+        raise FileNotFoundError(f"image folder {root!r} holds no images in class sub-folders; expected "
+                                f"layout: {ImageFolder.LAYOUT}")
+    return sorted(sides)[len(sides) // 2]
+
+
 def to_rgb(img):
     """Grayscale, palette, RGBA/LA, CMYK and 16/32-bit images -> 8-bit RGB."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):

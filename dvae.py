@@ -232,6 +232,97 @@ def build_dvae(enc_cfg, dec_cfg):
 
 
 # ----------------------------------------------------------------------------------------------------
+# A k-means patch codebook: the tokenizer for small images (`--preset kmeans`)
+# ----------------------------------------------------------------------------------------------------
+# On 32 px photos a CPU-sized dVAE needs minutes and still reconstructs worse than a k-means codebook
+# of 4 x 4 patches fitted in seconds, and its convolutional decoder smears a replaced token over its
+# neighbours (README, "Your own photos"). The codebook has the dVAE's interface: the encoder gives
+# logits over codes (minus the distance to each centroid), the decoder gives pre-sigmoid values whose
+# `decode` is the centroid's pixels, so `tokenize`, `decode` and CIM need no second code path.
+
+class PatchEncoder(nn.Module):
+    """map_pixels'ed images (B, C, H, W) -> logits (B, V, H/f, W/f): -||patch - centroid_v||."""
+
+    def __init__(self, codebook, patch_size):
+        super().__init__()
+        self.register_buffer("codebook", codebook)  # (V, C*f*f) pixels in [0, 1], channel-major
+        self.vocab_size, self.downsample = codebook.shape[0], patch_size
+        self.input_channels = codebook.shape[1] // patch_size ** 2
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        f = self.downsample
+        if C != self.input_channels or H % f or W % f:
+            raise ValueError(f"patch encoder expects (B, {self.input_channels}, H, W) with H, W multiples "
+                             f"of {f}, got {tuple(x.shape)}")
+        patches = F.unfold(unmap_pixels(x), f, stride=f).transpose(1, 2)     # (B, L, C*f*f)
+        dist = torch.cdist(patches.reshape(-1, patches.shape[2]), self.codebook)  # (B*L, V)
+        return -dist.view(B, H // f, W // f, -1).permute(0, 3, 1, 2)           # (B, V, H/f, W/f)
+
+
+class PatchDecoder(nn.Module):
+    """One-hot tokens (B, V, h, w) -> (B, C, h*f, w*f), the centroids' pixels before `decode`'s
+    sigmoid and unmap_pixels (so decode(tokens) is the centroids exactly)."""
+
+    def __init__(self, codebook, patch_size):
+        super().__init__()
+        self.register_buffer("codebook", codebook)
+        self.vocab_size, self.downsample = codebook.shape[0], patch_size
+        self.output_channels = codebook.shape[1] // patch_size ** 2
+
+    def forward(self, z):
+        B, V, h, w = z.shape
+        if V != self.vocab_size:
+            raise ValueError(f"decoder expects one-hot tokens (B, {self.vocab_size}, h, w), got {tuple(z.shape)}")
+        f = self.downsample
+        patches = torch.einsum("bvl,vd->bdl", z.flatten(2).float(), self.codebook)  # (B, C*f*f, h*w)
+        pixels = F.fold(patches, (h * f, w * f), f, stride=f)                     # (B, C, h*f, w*f)
+        return torch.logit(map_pixels(pixels))
+
+
+@torch.no_grad()
+def fit_patch_kmeans(images, vocab_size, patch_size, iters=25, max_patches=2 ** 18, seed=0):
+    """Lloyd's k-means with k-means++ seeding on the f x f patches of `images` (N, C, H, W) in [0, 1].
+
+    Returns the codebook (V, C*f*f) and the mean squared error per pixel. Deterministic for a seed;
+    an empty cluster is re-seeded with the patch worst served by its centroid.
+    """
+    g = torch.Generator().manual_seed(seed)
+    patches = F.unfold(images.float(), patch_size, stride=patch_size).transpose(1, 2)
+    patches = patches.reshape(-1, patches.shape[2])                  # (N*L, D)
+    patches = patches[torch.randperm(len(patches), generator=g)[:max_patches]]
+    if len(patches) < vocab_size:
+        raise ValueError(f"{len(patches)} patches cannot seed {vocab_size} codes: add images or lower "
+                         f"--vocab-size")
+    # k-means++ on the first 32 V (shuffled) patches: each new centroid drawn with probability
+    # proportional to the squared distance to the nearest one so far, so flat sky patches do not take
+    # most of the codebook
+    pool = patches[:32 * vocab_size]
+    centroids = [pool[torch.randint(len(pool), (1,), generator=g)]]
+    d2 = (pool - centroids[0]).pow(2).sum(1)
+    for _ in range(vocab_size - 1):
+        c = pool[torch.multinomial(d2 + 1e-12, 1, generator=g)]
+        centroids.append(c)
+        d2 = torch.minimum(d2, (pool - c).pow(2).sum(1))
+    codebook = torch.cat(centroids)                                  # (V, D)
+
+    def assign(codebook):
+        dist = torch.cat([torch.cdist(chunk, codebook) for chunk in patches.split(32768)])  # (N, V)
+        return dist.min(1)
+
+    for _ in range(iters):
+        dist, nearest = assign(codebook)
+        sums = torch.zeros_like(codebook).index_add_(0, nearest, patches)
+        counts = torch.bincount(nearest, minlength=vocab_size)
+        codebook = sums / counts.clamp(min=1)[:, None]
+        empty = (counts == 0).nonzero().flatten()
+        if len(empty):
+            codebook[empty] = patches[dist.topk(len(empty)).indices]
+    dist, _ = assign(codebook)
+    return codebook, dist.pow(2).mean().item() / patches.shape[1]
+
+
+# ----------------------------------------------------------------------------------------------------
 # Official OpenAI weights through a restricted unpickler
 # ----------------------------------------------------------------------------------------------------
 # OpenAI's encoder.pkl / decoder.pkl are torch.save of whole attrs-decorated dall_e modules. A plain
@@ -405,7 +496,17 @@ DVAE_PRESETS = {
     # DALL-E's own architecture (the official weights' shapes), trained at 256 px
     "dalle": dict(group_count=4, n_hid=256, n_blk_per_group=2, vocab_size=8192, n_init=128,
                   img_size=256, lr=1e-3, kl_weight=1e-2, kl_warmup=0.0),
+    # not a dVAE: a k-means codebook of 4 x 4 pixel patches (section above), seconds on a CPU; the
+    # tokenizer of pretrain.py's photos recipe
+    "kmeans": dict(vocab_size=512, img_size=32, patch_size=4),
 }
+DVAE_ONLY = ("group_count", "n_hid", "n_blk_per_group", "n_init", "lr", "kl_weight", "kl_warmup")
+
+
+def preset_downsample(preset):
+    """Pixels per token side of a preset's tokenizer (f)."""
+    cfg = DVAE_PRESETS[preset]
+    return cfg["patch_size"] if preset == "kmeans" else 2 ** (cfg["group_count"] - 1)
 
 
 class DVAE(nn.Module):
@@ -461,11 +562,15 @@ def get_args_parser():
                         "built-in procedural dataset")
     p.add_argument("--output-dir", default="out/dvae", help="checkpoints, log.jsonl and PNG grids")
     p.add_argument("--preset", default="small", choices=list(DVAE_PRESETS),
-                   help="small: CPU-sized tokenizer for the built-in data; dalle: the official "
-                        "architecture (n_hid 256, 8192 codes) for real images")
-    for name in ("group_count", "n_hid", "n_blk_per_group", "vocab_size", "n_init", "img_size"):
+                   help="small: CPU-sized dVAE for the built-in data; dalle: the official "
+                        "architecture (n_hid 256, 8192 codes) for real images; kmeans: a k-means "
+                        "codebook of pixel patches, fitted in seconds (small photos)")
+    for name in ("group_count", "n_hid", "n_blk_per_group", "vocab_size", "n_init", "img_size",
+                 "patch_size"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
-                       help=f"override the preset's {name}")
+                       help=f"override the preset's {name}" + (" (kmeans only: f)" if name == "patch_size"
+                                                                else ""))
+    p.add_argument("--kmeans-iters", type=int, default=None, help="kmeans preset: Lloyd iterations (25)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak AdamW learning rate, not scaled by batch (preset: small 1e-2, dalle 1e-3)")
     p.add_argument("--epochs", type=int, default=4, help="passes over the training split")
@@ -512,8 +617,13 @@ def get_args_parser():
 
 
 def resolve_config(args):
-    """Preset values, overridden by explicit flags."""
+    """Preset values, overridden by explicit flags; a flag the preset's kind has no use for is an error."""
     cfg = dict(DVAE_PRESETS[args.preset])
+    unused = ("patch_size", "kmeans_iters") if args.preset != "kmeans" else DVAE_ONLY
+    given = [k for k in unused if getattr(args, k) is not None]
+    if given:
+        raise ValueError(f"--preset {args.preset} takes no " + ", ".join("--" + k.replace("_", "-")
+                                                                        for k in given))
     for k in cfg:
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
@@ -530,6 +640,10 @@ def load_tokenizer(path):
     """(Encoder, Decoder) from a checkpoint written by `python dvae.py` (weights + config)."""
     import training
     ckpt = training.load_checkpoint(path, "tokenizer checkpoint (--dvae)")
+    if ckpt.get("kind") == "kmeans":
+        enc, dec = PatchEncoder(ckpt["codebook"], ckpt["patch_size"]), PatchDecoder(ckpt["codebook"],
+                                                                                    ckpt["patch_size"])
+        return enc.eval().requires_grad_(False), dec.eval().requires_grad_(False)
     if "encoder_config" not in ckpt:
         raise ValueError(f"{path!r} is not a dvae.py checkpoint (no 'encoder_config'); for OpenAI's "
                          f"weights pass --dalle-encoder/--dalle-decoder instead")
@@ -586,6 +700,10 @@ def main(args):
     cfg = resolve_config(args)
     os.makedirs(args.output_dir, exist_ok=True)
     training.print_args(args, rank)
+    if args.preset == "kmeans":
+        stats = fit_codebook(args, cfg, rank, device)
+        finish_distributed(owns_group)
+        return stats
 
     # ---------------------------------------------------------------- data
     train_tf = data.PretrainTransform(cfg["img_size"], scale=(0.35, 1.0), normalized=False)
@@ -691,10 +809,58 @@ def main(args):
                   f"({100 * stats['val_usage']:.1f}% in use). CIM needs diverse tokens; train longer "
                   f"(short runs anneal the temperature before the codes spread) or raise --kl-weight. "
                   f"pretrain.py refuses tokenizers below --min-tokenizer-perplexity (16)")
+    finish_distributed(owns_group)
+    return stats
+
+
+def finish_distributed(owns_group):
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # nobody reads the checkpoint before rank 0 has written it
         if owns_group:
             torch.distributed.destroy_process_group()
+
+
+KMEANS_MAX_IMAGES = 10000  # images spread over the training split; their patches are capped at 2**18
+
+
+def fit_codebook(args, cfg, rank, device):
+    """--preset kmeans: fit the codebook on the training split's un-augmented patches (every rank
+    computes the same one; rank 0 writes it), then the validation numbers a dVAE run reports.
+    An existing checkpoint is reused, as a finished dVAE run is, if the flags match; other flags are
+    refused, or with --allow-flag-changes fitted again."""
+    import data
+    import training
+    t0 = time.time()
+    f, iters = cfg["patch_size"], args.kmeans_iters or 25
+    if cfg["img_size"] % f:
+        raise ValueError(f"--img-size {cfg['img_size']} is not a multiple of --patch-size {f}")
+    tf = data.EvalTransform(cfg["img_size"], crop_pct=1.0, normalized=False)
+    train_set = data.build_dataset(args.data, "train", tf, seed=args.seed)
+    val_set = data.build_dataset(args.data, "val", tf, seed=args.seed)
+    path = args.resume or os.path.join(args.output_dir, "checkpoint-latest.pth")
+    ckpt = training.load_checkpoint(path, "--resume checkpoint") if args.resume or os.path.isfile(path) else None
+    if ckpt is not None and training.check_resume_flags(ckpt["args"], vars(args), RESUME_FREE_FLAGS, path,
+                                                        args.allow_flag_changes):
+        ckpt = None  # --allow-flag-changes: fit again with the new flags (seconds)
+    if ckpt is not None:
+        codebook, train_mse = ckpt["codebook"], ckpt["train_recon_mse"]
+    else:
+        n = min(len(train_set), KMEANS_MAX_IMAGES)
+        images = torch.stack([train_set[int(i)][0] for i in torch.linspace(0, len(train_set) - 1, n)])
+        codebook, train_mse = fit_patch_kmeans(images, cfg["vocab_size"], f, iters, seed=args.seed)
+        if rank == 0:
+            training.save_checkpoint({"kind": "kmeans", "codebook": codebook, "patch_size": f,
+                                      "train_recon_mse": train_mse, "step": iters, "total_steps": iters,
+                                      "args": vars(args)}, os.path.join(args.output_dir, "checkpoint-latest.pth"))
+    enc, dec = (m.to(device) for m in (PatchEncoder(codebook, f), PatchDecoder(codebook, f)))
+    stats = {}
+    if rank == 0:
+        val_loader, _ = data.build_loader(val_set, args.batch_size, 0, shuffle=False, drop_last=False)
+        stats = dict(evaluate_tokenizer(enc, dec, val_loader, device), train_recon_mse=train_mse,
+                     step=iters, minutes=(time.time() - t0) / 60)
+        training.JsonLog(os.path.join(args.output_dir, "log.jsonl"), True).write(**stats)
+        print(json.dumps(stats))
+        save_reconstructions(enc, dec, val_set, device, os.path.join(args.output_dir, f"recon-{iters:06d}.png"))
     return stats
 
 

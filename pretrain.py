@@ -33,22 +33,29 @@ import generator as gen
 import training
 
 # ----------------------------------------------------------------------------------------------------
-# Recipes: the values of the flags left unset. "builtin" runs on a laptop CPU in minutes; "imagenet"
-# is the paper's setting (CIM Sec. 4 / appendix, BEiT's recipe where CIM says nothing).
+# Recipes: the values of the flags left unset. "builtin" runs on a laptop CPU in minutes; "photos" is
+# for a folder of small real photos (the study behind it: README, "Your own photos"); "imagenet" is
+# the paper's setting (CIM Sec. 4 / appendix, BEiT's recipe where CIM says nothing).
 # ----------------------------------------------------------------------------------------------------
 
 RECIPES = {
     "builtin": dict(arch="vit_mini", img_size=32, patch_size=4, epochs=4, batch_size=64, blr=2e-3,
                     min_lr=1e-5, warmup_epochs=1, weight_decay=0.05, opt_betas=[0.9, 0.98],
                     gen_dim=64, gen_depth=2, gen_heads=2, crop_min=0.35, color_jitter=0.0,
-                    norm_window=5, drop_path=0.0, num_workers=1, knn_k=20),
+                    norm_window=5, drop_path=0.0, num_workers=1, knn_k=20, tokenizer="small"),
+    "photos": dict(arch="vit_mini", img_size=32, patch_size=4, epochs=20, batch_size=128, blr=2e-3,
+                   min_lr=2e-3, warmup_epochs=0, weight_decay=0.05, opt_betas=[0.9, 0.98],
+                   gen_dim=64, gen_depth=2, gen_heads=2, crop_min=1.0, color_jitter=0.0,
+                   norm_window=5, drop_path=0.0, num_workers=1, knn_k=20, tokenizer="kmeans"),
     # BEiT: batch 2048, lr 1.5e-3 (blr = 1.5e-3 * 256 / 2048), AdamW (0.9, 0.999) as in
     # run_beit_pretraining.py, 10 warm-up epochs, cosine to 1e-5, drop path 0.1, colour jitter 0.4
     "imagenet": dict(arch="vit_b", img_size=224, patch_size=16, epochs=300, batch_size=64,
                      blr=1.5e-3 * 256 / 2048, min_lr=1e-5, warmup_epochs=10, weight_decay=0.05,
                      opt_betas=[0.9, 0.999], gen_dim=256, gen_depth=4, gen_heads=4, crop_min=0.08,
-                     color_jitter=0.4, norm_window=9, drop_path=0.1, num_workers=10, knn_k=20),
+                     color_jitter=0.4, norm_window=9, drop_path=0.1, num_workers=10, knn_k=20,
+                     tokenizer=None),
 }
+PHOTOS_MAX_SIDE = 64  # --data of images this small (median longer side) gets the photos recipe
 
 # Flags a resumed run may change: where output goes, how often it is written, how the processes run.
 # Anything else would continue another experiment under the old run's name (see `resume`).
@@ -67,8 +74,9 @@ def get_args_parser():
         a(name, default=None, help=f"{help} [recipe: {values}]", **kw)
 
     a("--recipe", default=None, choices=list(RECIPES),
-      help="defaults of every flag marked [recipe]: builtin (CPU minutes; the default without --data) "
-           "or imagenet (the paper's ViT-B setting; the default with --data)")
+      help="defaults of every flag marked [recipe]: builtin (CPU minutes; the default without --data), "
+           f"photos (the default for --data of images up to {PHOTOS_MAX_SIDE} px) or imagenet (the "
+           "paper's ViT-B setting; the default for --data of larger images)")
     # what to train
     r("--arch", f"enhancer backbone, one of {list(enh.ARCHS)}")
     a("--objective", default="revdet", choices=["revdet", "respix"],
@@ -96,6 +104,9 @@ def get_args_parser():
     a("--dvae", default="", help="own tokenizer checkpoint from `python dvae.py`")
     a("--dalle-encoder", default="", help="OpenAI DALL-E encoder.pkl (official weights)")
     a("--dalle-decoder", default="", help="OpenAI DALL-E decoder.pkl (official weights)")
+    r("--tokenizer", "dvae.py preset trained on the data first (and cached in OUTPUT_DIR/tokenizer) "
+      "when no --dvae/--dalle-* is given: small (a dVAE) or kmeans (a patch codebook, seconds)",
+      choices=["small", "kmeans"])
     a("--min-tokenizer-perplexity", type=float, default=16.0,
       help="stop at start if the tokenizer's code perplexity on 512 training images is below this: "
            "a collapsed codebook makes every corruption trivial (0 = skip the check)")
@@ -144,9 +155,10 @@ def get_args_parser():
 
 
 def resolve_args(args):
-    """Fill unset flags from the recipe (builtin without --data, imagenet with it) and check every
-    flag before any work is done."""
-    args.recipe = args.recipe or ("builtin" if args.data is None else "imagenet")
+    """Fill unset flags from the recipe (see --recipe) and check every flag before any work is done."""
+    if args.recipe is None:
+        args.recipe = "builtin" if args.data is None else "photos" if data.typical_image_side(
+            os.path.join(args.data, "train")) <= PHOTOS_MAX_SIDE else "imagenet"
     for k, v in RECIPES[args.recipe].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -185,29 +197,31 @@ def build_tokenizer(args, device):
         encoder, decoder = dvae.load_openai_dvae(args.dalle_encoder, args.dalle_decoder)
     elif args.dvae:
         encoder, decoder = dvae.load_tokenizer(args.dvae)
-    elif args.data is None:
-        encoder, decoder = train_builtin_tokenizer(args)
+    elif args.tokenizer:
+        encoder, decoder = train_own_tokenizer(args)
     else:
-        raise ValueError("--data needs a tokenizer: pass --dalle-encoder encoder.pkl --dalle-decoder "
-                         "decoder.pkl (OpenAI's DALL-E weights) or --dvae CKPT (trained with "
-                         "`python dvae.py --data DIR --preset dalle`)")
+        raise ValueError(f"recipe {args.recipe} needs a tokenizer: pass --dalle-encoder encoder.pkl "
+                         f"--dalle-decoder decoder.pkl (OpenAI's DALL-E weights), --dvae CKPT (trained "
+                         f"with `python dvae.py --data DIR --preset dalle`), or --tokenizer kmeans|small "
+                         f"to fit one here first")
     return encoder.to(device).eval().requires_grad_(False), decoder.to(device).eval().requires_grad_(False)
 
 
-def train_builtin_tokenizer(args):
-    """No tokenizer given and no --data: train dvae.py's small preset (every rank joins under
+def train_own_tokenizer(args):
+    """No tokenizer given: train dvae.py's --tokenizer preset on the same data (every rank joins under
     torchrun), cached in OUTPUT_DIR/tokenizer so later runs and resumes reuse it."""
     out = os.path.join(args.output_dir, "tokenizer")
     ckpt = os.path.join(out, "checkpoint-latest.pth")
     grid = args.img_size // args.patch_size
-    f = 2 ** (dvae.DVAE_PRESETS["small"]["group_count"] - 1)
-    targs = dvae.get_args_parser().parse_args([
-        "--output-dir", out, "--preset", "small", "--img-size", str(grid * f),
-        "--seed", str(args.seed), "--device", args.device, "--num-workers", str(args.num_workers)])
+    targs = dvae.get_args_parser().parse_args(
+        ["--output-dir", out, "--preset", args.tokenizer,
+         "--img-size", str(grid * dvae.preset_downsample(args.tokenizer)), "--seed", str(args.seed),
+         "--device", args.device, "--num-workers", str(args.num_workers)]
+        + (["--data", args.data] if args.data is not None else []))
     cached = training.load_checkpoint(ckpt) if os.path.isfile(ckpt) else None
     if cached is None or cached["step"] < cached["total_steps"]:  # absent or interrupted: (re)train
-        print(f"pretrain.py: no tokenizer given: training the small dVAE on the built-in data first "
-              f"(cached in {out}; pass --dvae to use another)")
+        print(f"pretrain.py: no tokenizer given: fitting dvae.py --preset {args.tokenizer} on "
+              f"{args.data or 'the built-in data'} first (cached in {out}; pass --dvae to use another)")
         dvae.main(targs)
     return dvae.load_tokenizer(ckpt)
 
@@ -640,13 +654,20 @@ BENCH_PHASES = {"mask": "batch + mask", "tokens": "tokenize", "loss_gen": "gener
 
 
 def benchmark(args, device):
-    """--bench N: N training steps on random tensors (no data loading, an untrained tokenizer of the
-    right shape), through the same train_step and CIM.forward as training, with --compile honoured.
+    """--bench N: N training steps on random tensors (no data loading; the given tokenizer, else an
+    untrained one of the size the run would use), through the same train_step and CIM.forward as training, with --compile honoured.
     Per phase (synchronising at phase ends, bench only) and the un-instrumented whole step."""
     grid = args.img_size // args.patch_size
-    preset = "dalle" if args.data is not None or args.img_size >= 112 else "small"
-    encoder, decoder = (m.to(device).eval().requires_grad_(False)
-                        for m in dvae.build_from_config(dvae.DVAE_PRESETS[preset]))
+    if args.dvae or args.dalle_encoder:  # the tokenizer the run would use
+        encoder, decoder = build_tokenizer(args, device)
+    elif args.tokenizer == "kmeans":  # a random codebook costs what a fitted one does
+        cfg = dvae.DVAE_PRESETS["kmeans"]
+        codebook = torch.rand(cfg["vocab_size"], 3 * cfg["patch_size"] ** 2)
+        encoder, decoder = (m.to(device) for m in (dvae.PatchEncoder(codebook, cfg["patch_size"]),
+                                                   dvae.PatchDecoder(codebook, cfg["patch_size"])))
+    else:  # an untrained dVAE of the size the run would train (small) or load (DALL-E's)
+        encoder, decoder = (m.to(device).eval().requires_grad_(False)
+                            for m in dvae.build_from_config(dvae.DVAE_PRESETS[args.tokenizer or "dalle"]))
     model = build_model(args, encoder, decoder).to(device).train()
     if args.compile:
         compile_in_place(model)

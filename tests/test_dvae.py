@@ -122,6 +122,42 @@ def test_tokenize_and_decode_ignore_autocast():
     assert (bf16_tokens != tokens).any()
 
 
+def test_patch_codebook_tokens_are_nearest_centroids_and_decode_to_them():
+    torch.manual_seed(0)
+    codebook = torch.rand(10, 3 * 2 * 2)                         # 10 codes of 2 x 2 RGB patches
+    enc, dec = dvae.PatchEncoder(codebook, 2), dvae.PatchDecoder(codebook, 2)
+    x = torch.rand(3, 3, 6, 8)
+    tokens = dvae.tokenize(enc, x)                               # (3, 3, 4)
+    patches = x.unfold(2, 2, 2).unfold(3, 2, 2)                  # (B, C, 3, 4, 2, 2)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(3, 3, 4, 12)  # channel-major like F.unfold
+    nearest = torch.cdist(patches.reshape(-1, 12), codebook).argmin(1).view(3, 3, 4)
+    assert torch.equal(tokens, nearest)
+    out = dvae.decode(dec, tokens)                               # (3, 3, 6, 8)
+    pasted = codebook[tokens].view(3, 3, 4, 3, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(3, 3, 6, 8)
+    torch.testing.assert_close(out, pasted, atol=1e-6, rtol=0)
+    assert torch.equal(dvae.tokenize(enc, out), tokens)          # a decoded image re-tokenizes to itself
+    with pytest.raises(ValueError, match="multiples of 2"):
+        enc(dvae.map_pixels(torch.rand(1, 3, 5, 8)))
+    with pytest.raises(ValueError, match=r"one-hot tokens \(B, 10, h, w\)"):
+        dec(torch.zeros(1, 9, 2, 2))
+
+
+def test_patch_kmeans_recovers_a_known_codebook_and_is_seeded():
+    # images tiled from 6 flat colours: 6 codes reproduce them exactly
+    torch.manual_seed(0)
+    colours = torch.rand(6, 3)
+    grid = torch.randint(6, (40, 4, 4))
+    images = colours[grid].permute(0, 3, 1, 2).repeat_interleave(4, 2).repeat_interleave(4, 3)  # (40, 3, 16, 16)
+    codebook, mse = dvae.fit_patch_kmeans(images, 6, 4, iters=10, seed=1)
+    assert mse < 1e-6  # float32 rounding; one missing colour would cost > 1e-3
+    found = codebook.view(6, 3, 16)[:, :, 0]
+    assert torch.cdist(colours, found).min(1).values.max() < 1e-5  # every colour has its code
+    again, _ = dvae.fit_patch_kmeans(images, 6, 4, iters=10, seed=1)
+    assert torch.equal(codebook, again)
+    with pytest.raises(ValueError, match="640 patches cannot seed 1000 codes"):
+        dvae.fit_patch_kmeans(images, 1000, 4)
+
+
 def test_forward_backward_tiny():
     torch.manual_seed(0)
     enc = dvae.Encoder(group_count=3, n_hid=8, n_blk_per_group=1, vocab_size=16)

@@ -484,11 +484,56 @@ def test_bad_flags_are_named(tmp_path, extra, error, pattern):
         pretrain.main(pretrain.get_args_parser().parse_args(args))
 
 
-def test_data_without_a_tokenizer_is_named(tmp_path):
+def test_imagenet_recipe_without_a_tokenizer_is_named(tmp_path):
     (tmp_path / "imagenet" / "train" / "cls").mkdir(parents=True)
-    args = TINY + ["--output-dir", str(tmp_path / "out"), "--data", str(tmp_path / "imagenet")]
-    with pytest.raises(ValueError, match=r"--data needs a tokenizer.*--dalle-encoder.*--dvae"):
+    args = TINY + ["--output-dir", str(tmp_path / "out"), "--data", str(tmp_path / "imagenet"),
+                   "--recipe", "imagenet"]
+    with pytest.raises(ValueError, match=r"recipe imagenet needs a tokenizer.*--dalle-encoder.*--dvae.*"
+                                         r"--tokenizer kmeans"):
         pretrain.main(pretrain.get_args_parser().parse_args(args))
+
+
+def image_folder(root, side, classes=2, n=4):
+    """root/{train,val}/c{k}/{i}.png of side x side px, each class its own colour ramp."""
+    from PIL import Image
+    for split in ("train", "val"):
+        for k in range(classes):
+            folder = root / split / f"c{k}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (side, side), (40 * i, 200 * k, 90)).save(folder / f"{i}.png")
+    return str(root)
+
+
+def test_recipe_follows_the_image_size_of_data(tmp_path):
+    def recipe(root):
+        return pretrain.resolve_args(pretrain.get_args_parser().parse_args(["--data", root])).recipe
+
+    assert recipe(image_folder(tmp_path / "small", pretrain.PHOTOS_MAX_SIDE)) == "photos"
+    assert recipe(image_folder(tmp_path / "large", pretrain.PHOTOS_MAX_SIDE + 1)) == "imagenet"
+    assert pretrain.resolve_args(pretrain.get_args_parser().parse_args([])).recipe == "builtin"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "none" / "train"))):
+        recipe(str(tmp_path / "none"))
+
+
+def test_photos_recipe_fits_a_kmeans_tokenizer_on_the_data_and_trains(tmp_path, capsys):
+    root = image_folder(tmp_path / "photos", 16, classes=2, n=20)  # 640 patches for 512 codes
+    out = tmp_path / "out"
+    args = TINY + ["--output-dir", str(out), "--data", root, "--max-steps", "2", "--knn-k", "3"]
+    args[args.index("--batch-size") + 1] = "4"
+    stats = pretrain.main(pretrain.get_args_parser().parse_args(args))
+    text = capsys.readouterr().out
+    assert "recipe photos" in text and "fitting dvae.py --preset kmeans on " + root in text
+    enc, dec = dvae.load_tokenizer(str(out / "tokenizer" / "checkpoint-latest.pth"))
+    assert isinstance(enc, dvae.PatchEncoder) and enc.downsample == 4 and enc.vocab_size == 512
+    assert read_log(out)[-1]["steps"] == 2 and set(stats) >= {"knn_pretrained", "knn_random_init"}
+    # the same command again finds the finished run and the cached codebook: nothing is refitted
+    pretrain.main(pretrain.get_args_parser().parse_args(args))
+    assert "fitting" not in capsys.readouterr().out
+    # and the codebook serves another run through --dvae
+    pretrain.main(pretrain.get_args_parser().parse_args(
+        args + ["--output-dir", str(tmp_path / "out2"), "--dvae", str(out / "tokenizer" / "checkpoint-latest.pth")]))
+    assert read_log(tmp_path / "out2")[-1]["steps"] == 2
 
 
 def test_missing_tokenizer_checkpoint_is_named(tmp_path):
@@ -658,11 +703,13 @@ def test_usage_check_measures_perplexity_over_spread_images():
 
 
 def test_help_shows_each_recipe_and_the_run_prints_its_recipe(tmp_path, tiny_dvae_ckpt, capsys):
-    text = pretrain.get_args_parser().format_help()
-    assert "[recipe: builtin vit_mini, imagenet vit_b]" in text
-    assert "[recipe: builtin [0.9, 0.98], imagenet [0.9, 0.999]]" in " ".join(text.split())
-    assert "[recipe: builtin 0.0, imagenet 0.4]" in " ".join(text.split())  # colour jitter
-    imagenet = pretrain.resolve_args(pretrain.get_args_parser().parse_args(["--data", "x"]))
+    text = " ".join(pretrain.get_args_parser().format_help().split())
+    assert "[recipe: builtin vit_mini, photos vit_mini, imagenet vit_b]" in text
+    assert "[recipe: builtin [0.9, 0.98], photos [0.9, 0.98], imagenet [0.9, 0.999]]" in text
+    assert "[recipe: builtin 0.0, photos 0.0, imagenet 0.4]" in text  # colour jitter
+    assert "[recipe: builtin small, photos kmeans, imagenet None]" in text  # tokenizer
+    imagenet = pretrain.resolve_args(pretrain.get_args_parser().parse_args(["--data", "x", "--recipe",
+                                                                            "imagenet"]))
     assert (imagenet.recipe, imagenet.arch, imagenet.opt_betas, imagenet.color_jitter) == \
         ("imagenet", "vit_b", [0.9, 0.999], 0.4)
     builtin = pretrain.resolve_args(pretrain.get_args_parser().parse_args(["--recipe", "builtin",

@@ -121,6 +121,27 @@ def test_training_learns_and_writes_a_loadable_tokenizer(tmp_path, monkeypatch):
 # Resume
 # ----------------------------------------------------------------------------------------------------
 
+def test_kmeans_preset_fits_saves_reuses_and_refuses_dvae_flags(tmp_path, capsys):
+    args = ["--preset", "kmeans", "--vocab-size", "16", "--img-size", "16", "--batch-size", "16",
+            "--device", "cpu", "--output-dir", str(tmp_path)]
+    stats = dvae.main(dvae.get_args_parser().parse_args(args))
+    assert stats["val_recon_mse"] < 0.05 and stats["val_perplexity"] > 4 and stats["step"] == 25
+    enc, dec = dvae.load_tokenizer(str(tmp_path / "checkpoint-latest.pth"))
+    assert (type(enc), type(dec), enc.vocab_size, enc.downsample) == (dvae.PatchEncoder, dvae.PatchDecoder, 16, 4)
+    assert os.path.isfile(tmp_path / "recon-000025.png") and read_log(tmp_path)[-1]["step"] == 25
+    saved = os.path.getmtime(tmp_path / "checkpoint-latest.pth")
+    assert dvae.main(dvae.get_args_parser().parse_args(args))["val_recon_mse"] == stats["val_recon_mse"]
+    assert os.path.getmtime(tmp_path / "checkpoint-latest.pth") == saved  # reused, not refitted
+    with pytest.raises(ValueError, match=r"other flags \(--kmeans-iters None -> 30\)"):
+        dvae.main(dvae.get_args_parser().parse_args(args + ["--kmeans-iters", "30"]))
+    refit = dvae.main(dvae.get_args_parser().parse_args(args + ["--kmeans-iters", "30", "--allow-flag-changes"]))
+    assert refit["step"] == 30 and training.load_checkpoint(str(tmp_path / "checkpoint-latest.pth"))["step"] == 30
+    with pytest.raises(ValueError, match="--preset kmeans takes no --n-hid, --lr"):
+        dvae.main(dvae.get_args_parser().parse_args(args + ["--n-hid", "8", "--lr", "1e-3"]))
+    with pytest.raises(ValueError, match="--preset small takes no --patch-size"):
+        dvae.main(dvae.get_args_parser().parse_args(TINY_DVAE + ["--patch-size", "4"]))
+
+
 def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
     """Data order and augmentation are functions of (seed, epoch, index) and the checkpoint holds
     the optimiser and every RNG stream (Gumbel noise), so stopping at step k and resuming is

@@ -42,18 +42,21 @@ RECIPES = {
     "builtin": dict(arch="vit_mini", img_size=32, patch_size=4, epochs=4, batch_size=64, blr=2e-3,
                     min_lr=1e-5, warmup_epochs=1, weight_decay=0.05, opt_betas=[0.9, 0.98],
                     gen_dim=64, gen_depth=2, gen_heads=2, crop_min=0.35, color_jitter=0.0,
-                    norm_window=5, drop_path=0.0, num_workers=1, knn_k=20, tokenizer="small"),
-    "photos": dict(arch="vit_mini", img_size=32, patch_size=4, epochs=20, batch_size=128, blr=2e-3,
-                   min_lr=2e-3, warmup_epochs=0, weight_decay=0.05, opt_betas=[0.9, 0.98],
+                    norm_window=5, drop_path=0.0, num_workers=1, knn_k=20, tokenizer="small",
+                    mask_ratio=0.5, temperature=1.0),
+    # constant lr 1e-3 at batch 128, flips only, a quarter of the patches re-drawn (README table)
+    "photos": dict(arch="vit_mini", img_size=32, patch_size=4, epochs=15, batch_size=128, blr=2e-3,
+                   min_lr=None, warmup_epochs=0, weight_decay=0.05, opt_betas=[0.9, 0.98],
                    gen_dim=64, gen_depth=2, gen_heads=2, crop_min=1.0, color_jitter=0.0,
-                   norm_window=5, drop_path=0.0, num_workers=1, knn_k=20, tokenizer="kmeans"),
+                   norm_window=5, drop_path=0.0, num_workers=1, knn_k=20, tokenizer="kmeans",
+                   mask_ratio=0.25, temperature=1.0),
     # BEiT: batch 2048, lr 1.5e-3 (blr = 1.5e-3 * 256 / 2048), AdamW (0.9, 0.999) as in
     # run_beit_pretraining.py, 10 warm-up epochs, cosine to 1e-5, drop path 0.1, colour jitter 0.4
     "imagenet": dict(arch="vit_b", img_size=224, patch_size=16, epochs=300, batch_size=64,
                      blr=1.5e-3 * 256 / 2048, min_lr=1e-5, warmup_epochs=10, weight_decay=0.05,
                      opt_betas=[0.9, 0.999], gen_dim=256, gen_depth=4, gen_heads=4, crop_min=0.08,
                      color_jitter=0.4, norm_window=9, drop_path=0.1, num_workers=10, knn_k=20,
-                     tokenizer=None),
+                     tokenizer=None, mask_ratio=0.5, temperature=1.0),
 }
 PHOTOS_MAX_SIDE = 64  # --data of images this small (median longer side) gets the photos recipe
 
@@ -92,10 +95,10 @@ def get_args_parser():
     r("--gen-heads", "generator attention heads", type=int)
     a("--mask-type", default="random", choices=["random", "block"],
       help="random: exact round(r*N) patches per image (CIM's choice); block: BEiT blockwise")
-    a("--mask-ratio", type=float, default=0.5, help="fraction of patches the generator re-draws")
+    r("--mask-ratio", "fraction of patches the generator re-draws (the paper: 0.5)", type=float)
     a("--sample", default="softmax", choices=["softmax", "argmax"],
       help="how replacement tokens are drawn; softmax sampling beats argmax in the paper")
-    a("--temperature", type=float, default=1.0, help="softmax temperature T for sampling")
+    r("--temperature", "softmax temperature T for sampling", type=float)
     # enhancer targets
     a("--norm-pix", default="window", choices=["none", "patch", "window"],
       help="ResPix target normalisation; window (per-pixel k x k statistics) is the paper's best")
@@ -124,7 +127,7 @@ def get_args_parser():
     a("--accum-iter", type=int, default=1, help="micro-steps per optimiser step (gradient accumulation)")
     a("--lr", type=float, default=None, help="absolute peak lr; default blr * total_batch / 256")
     r("--blr", "base lr per 256 images (BEiT: 1.5e-3 at batch 2048)", type=float)
-    r("--min-lr", "final lr of the cosine schedule", type=float)
+    r("--min-lr", "final lr of the cosine schedule (None: constant at the peak lr)", type=float)
     r("--warmup-epochs", "linear warm-up length", type=float)
     r("--weight-decay", "AdamW weight decay (not on norms, biases, position embeddings, special "
       "tokens)", type=float)
@@ -476,6 +479,8 @@ def main(args):
     total_batch = args.batch_size * args.accum_iter * world_size
     if args.lr is None:
         args.lr = args.blr * total_batch / 256  # MAE/BEiT linear scaling rule
+    if args.min_lr is None:
+        args.min_lr = args.lr  # a constant schedule after the warm-up
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
     source = args.dvae or args.dalle_encoder or "the built-in tokenizer"
     tok_stats = check_tokenizer_usage(tokenizer[0], train_set, device, args.min_tokenizer_perplexity,

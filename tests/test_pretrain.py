@@ -527,6 +527,8 @@ def test_photos_recipe_fits_a_kmeans_tokenizer_on_the_data_and_trains(tmp_path, 
     enc, dec = dvae.load_tokenizer(str(out / "tokenizer" / "checkpoint-latest.pth"))
     assert isinstance(enc, dvae.PatchEncoder) and enc.downsample == 4 and enc.vocab_size == 512
     assert read_log(out)[-1]["steps"] == 2 and set(stats) >= {"knn_pretrained", "knn_random_init"}
+    assert [r["lr"] for r in read_log(out) if "lr" in r] == [1e-3, 1e-3]  # min-lr None: constant
+    assert load(out / "checkpoint-latest.pth")["args"]["mask_ratio"] == 0.25
     # the same command again finds the finished run and the cached codebook: nothing is refitted
     pretrain.main(pretrain.get_args_parser().parse_args(args))
     assert "fitting" not in capsys.readouterr().out

@@ -482,7 +482,7 @@ def main(args):
     if args.min_lr is None:
         args.min_lr = args.lr  # a constant schedule after the warm-up
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
-    source = args.dvae or args.dalle_encoder or "the built-in tokenizer"
+    source = args.dvae or args.dalle_encoder or os.path.join(args.output_dir, "tokenizer")
     tok_stats = check_tokenizer_usage(tokenizer[0], train_set, device, args.min_tokenizer_perplexity,
                                       what=f"tokenizer {source}")
 

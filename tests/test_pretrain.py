@@ -365,7 +365,12 @@ def test_bench_runs_the_training_step_per_phase_and_whole(tmp_path, tiny_dvae_ck
         return real_forward(self, *a, **kw)
 
     monkeypatch.setattr(pretrain.CIM, "forward", forward)
+    vocab = []
+    real_build = pretrain.build_model
+    monkeypatch.setattr(pretrain, "build_model", lambda args, enc, dec: vocab.append(enc.vocab_size) or
+                        real_build(args, enc, dec))
     report = run(tmp_path, tiny_dvae_ckpt, "--bench", "2", "--accum-iter", "2")
+    assert vocab == [64]  # the run's --dvae tokenizer (64 codes), not an untrained preset
     assert set(report) == {"img_per_s", "step_ms", *pretrain.BENCH_PHASES.values()}
     assert all(report[k] > 0 for k in report)
     assert sum(report[p] for p in pretrain.BENCH_PHASES.values()) >= 0.5 * report["step_ms"]

@@ -521,6 +521,26 @@ def test_recipe_follows_the_image_size_of_data(tmp_path):
         recipe(str(tmp_path / "none"))
 
 
+def test_builtin_recipe_trains_the_small_dvae_on_the_builtin_data_once(tmp_path, monkeypatch, capsys):
+    calls, real_main = [], dvae.main
+
+    def tiny_main(targs):  # the real training stage, shrunk to 2 steps of a tiny dVAE
+        calls.append(targs)
+        targs.n_hid, targs.vocab_size, targs.max_steps, targs.batch_size = 8, 64, 2, 8
+        targs.num_workers, targs.warmup_steps = 0, 1
+        return real_main(targs)
+
+    monkeypatch.setattr(dvae, "main", tiny_main)
+    args = TINY + ["--output-dir", str(tmp_path), "--max-steps", "1"]
+    for _ in range(2):
+        pretrain.main(pretrain.get_args_parser().parse_args(args))
+    assert len(calls) == 1  # the second run reuses the cached tokenizer
+    targs = calls[0]
+    assert (targs.preset, targs.data, targs.img_size, targs.output_dir) == \
+        ("small", None, 16, str(tmp_path / "tokenizer"))  # grid 4 x f 4
+    assert "fitting dvae.py --preset small on the built-in data first" in capsys.readouterr().out
+
+
 def test_photos_recipe_fits_a_kmeans_tokenizer_on_the_data_and_trains(tmp_path, capsys):
     root = image_folder(tmp_path / "photos", 16, classes=2, n=20)  # 640 patches for 512 codes
     out = tmp_path / "out"

@@ -280,6 +280,11 @@ class PatchDecoder(nn.Module):
         return torch.logit(map_pixels(pixels))
 
 
+def build_patch_tokenizer(codebook, patch_size):
+    """(PatchEncoder, PatchDecoder) sharing one codebook (V, C*f*f)."""
+    return PatchEncoder(codebook, patch_size), PatchDecoder(codebook, patch_size)
+
+
 @torch.no_grad()
 def fit_patch_kmeans(images, vocab_size, patch_size, iters=25, max_patches=2 ** 18, seed=0):
     """Lloyd's k-means with k-means++ seeding on the f x f patches of `images` (N, C, H, W) in [0, 1].
@@ -641,8 +646,7 @@ def load_tokenizer(path):
     import training
     ckpt = training.load_checkpoint(path, "tokenizer checkpoint (--dvae)")
     if ckpt.get("kind") == "kmeans":
-        enc, dec = PatchEncoder(ckpt["codebook"], ckpt["patch_size"]), PatchDecoder(ckpt["codebook"],
-                                                                                    ckpt["patch_size"])
+        enc, dec = build_patch_tokenizer(ckpt["codebook"], ckpt["patch_size"])
         return enc.eval().requires_grad_(False), dec.eval().requires_grad_(False)
     if "encoder_config" not in ckpt:
         raise ValueError(f"{path!r} is not a dvae.py checkpoint (no 'encoder_config'); for OpenAI's "
@@ -852,7 +856,7 @@ def fit_codebook(args, cfg, rank, device):
             training.save_checkpoint({"kind": "kmeans", "codebook": codebook, "patch_size": f,
                                       "train_recon_mse": train_mse, "step": iters, "total_steps": iters,
                                       "args": vars(args)}, os.path.join(args.output_dir, "checkpoint-latest.pth"))
-    enc, dec = (m.to(device) for m in (PatchEncoder(codebook, f), PatchDecoder(codebook, f)))
+    enc, dec = (m.to(device) for m in build_patch_tokenizer(codebook, f))
     stats = {}
     if rank == 0:
         val_loader, _ = data.build_loader(val_set, args.batch_size, 0, shuffle=False, drop_last=False)

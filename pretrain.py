@@ -668,8 +668,7 @@ def benchmark(args, device):
     elif args.tokenizer == "kmeans":  # a random codebook costs what a fitted one does
         cfg = dvae.DVAE_PRESETS["kmeans"]
         codebook = torch.rand(cfg["vocab_size"], 3 * cfg["patch_size"] ** 2)
-        encoder, decoder = (m.to(device) for m in (dvae.PatchEncoder(codebook, cfg["patch_size"]),
-                                                   dvae.PatchDecoder(codebook, cfg["patch_size"])))
+        encoder, decoder = (m.to(device) for m in dvae.build_patch_tokenizer(codebook, cfg["patch_size"]))
     else:  # an untrained dVAE of the size the run would train (small) or load (DALL-E's)
         encoder, decoder = (m.to(device).eval().requires_grad_(False)
                             for m in dvae.build_from_config(dvae.DVAE_PRESETS[args.tokenizer or "dalle"]))

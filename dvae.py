@@ -505,6 +505,8 @@ DVAE_PRESETS = {
     # tokenizer of pretrain.py's photos recipe
     "kmeans": dict(vocab_size=512, img_size=32, patch_size=4),
 }
+KMEANS_ITERS = 25          # Lloyd iterations of the kmeans preset (--kmeans-iters)
+KMEANS_MAX_IMAGES = 10000  # images spread over the training split; their patches are capped at 2**18
 DVAE_ONLY = ("group_count", "n_hid", "n_blk_per_group", "n_init", "lr", "kl_weight", "kl_warmup")
 
 
@@ -575,7 +577,8 @@ def get_args_parser():
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                        help=f"override the preset's {name}" + (" (kmeans only: f)" if name == "patch_size"
                                                                 else ""))
-    p.add_argument("--kmeans-iters", type=int, default=None, help="kmeans preset: Lloyd iterations (25)")
+    p.add_argument("--kmeans-iters", type=int, default=None,
+                   help=f"kmeans preset: Lloyd iterations ({KMEANS_ITERS})")
     p.add_argument("--lr", type=float, default=None,
                    help="peak AdamW learning rate, not scaled by batch (preset: small 1e-2, dalle 1e-3)")
     p.add_argument("--epochs", type=int, default=4, help="passes over the training split")
@@ -824,7 +827,6 @@ def finish_distributed(owns_group):
             torch.distributed.destroy_process_group()
 
 
-KMEANS_MAX_IMAGES = 10000  # images spread over the training split; their patches are capped at 2**18
 
 
 def fit_codebook(args, cfg, rank, device):
@@ -835,7 +837,7 @@ def fit_codebook(args, cfg, rank, device):
     import data
     import training
     t0 = time.time()
-    f, iters = cfg["patch_size"], args.kmeans_iters or 25
+    f, iters = cfg["patch_size"], args.kmeans_iters or KMEANS_ITERS
     if cfg["img_size"] % f:
         raise ValueError(f"--img-size {cfg['img_size']} is not a multiple of --patch-size {f}")
     tf = data.EvalTransform(cfg["img_size"], crop_pct=1.0, normalized=False)

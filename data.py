@@ -10,7 +10,9 @@ Needs torch, numpy and pillow; nothing else (no torchvision: the transforms belo
                      (seed, split, index), with a class label AND a per-pixel mask per image.
 - transforms         `RandomResizedCrop` that returns the network view (S px, bicubic) and the tokenizer
                      view ((S/P)*f px, Lanczos) of ONE crop, flip, colour jitter, to-tensor + normalize,
-                     eval resize + center crop.
+                     eval resize + center crop; for fine-tuning `RandAugment` (its 15 PIL operations
+                     written out) and `RandomErasing`.
+- `EvalSampler`      an exact split of an evaluation set over ranks: every sample counted once.
 
 Unreadable images: an image that PIL cannot decode (corrupt or truncated file) is SKIPPED: a warning
 naming the file and the running count is printed and the next image is returned instead, so one bad
@@ -24,7 +26,7 @@ import sys
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageEnhance
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -444,6 +446,131 @@ class EvalTransform:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Fine-tuning augmentation (BEiT / MAE / DeiT recipe): RandAugment and random erasing, written out
+# ----------------------------------------------------------------------------------------------------
+
+FILL = (124, 116, 104)  # ImageNet mean in 0..255: what geometric ops fill the uncovered corners with
+
+
+def _signed(value, rng):
+    return -value if rng.random() < 0.5 else value
+
+
+def _affine(img, coeffs, rng):
+    """PIL affine warp (output pixel (x, y) reads input (a x + b y + c, d x + e y + f)), bilinear or
+    bicubic at random as timm does, corners filled with FILL."""
+    resample = Image.BILINEAR if rng.random() < 0.5 else Image.BICUBIC
+    return img.transform(img.size, Image.AFFINE, coeffs, resample=resample, fillcolor=FILL)
+
+
+def _solarize_add(img, add, threshold=128):
+    lut = [min(255, i + add) if i < threshold else i for i in range(256)]
+    return img.point(lut * len(img.getbands()))
+
+
+# name -> op(img, m, rng), m = magnitude in [0, 10]. The "increasing" variants (timm's `inc1`): a
+# larger m is always a stronger change (fewer posterize bits, lower solarize threshold, enhance
+# factors further from 1 on either side).
+RAND_AUGMENT_OPS = {
+    "AutoContrast": lambda img, m, rng: ImageOps.autocontrast(img),
+    "Equalize": lambda img, m, rng: ImageOps.equalize(img),
+    "Invert": lambda img, m, rng: ImageOps.invert(img),
+    "Rotate": lambda img, m, rng: img.rotate(
+        _signed(30 * m / 10, rng), resample=Image.BILINEAR if rng.random() < 0.5 else Image.BICUBIC,
+        fillcolor=FILL),
+    # 4 bits at m = 0 down to 1 at m >= 7.5 (PIL refuses 0 bits, which m = 10 would give)
+    "Posterize": lambda img, m, rng: ImageOps.posterize(img, max(1, 4 - int(4 * m / 10))),
+    "Solarize": lambda img, m, rng: ImageOps.solarize(img, 256 - int(256 * m / 10)),
+    "SolarizeAdd": lambda img, m, rng: _solarize_add(img, int(110 * m / 10)),
+    "Color": lambda img, m, rng: ImageEnhance.Color(img).enhance(1 + _signed(0.9 * m / 10, rng)),
+    "Contrast": lambda img, m, rng: ImageEnhance.Contrast(img).enhance(1 + _signed(0.9 * m / 10, rng)),
+    "Brightness": lambda img, m, rng: ImageEnhance.Brightness(img).enhance(1 + _signed(0.9 * m / 10, rng)),
+    "Sharpness": lambda img, m, rng: ImageEnhance.Sharpness(img).enhance(1 + _signed(0.9 * m / 10, rng)),
+    "ShearX": lambda img, m, rng: _affine(img, (1, _signed(0.3 * m / 10, rng), 0, 0, 1, 0), rng),
+    "ShearY": lambda img, m, rng: _affine(img, (1, 0, 0, _signed(0.3 * m / 10, rng), 1, 0), rng),
+    "TranslateXRel": lambda img, m, rng: _affine(
+        img, (1, 0, _signed(0.45 * m / 10, rng) * img.size[0], 0, 1, 0), rng),
+    "TranslateYRel": lambda img, m, rng: _affine(
+        img, (1, 0, 0, 0, 1, _signed(0.45 * m / 10, rng) * img.size[1]), rng),
+}
+
+
+class RandAugment:
+    """RandAugment (Cubuk et al. 2020) as timm's `rand-m9-mstd0.5-inc1` that BEiT and MAE fine-tune
+    with: `num_ops` operations drawn with replacement from RAND_AUGMENT_OPS, each applied with
+    probability `prob` at a magnitude drawn per op from N(magnitude, magnitude_std) clipped to
+    [0, 10]. Every draw comes from `rng`, so a sample's augmentation repeats under its seed."""
+
+    def __init__(self, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5, ops=tuple(RAND_AUGMENT_OPS)):
+        unknown = [o for o in ops if o not in RAND_AUGMENT_OPS]
+        if unknown:
+            raise ValueError(f"unknown RandAugment ops {unknown}; known: {list(RAND_AUGMENT_OPS)}")
+        self.num_ops, self.magnitude, self.magnitude_std, self.prob = num_ops, magnitude, magnitude_std, prob
+        self.ops = list(ops)
+
+    def __call__(self, img, rng=random):
+        for _ in range(self.num_ops):
+            name = rng.choice(self.ops)
+            if rng.random() > self.prob:
+                continue
+            m = rng.gauss(self.magnitude, self.magnitude_std) if self.magnitude_std > 0 else self.magnitude
+            img = RAND_AUGMENT_OPS[name](img, min(10.0, max(0.0, m)), rng)
+        return img
+
+
+class RandomErasing:
+    """Random erasing (Zhong et al. 2020) in timm's 'pixel' mode, on a normalised (3, H, W) tensor:
+    with probability `prob`, one rectangle of area U[0.02, 1/3] of the image and log-uniform aspect
+    in [0.3, 1/0.3] is filled with N(0, 1) noise (ten tries to fit it, else nothing)."""
+
+    def __init__(self, prob=0.25, area=(0.02, 1 / 3), aspect=(0.3, 1 / 0.3)):
+        self.prob, self.area = prob, area
+        self.log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
+
+    def __call__(self, x, rng=random):
+        if rng.random() >= self.prob:
+            return x
+        _, H, W = x.shape
+        for _ in range(10):
+            target = rng.uniform(*self.area) * H * W
+            aspect = math.exp(rng.uniform(*self.log_aspect))
+            h, w = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+            if h < H and w < W:
+                top, left = rng.randint(0, H - h), rng.randint(0, W - w)
+                noise = torch.Generator().manual_seed(rng.getrandbits(63))
+                x = x.clone()
+                x[:, top:top + h, left:left + w] = torch.randn(3, h, w, generator=noise, dtype=x.dtype)
+                return x
+        return x
+
+
+class FinetuneTransform:
+    """Classification training view (timm's `create_transform(is_training=True)` order):
+    random-resized crop (bicubic) -> flip -> RandAugment, or colour jitter when RandAugment is off
+    (timm uses one or the other) -> to-tensor + normalise -> random erasing."""
+
+    def __init__(self, img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, rand_augment=None,
+                 color_jitter=0.0, reprob=0.0):
+        self.img_size, self.scale, self.ratio, self.hflip = img_size, scale, ratio, hflip
+        self.rand_augment = rand_augment
+        self.jitter = ColorJitter(color_jitter) if color_jitter > 0 and rand_augment is None else None
+        self.erase = RandomErasing(reprob) if reprob > 0 else None
+        self.draft_size = int(math.ceil(img_size / math.sqrt(scale[0])))
+
+    def __call__(self, img, rng=random):
+        box = random_resized_crop_box(*img.size, self.scale, self.ratio, rng)
+        img = img.resize((self.img_size,) * 2, Image.BICUBIC, box=box)
+        if rng.random() < self.hflip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.rand_augment is not None:
+            img = self.rand_augment(img, rng)
+        elif self.jitter is not None:
+            img = self.jitter(img, rng)
+        x = normalize(to_tensor(img))
+        return self.erase(x, rng) if self.erase is not None else x
+
+
+# ----------------------------------------------------------------------------------------------------
 # Dataset and loader construction shared by the stage scripts
 # ----------------------------------------------------------------------------------------------------
 
@@ -470,6 +597,29 @@ def build_loader(dataset, batch_size, num_workers=4, rank=0, world_size=1, shuff
         persistent_workers=False, generator=torch.Generator().manual_seed(seed),
         worker_init_fn=single_thread_worker)
     return loader, sampler
+
+
+class EvalSampler(torch.utils.data.Sampler):
+    """Rank r of R takes samples r, r+R, r+2R, ...: shards differ by at most one sample and nothing
+    is padded or dropped, so sums of per-rank counts are exact (DistributedSampler pads the last
+    shard with repeats, which counts some samples twice)."""
+
+    def __init__(self, dataset, num_replicas=1, rank=0):
+        self.indices = list(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def build_eval_loader(dataset, batch_size, num_workers=4, rank=0, world_size=1):
+    """In-order loader over this rank's exact shard (EvalSampler); keep every batch."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=EvalSampler(dataset, world_size, rank),
+        num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+        worker_init_fn=single_thread_worker)
 
 
 def single_thread_worker(worker_id):

@@ -744,8 +744,7 @@ def knn_report(backbone, knn_sets, args, device):
     at random init (a random network's features already beat chance)."""
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
         if torch.distributed.is_initialized() else (0, 1)
-    loaders = [data.build_loader(ds, 128, 0, rank, world, shuffle=False, drop_last=False)[0]
-               for ds in knn_sets]
+    loaders = [data.build_eval_loader(ds, 128, 0, rank, world) for ds in knn_sets]
     num_classes = len(knn_sets[0].classes)
     torch.manual_seed(args.seed)
     random_init = enh.build_backbone(args.arch, img_size=args.img_size, patch_size=args.patch_size,

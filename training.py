@@ -12,6 +12,7 @@ plumbing around its own step; it lives here once, written out plainly:
     check_flags         numeric flags checked at start, with the flag named in the error
     check_resume_flags  a resumed run must be the same command (or say that it changes flags)
     knn_classify        weighted k-NN on pooled features (Wu et al. 2018, as in DINO)
+    all_gather_uneven   exact evaluation under DDP: every rank's part, no padding repeats
 
 Needs torch alone (tqdm in the stage scripts). Nothing model-specific: models come in as arguments.
 """
@@ -254,44 +255,73 @@ def pooled_features(backbone, x):
     return f[:, 1:].mean(1) if f.ndim == 3 else f.mean((2, 3))  # (B, D)
 
 
+def all_gather_uneven(t):
+    """Concatenate a tensor from every rank along dim 0 when ranks hold different lengths (an exact
+    evaluation split): lengths first, then equal-size padded copies, then the padding cut off."""
+    if not torch.distributed.is_initialized():
+        return t
+    world = torch.distributed.get_world_size()
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.empty_like(n) for _ in range(world)]
+    torch.distributed.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    padded = torch.zeros((max(sizes),) + t.shape[1:], dtype=t.dtype, device=t.device)
+    padded[:t.shape[0]] = t
+    out = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(out, padded)
+    return torch.cat([o[:s] for o, s in zip(out, sizes)])
+
+
+def all_reduce_sum(values, device):
+    """Sum a list of numbers over ranks (exact evaluation counts); one collective."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
 @torch.no_grad()
 def extract_features(backbone, loader, device):
-    """L2-normalised pooled features and labels of every sample of `loader`, gathered from all ranks
-    (the loader's sampler gives every rank an equal, padded shard)."""
+    """L2-normalised pooled features and labels of every sample of `loader`, gathered from all ranks.
+    With data.build_eval_loader (data.EvalSampler) every sample appears exactly once."""
     feats, labels = [], []
     for x, y in loader:
         feats.append(F.normalize(pooled_features(backbone, x.to(device)).float(), dim=1))
         labels.append(y.to(device))
-    feats, labels = torch.cat(feats), torch.cat(labels)
-    if torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
-        gathered = [torch.empty_like(feats) for _ in range(world)]
-        torch.distributed.all_gather(gathered, feats)
-        glabels = [torch.empty_like(labels) for _ in range(world)]
-        torch.distributed.all_gather(glabels, labels)
-        feats, labels = torch.cat(gathered), torch.cat(glabels)
-    return feats, labels
+    return all_gather_uneven(torch.cat(feats)), all_gather_uneven(torch.cat(labels))
 
 
 def knn_classify(train_feats, train_labels, test_feats, num_classes, k=20, temperature=0.07):
     """Weighted k-NN (Wu et al. 2018, as in DINO): the k most cosine-similar training features vote
-    with weight exp(sim / T). Features must be L2-normalised. Returns predicted labels."""
-    preds = []
+    with weight exp(sim / T). Features must be L2-normalised. Returns the votes (B, classes): argmax
+    is the prediction, the top 5 give top-5 accuracy."""
+    votes = []
     for chunk in test_feats.split(1024):
         sim = chunk @ train_feats.T                                # (b, n_train)
         top_sim, top_idx = sim.topk(min(k, sim.shape[1]), dim=1)   # (b, k)
-        votes = torch.zeros(chunk.shape[0], num_classes, device=chunk.device)
-        votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
-        preds.append(votes.argmax(1))
-    return torch.cat(preds)
+        v = torch.zeros(chunk.shape[0], num_classes, device=chunk.device)
+        v.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
+        votes.append(v)
+    return torch.cat(votes)
 
 
-def knn_accuracy(backbone, train_loader, val_loader, num_classes, device, k=20, temperature=0.07):
-    """Top-1 weighted k-NN accuracy (%) of the backbone's pooled features, train -> val."""
+def topk_correct(scores, labels, ks=(1, 5)):
+    """Number of samples whose label is among the k highest scores, for each k (k capped at the
+    number of classes)."""
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # (B, kmax)
+    hit = top == labels[:, None]
+    return [hit[:, :k].any(1).sum().item() for k in ks]
+
+
+def knn_accuracy(backbone, train_loader, val_loader, num_classes, device, k=20, temperature=0.07,
+                 ks=(1,)):
+    """Weighted k-NN accuracy (%) of the backbone's pooled features, train -> val: top-1, or one
+    number per k in `ks`. Exact under DDP with data.build_eval_loader."""
     was_training = backbone.training
     backbone.eval()
     tr_f, tr_y = extract_features(backbone, train_loader, device)
     va_f, va_y = extract_features(backbone, val_loader, device)
     backbone.train(was_training)
-    pred = knn_classify(tr_f, tr_y, va_f, num_classes, k, temperature)
-    return 100.0 * (pred == va_y).float().mean().item()
+    votes = knn_classify(tr_f, tr_y, va_f, num_classes, k, temperature)
+    acc = [100.0 * c / len(va_y) for c in topk_correct(votes, va_y, ks)]
+    return acc[0] if len(ks) == 1 else acc

@@ -1,0 +1,805 @@
+"""Classification after CIM: end-to-end fine-tuning, linear probe and k-NN of an enhancer.
+
+After pre-training the generator is thrown away and the enhancer's backbone is trained for the
+downstream task (CIM Sec. 4.1: ImageNet-1K top-1 after fine-tuning; ViT-B 83.3, ResNet-50 78.8).
+This file reads pre-training CHECKPOINTS, never pretrain.py's code: `--init` takes
+
+    out/pretrain/checkpoint-latest.pth   a pre-training checkpoint (the enhancer's backbone is taken out)
+    out/pretrain/backbone.pth            the exported backbone (what pretrain.py writes at the end)
+    a timm ViT / torchvision ResNet state dict (plain, or under "model" / "state_dict"; heads dropped)
+    scratch                              random init (the baseline every number needs next to it)
+
+Three modes (--mode):
+    finetune  every weight trains. ViT: the BEiT/MAE recipe (layer-wise lr decay, mean pooling +
+              fc_norm, mixup/cutmix, label smoothing, RandAugment, random erasing, drop path, AdamW,
+              optional EMA). ResNet: "ResNet strikes back" style (LAMB, BCE on mixed targets).
+    linear    frozen backbone, BatchNorm without affine + one linear layer (MAE's linear probe).
+    knn       no training: weighted k-NN on pooled features (DINO's protocol).
+
+    python finetune.py --init out/pretrain/backbone.pth                    # built-in data, CPU minutes
+    python finetune.py --init scratch --arch vit_mini                      # the same recipe from scratch
+    python finetune.py --init out/pretrain/backbone.pth --mode knn
+    torchrun --nproc_per_node 8 finetune.py --data /path/imagenet --init cim_vit_b.pth --amp bf16 \\
+        --batch-size 128 --output-dir out/ft_vit_b                        # BEiT-B recipe, 1024 images/step
+
+Evaluation: resize + center crop (--crop-pct), top-1 / top-5, each validation image counted once
+under DDP (data.EvalSampler). Per-epoch JSON log, checkpoint-latest.pth (resume: rerun the command),
+checkpoint-best.pth, and at the end classifier.pth under timm / torchvision names.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import enhancer as enh
+import training
+
+# ----------------------------------------------------------------------------------------------------
+# Recipes: the values of flags left unset, per recipe and per kind of run. "builtin" runs on a laptop
+# CPU in minutes; "imagenet" is the published setting (BEiT-B for ViTs, as CIM follows BEiT; "ResNet
+# strikes back" A2-style for ResNets, as DESIGN.md; MAE's linear probe).
+# ----------------------------------------------------------------------------------------------------
+
+RECIPES = {
+    "builtin": {
+        "vit": dict(epochs=2, batch_size=64, blr=2e-3, min_lr=1e-6, warmup_epochs=1, weight_decay=0.05,
+                    layer_decay=0.75, drop_path=0.1, smoothing=0.1, mixup=0.8, cutmix=1.0, aa="m9-mstd0.5",
+                    reprob=0.25, color_jitter=0.4, crop_min=0.35, crop_pct=1.0, opt="adamw",
+                    loss="ce", head_init_scale=0.001, clip_grad=None, img_size=32, arch="vit_mini",
+                    patch_size=4, num_workers=1),
+        "resnet": dict(epochs=10, batch_size=64, blr=2e-3, min_lr=1e-6, warmup_epochs=1, weight_decay=0.02,
+                       layer_decay=1.0, drop_path=0.05, smoothing=0.0, mixup=0.1, cutmix=1.0,
+                       aa="m7-mstd0.5", reprob=0.0, color_jitter=0.4, crop_min=0.35, crop_pct=1.0,
+                       opt="lamb", loss="bce", head_init_scale=1.0, clip_grad=None, img_size=32,
+                       arch="resnet18", patch_size=None, num_workers=1),
+        "linear": dict(epochs=10, batch_size=256, blr=0.1, min_lr=0.0, warmup_epochs=1, weight_decay=0.0,
+                       layer_decay=1.0, drop_path=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, aa="none",
+                       reprob=0.0, color_jitter=0.0, crop_min=0.35, crop_pct=1.0, opt="sgd", loss="ce",
+                       head_init_scale=1.0, clip_grad=None, img_size=32, arch="vit_mini", patch_size=4,
+                       num_workers=1),
+    },
+    "imagenet": {
+        # BEiT-B: batch 1024, lr 4e-3 (blr 1e-3), 100 epochs, 20 warm-up, layer decay 0.65
+        "vit": dict(epochs=100, batch_size=128, blr=1e-3, min_lr=1e-6, warmup_epochs=20, weight_decay=0.05,
+                    layer_decay=0.65, drop_path=0.1, smoothing=0.1, mixup=0.8, cutmix=1.0, aa="m9-mstd0.5",
+                    reprob=0.25, color_jitter=0.4, crop_min=0.08, crop_pct=0.875, opt="adamw",
+                    loss="ce", head_init_scale=0.001, clip_grad=None, img_size=224, arch="vit_b",
+                    patch_size=16, num_workers=10),
+        # A2-style: LAMB lr 5e-3 at batch 2048, wd 0.02, 300 epochs, 5 warm-up, mixup 0.1 / cutmix 1.0,
+        # RandAugment m7, BCE, drop path 0.05, test crop 0.95
+        "resnet": dict(epochs=300, batch_size=256, blr=5e-3 * 256 / 2048, min_lr=1e-6, warmup_epochs=5,
+                       weight_decay=0.02, layer_decay=1.0, drop_path=0.05, smoothing=0.0, mixup=0.1,
+                       cutmix=1.0, aa="m7-mstd0.5", reprob=0.0, color_jitter=0.0, crop_min=0.08,
+                       crop_pct=0.95, opt="lamb", loss="bce", head_init_scale=1.0, clip_grad=None,
+                       img_size=224, arch="resnet50", patch_size=None, num_workers=10),
+        # MAE linear probe: LARS, batch 16384, blr 0.1, 90 epochs, 10 warm-up, no weight decay. Here
+        # SGD with momentum 0.9 (LARS without the trust ratio; MAE's lr per 256 images carries over)
+        "linear": dict(epochs=90, batch_size=512, blr=0.1, min_lr=0.0, warmup_epochs=10, weight_decay=0.0,
+                       layer_decay=1.0, drop_path=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, aa="none",
+                       reprob=0.0, color_jitter=0.0, crop_min=0.08, crop_pct=0.875, opt="sgd", loss="ce",
+                       head_init_scale=1.0, clip_grad=None, img_size=224, arch="vit_b", patch_size=16,
+                       num_workers=10),
+    },
+}
+MODES = ("finetune", "linear", "knn")
+
+# Flags a resumed run may change (see training.check_resume_flags).
+RESUME_FREE_FLAGS = {"output_dir", "resume", "num_workers", "log_every", "save_every", "device",
+                     "dist_backend", "local_rank", "allow_flag_changes", "eval_batch_size"}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("finetune.py: fine-tuning, linear probe and k-NN of a CIM enhancer")
+    a = p.add_argument
+
+    def r(name, help, **kw):  # default from the recipe (shown for the ViT fine-tuning recipes)
+        key = name[2:].replace("-", "_")
+        values = ", ".join(f"{k} {RECIPES[k]['vit'][key]}" for k in RECIPES)
+        a(name, default=None, help=f"{help} [recipe, ViT fine-tuning: {values}]", **kw)
+
+    a("--mode", default="finetune", choices=MODES,
+      help="finetune: all weights; linear: frozen backbone + BN + linear head; knn: weighted k-NN")
+    a("--recipe", default=None, choices=list(RECIPES),
+      help="defaults of every flag marked [recipe]: builtin without --data (CPU minutes), imagenet "
+           "with --data (BEiT-B for ViTs, 'ResNet strikes back' A2-style for ResNets, MAE's linear probe)")
+    a("--init", default=None, help="pre-training checkpoint, exported backbone.pth, timm/torchvision "
+      "state dict, or 'scratch' (required: say which)")
+    r("--arch", f"backbone, one of {list(enh.ARCHS)}; taken from --init when it is a checkpoint")
+    r("--img-size", "training input size; default: the checkpoint's pre-training size (position "
+      "embeddings are interpolated when it differs)", type=int)
+    a("--eval-size", type=int, default=None, help="test input size (default --img-size; the 'train "
+      "low, test high' option of ResNet recipes: e.g. --img-size 160 --eval-size 224)")
+    r("--patch-size", "ViT patch size for --init scratch (else the checkpoint's)", type=int)
+    a("--nb-classes", type=int, default=None, help="classes; default and check: the data's class folders")
+    a("--pool", default="avg", choices=["avg", "cls"],
+      help="ViT head input: avg = mean of patch tokens + LayerNorm fc_norm (BEiT/MAE fine-tuning), "
+           "cls = the final-normed cls token")
+    r("--drop-path", "stochastic depth rate (linear over blocks)", type=float)
+    r("--head-init-scale", "scale of the head's initial weights (BEiT: 0.001)", type=float)
+    # data and augmentation
+    a("--data", default=None, help="ImageNet-layout root (DIR/train/<class>/*, DIR/val/<class>/*); omit "
+      "to use the built-in procedural dataset")
+    r("--crop-min", "random-resized-crop min scale", type=float)
+    r("--crop-pct", "eval: resize the shorter side to size / crop_pct, center-crop size (0.875: 256 "
+      "-> 224)", type=float)
+    r("--aa", "RandAugment 'mM-mstdS' (magnitude M, its per-op std S), or none", type=str)
+    r("--color-jitter", "colour jitter strength, used only with --aa none (as timm)", type=float)
+    r("--reprob", "random erasing probability", type=float)
+    r("--mixup", "mixup Beta(alpha, alpha) (0 = off)", type=float)
+    r("--cutmix", "cutmix Beta(alpha, alpha) (0 = off)", type=float)
+    a("--mixup-switch-prob", type=float, default=0.5, help="with both on: chance a batch uses cutmix")
+    a("--mixup-prob", type=float, default=1.0, help="chance a batch is mixed at all")
+    r("--smoothing", "label smoothing", type=float)
+    r("--loss", "ce: soft-target cross-entropy; bce: binary cross-entropy per class (RSB)",
+      choices=["ce", "bce"])
+    a("--bce-target-thresh", type=float, default=None, help="bce: targets above this become 1 (RSB 0.2)")
+    # optimisation
+    r("--opt", "adamw, lamb (written out below) or sgd (momentum 0.9)", choices=["adamw", "lamb", "sgd"])
+    r("--epochs", "training epochs", type=int)
+    a("--max-steps", type=int, default=None, help="stop after this many steps (tests); schedules span them")
+    r("--batch-size", "images per process per step", type=int)
+    a("--lr", type=float, default=None, help="absolute peak lr; default blr * total_batch / 256")
+    r("--blr", "base lr per 256 images", type=float)
+    r("--min-lr", "final lr of the cosine schedule", type=float)
+    r("--warmup-epochs", "linear warm-up length", type=float)
+    r("--weight-decay", "weight decay (none on 1-D params, biases, position embedding, cls token)",
+      type=float)
+    r("--layer-decay", "layer-wise lr decay: block i of L trains at lr * decay^(L+1-i), patch "
+      "embedding at decay^(L+1), head at 1 (1.0 = off)", type=float)
+    r("--clip-grad", "max global grad norm (None = off)", type=float)
+    a("--model-ema", action="store_true", help="keep an exponential moving average of the weights; "
+      "evaluated next to the model every epoch")
+    a("--model-ema-decay", type=float, default=0.9999, help="EMA decay per step")
+    a("--amp", default="none", choices=["bf16", "fp16", "none"], help="autocast dtype")
+    a("--max-skips", type=int, default=20, help="stop after this many skipped (non-finite) steps")
+    # k-NN
+    a("--knn-k", type=int, default=20, help="k-NN neighbours (DINO: 20)")
+    a("--knn-t", type=float, default=0.07, help="k-NN temperature of the exp(sim / T) vote weights")
+    # runtime
+    a("--output-dir", default="out/finetune", help="checkpoints and log.jsonl")
+    a("--resume", default="", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint-latest.pth)")
+    a("--allow-flag-changes", action="store_true", help="resume although flags differ from the checkpoint's")
+    a("--save-every", type=int, default=1000, help="also checkpoint every N steps (epochs always)")
+    a("--log-every", type=int, default=50, help="progress-bar loss every N steps")
+    r("--num-workers", "DataLoader workers per process", type=int)
+    a("--eval-batch-size", type=int, default=256, help="images per process in evaluation")
+    a("--seed", type=int, default=0, help="seed for data order, augmentation, mixing, head init")
+    a("--device", default="auto", help="auto (cuda if available), cuda or cpu")
+    a("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo)")
+    a("--local-rank", "--local_rank", type=int, default=0, help="accepted for torch.distributed.launch")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading --init: every checkpoint kind people have, reduced to a backbone state dict + its shape
+# ----------------------------------------------------------------------------------------------------
+
+HEAD_KEYS = ("head.", "fc.", "fc_norm.", "head_drop.")  # timm / torchvision classifiers, dropped
+
+
+def read_init(path):
+    """--init file -> (backbone state dict under timm/torchvision names, what the file says about
+    it: {"arch", "img_size", "patch_size", "init_values"} where known, and what it was)."""
+    ckpt = training.load_checkpoint(path, "--init")
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"--init {path!r} holds a {type(ckpt).__name__}, not a state dict or checkpoint")
+    meta, kind = {}, "state dict"
+    if "model" in ckpt and isinstance(ckpt["model"], dict):  # ours, MAE's and BEiT's checkpoints
+        sd, kind = ckpt["model"], "checkpoint"
+        saved = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+        for k in ("arch", "img_size", "patch_size", "init_values"):
+            if k in ckpt or k in saved:
+                meta[k] = ckpt.get(k, saved.get(k))
+    elif "state_dict" in ckpt and isinstance(ckpt["state_dict"], dict):
+        sd = ckpt["state_dict"]
+    else:
+        sd = ckpt
+    sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
+    for prefix in ("module.", "_orig_mod."):
+        sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+    for prefix, what in (("enhancer.backbone.", "pre-training checkpoint"),
+                         ("backbone.", "enhancer/classifier checkpoint")):
+        if any(k.startswith(prefix) for k in sd):
+            sd, kind = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, what
+            break
+    sd = {k: v for k, v in sd.items() if not k.startswith(HEAD_KEYS)}
+    if not ("patch_embed.proj.weight" in sd or "conv1.weight" in sd):
+        raise ValueError(f"--init {path!r} holds no ViT (patch_embed.proj.weight) or ResNet (conv1.weight) "
+                         f"weights; its first keys: {list(sd)[:5]}")
+    return sd, meta, kind
+
+
+def describe(sd):
+    """Shape of the network a backbone state dict holds, and the ARCHS name it matches (or None)."""
+    if "patch_embed.proj.weight" in sd:
+        D, _, P, _ = sd["patch_embed.proj.weight"].shape
+        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+        shape = dict(embed_dim=D, depth=depth)
+        names = [n for n, c in enh.ARCHS.items()
+                 if c.get("embed_dim") == D and c.get("depth") == depth]
+        extra = dict(patch_size=P, img_size=int(round(math.sqrt(sd["pos_embed"].shape[1] - 1))) * P,
+                     init_values=0.1 if "blocks.0.ls1.gamma" in sd else None)
+    else:
+        layers = tuple(len({k.split(".")[1] for k in sd if k.startswith(f"layer{s}.")}) for s in (1, 2, 3, 4))
+        bottleneck = "layer1.0.conv3.weight" in sd
+        shape = dict(layers=layers, block="Bottleneck" if bottleneck else "BasicBlock")
+        names = [n for n, c in enh.ARCHS.items() if c.get("layers") == layers
+                 and c["block"].__name__ == shape["block"]]
+        extra = {}
+    return shape, (names[0] if names else None), extra
+
+
+def load_backbone(args, device_meta_only=False):
+    """Build the backbone for --init/--arch/--img-size and load its weights. Sets args.arch,
+    args.img_size, args.patch_size from the checkpoint where the user left them unset."""
+    if args.init == "scratch":
+        torch.manual_seed(args.seed)
+        return build(args)
+    sd, meta, kind = read_init(args.init)
+    shape, name, extra = describe(sd)
+    if name is None:
+        raise ValueError(f"--init {args.init!r} ({kind}) holds a network {shape} that matches no --arch "
+                         f"in {list(enh.ARCHS)}")
+    if args.arch is not None and args.arch != name:
+        raise ValueError(f"--init {args.init!r} ({kind}) holds a {name} backbone {shape}, but --arch is "
+                         f"{args.arch}: drop --arch (it is read from the checkpoint) or pass a {args.arch} "
+                         f"checkpoint")
+    args.arch = name
+    if name.startswith("vit"):
+        args.patch_size = args.patch_size or extra["patch_size"]
+        if args.patch_size != extra["patch_size"]:
+            raise ValueError(f"--patch-size {args.patch_size}, but --init {args.init!r} was trained with "
+                             f"patch {extra['patch_size']}")
+        pretrain_size = meta.get("img_size") or extra["img_size"]
+        args.img_size = args.img_size or pretrain_size
+        args.init_values = meta.get("init_values", extra["init_values"])
+        grid = args.img_size // args.patch_size
+        if sd["pos_embed"].shape[1] != grid * grid + 1:  # BEiT/MAE: interpolate to the new grid
+            sd["pos_embed"] = enh.resize_pos_embed(sd["pos_embed"].float(), grid)
+    else:
+        args.img_size = args.img_size or meta.get("img_size") or 224
+    backbone = build(args)
+    missing, unexpected = backbone.load_state_dict(sd, strict=False)
+    if missing == ["norm.weight", "norm.bias"] and not unexpected:
+        pass  # MAE/BEiT fine-tuned ViTs replace the final norm by fc_norm; ours starts fresh
+    elif missing or unexpected:
+        raise ValueError(f"--init {args.init!r} does not fit {args.arch}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    return backbone
+
+
+def build(args):
+    kw = dict(img_size=args.img_size, drop_path_rate=args.drop_path)
+    if args.arch.startswith("vit"):
+        kw.update(patch_size=args.patch_size, init_values=getattr(args, "init_values", None))
+    return enh.build_backbone(args.arch, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The classifier: backbone + pooling + head (timm / torchvision names)
+# ----------------------------------------------------------------------------------------------------
+
+class Classifier(nn.Module):
+    """Backbone -> pooled feature -> [fc_norm] -> linear head.
+
+    ViT, pool 'avg' (BEiT/MAE fine-tuning): the backbone's final norm becomes Identity, patch tokens
+        are averaged and normalised by a fresh LayerNorm `fc_norm` (timm's global_pool='avg' names).
+    ViT, pool 'cls': the final-normed cls token.   ResNet: global average of the last map.
+    linear=True (MAE's linear probe): the backbone is frozen and kept in eval mode; its pooled feature
+        (as the k-NN uses) goes through BatchNorm without affine parameters, then the head.
+    """
+
+    def __init__(self, backbone, num_classes, pool="avg", head_init_scale=1.0, linear=False):
+        super().__init__()
+        self.backbone, self.pool, self.linear = backbone, pool, linear
+        self.is_vit = isinstance(backbone, enh.VisionTransformer)
+        D = backbone.num_features
+        if linear:
+            backbone.requires_grad_(False)
+            self.fc_norm = nn.BatchNorm1d(D, affine=False, eps=1e-6)
+        elif self.is_vit and pool == "avg":
+            backbone.norm = nn.Identity()
+            self.fc_norm = nn.LayerNorm(D, eps=1e-6)
+        else:
+            self.fc_norm = nn.Identity()
+        self.head = nn.Linear(D, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02 if not linear else 0.01)
+        nn.init.zeros_(self.head.bias)
+        with torch.no_grad():
+            self.head.weight.mul_(head_init_scale)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.linear:
+            self.backbone.eval()  # frozen: no BatchNorm statistics updates, no drop path
+        return self
+
+    def features(self, x):
+        if self.linear:
+            with torch.no_grad():
+                return training.pooled_features(self.backbone, x)
+        f = self.backbone(x)
+        if not self.is_vit:
+            return f.mean((2, 3))                  # (B, C)
+        return f[:, 1:].mean(1) if self.pool == "avg" else f[:, 0]  # (B, D)
+
+    def forward(self, x):
+        return self.head(self.fc_norm(self.features(x)))  # (B, classes)
+
+    def no_weight_decay(self):
+        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
+
+def export_classifier(model):
+    """The fine-tuned network under the names its framework uses: timm ViT (global_pool='avg' gives
+    fc_norm + head and an Identity norm) or torchvision ResNet (`fc`)."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        k = k[len("backbone."):] if k.startswith("backbone.") else k
+        if not model.is_vit and k.startswith("head."):
+            k = "fc." + k[len("head."):]
+        sd[k] = v.detach().clone()
+    return sd
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layer-wise lr decay and weight-decay groups (segment.py uses these too)
+# ----------------------------------------------------------------------------------------------------
+
+def layer_id(name, num_layers):
+    """Depth of a parameter for layer decay (BEiT): ViT patch embedding, cls token and positions 0,
+    block k -> k+1; ResNet stem 0, stage s -> s; everything after the backbone num_layers + 1."""
+    name = name[len("backbone."):] if name.startswith("backbone.") else name
+    if name in ("cls_token", "pos_embed", "mask_token") or name.startswith(("patch_embed.", "conv1.", "bn1.")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    if name.startswith("layer") and name[5].isdigit():
+        return int(name[5])
+    return num_layers + 1
+
+
+def num_backbone_layers(backbone):
+    return len(backbone.blocks) if hasattr(backbone, "blocks") else backbone.num_stages
+
+
+def param_groups_lrd(model, weight_decay, layer_decay, num_layers, no_weight_decay=()):
+    """Optimiser groups with an "lr_scale" each: layer_decay ** (num_layers + 1 - layer_id). No weight
+    decay on 1-D tensors (norms, biases, layer scale) and on the names in `no_weight_decay` (position
+    embedding, cls token). One group per (layer, decay or not); frozen parameters are left out."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = not (p.ndim <= 1 or name.endswith(".bias") or name in no_weight_decay)
+        lid = layer_id(name, num_layers)
+        key = (lid, decay)
+        if key not in groups:
+            groups[key] = {"params": [], "names": [], "weight_decay": weight_decay if decay else 0.0,
+                           "lr_scale": layer_decay ** (num_layers + 1 - lid)}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# LAMB (You et al. 2020), written out as timm's: Adam moments, then a per-tensor trust ratio
+# ----------------------------------------------------------------------------------------------------
+
+class Lamb(torch.optim.Optimizer):
+    """update = m_hat / (sqrt(v_hat) + eps) + wd * p;   p -= lr * (|p| / |update|) * update.
+
+    The trust ratio |p| / |update| (1 where either norm is 0) makes each tensor's step proportional to
+    its own size, which keeps large-batch training stable. Like timm, parameters without weight decay
+    (norms, biases) take the plain Adam step (ratio 1)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                m_hat = m / (1 - b1 ** state["step"])
+                v_hat = v / (1 - b2 ** state["step"])
+                update = m_hat / (v_hat.sqrt() + group["eps"])
+                ratio = 1.0
+                if group["weight_decay"] != 0:
+                    update.add_(p, alpha=group["weight_decay"])
+                    w_norm, u_norm = p.norm(), update.norm()
+                    ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm,
+                                        torch.ones_like(w_norm))
+                p.add_(update * ratio, alpha=-group["lr"])
+
+
+def build_optimizer(args, groups):
+    if args.opt == "adamw":
+        return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
+    if args.opt == "lamb":
+        return Lamb(groups, lr=args.lr)
+    return torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mixup / CutMix with label smoothing, and the losses on soft targets
+# ----------------------------------------------------------------------------------------------------
+
+def smooth_one_hot(y, num_classes, smoothing):
+    off = smoothing / num_classes
+    return torch.full((len(y), num_classes), off, device=y.device).scatter_(1, y[:, None], 1 - smoothing + off)
+
+
+def cutmix_box(H, W, lam, rng):
+    """Box (y0, y1, x0, x1) of area about (1 - lam) H W centred at a uniform point, clipped to the
+    image (CutMix, Yun et al. 2019)."""
+    cut = math.sqrt(1 - lam)
+    ch, cw = int(H * cut), int(W * cut)
+    cy, cx = rng.randrange(H), rng.randrange(W)
+    return max(cy - ch // 2, 0), min(cy + ch // 2, H), max(cx - cw // 2, 0), min(cx + cw // 2, W)
+
+
+class Mixup:
+    """One mixing per batch (timm's 'batch' mode): image i is mixed with image B-1-i.
+
+    mixup:  x = lam x + (1 - lam) x_flipped,    lam ~ Beta(mixup, mixup)
+    cutmix: a box of x_flipped pasted into x,   lam = 1 - box area / image area (after clipping)
+    targets = lam * smooth(y) + (1 - lam) * smooth(y_flipped): every row sums to 1.
+    With both on, a batch uses cutmix with probability `switch_prob`; with probability 1 - `prob`
+    it is not mixed (targets are still smoothed). Draws come from `rng` (python random)."""
+
+    def __init__(self, mixup=0.8, cutmix=1.0, prob=1.0, switch_prob=0.5, smoothing=0.1, num_classes=1000):
+        self.mixup, self.cutmix, self.prob, self.switch_prob = mixup, cutmix, prob, switch_prob
+        self.smoothing, self.num_classes = smoothing, num_classes
+
+    def __call__(self, x, y, rng=random):
+        lam, box = 1.0, None
+        if (self.mixup > 0 or self.cutmix > 0) and rng.random() < self.prob:
+            use_cutmix = self.cutmix > 0 and (self.mixup <= 0 or rng.random() < self.switch_prob)
+            alpha = self.cutmix if use_cutmix else self.mixup
+            lam = rng.betavariate(alpha, alpha)
+            if use_cutmix:
+                H, W = x.shape[-2:]
+                box = cutmix_box(H, W, lam, rng)
+                y0, y1, x0, x1 = box
+                x = x.clone()
+                x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
+                lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)
+            else:
+                x = x * lam + x.flip(0) * (1 - lam)
+        t = smooth_one_hot(y, self.num_classes, self.smoothing)
+        return x, lam * t + (1 - lam) * t.flip(0)
+
+
+def soft_target_loss(logits, target, kind="ce", bce_thresh=None):
+    """ce: -sum(target * log_softmax(logits)); bce: per-class binary cross-entropy on the (optionally
+    thresholded) soft targets, averaged over classes and batch as timm's BinaryCrossEntropy."""
+    logits = logits.float()
+    if kind == "ce":
+        return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    if bce_thresh is not None:
+        target = (target > bce_thresh).to(target.dtype)
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+# ----------------------------------------------------------------------------------------------------
+# EMA of the weights (optional; evaluated next to the model)
+# ----------------------------------------------------------------------------------------------------
+
+class ModelEma:
+    """ema = decay * ema + (1 - decay) * model after every step, buffers (BatchNorm statistics)
+    copied as they are."""
+
+    def __init__(self, model, decay):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model):
+        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.mul_(self.decay).add_(m.detach(), alpha=1 - self.decay)
+            else:
+                e.copy_(m)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation: exact top-1 / top-5 under DDP
+# ----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp="none"):
+    """Top-1 / top-5 accuracy (%) and loss over the whole evaluation set: each rank counts its exact
+    shard (data.EvalSampler), the counts are summed over ranks."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = loss_sum = n = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with training.autocast(device, amp):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        c1, c5 = training.topk_correct(logits.float(), y, (1, 5))
+        correct1, correct5, n = correct1 + c1, correct5 + c5, n + len(y)
+    model.train(was_training)
+    correct1, correct5, loss_sum, n = training.all_reduce_sum([correct1, correct5, loss_sum, n], device)
+    return {"top1": 100 * correct1 / n, "top5": 100 * correct5 / n, "loss": loss_sum / n, "n": int(n)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------
+
+def resolve_args(args):
+    """Recipe values for unset flags (per mode and backbone family), then every flag checked."""
+    if args.init is None:
+        raise ValueError("--init is required: a pre-training checkpoint, backbone.pth, a timm/torchvision "
+                         "state dict, or 'scratch' for the random-init baseline")
+    if args.init != "scratch" and not os.path.isfile(args.init):
+        raise FileNotFoundError(f"--init {args.init!r} does not exist")
+    if args.recipe is None:
+        args.recipe = "builtin" if args.data is None else "imagenet"
+    family = args.arch
+    if family is None and args.init != "scratch":
+        family = describe(read_init(args.init)[0])[1] or "vit"
+    family = family or RECIPES[args.recipe]["vit"]["arch"]
+    kind = "linear" if args.mode == "linear" else "resnet" if family.startswith("resnet") else "vit"
+    recipe = dict(RECIPES[args.recipe][kind])
+    if args.init != "scratch":  # the checkpoint decides the network and its input size
+        for k in ("arch", "img_size", "patch_size"):
+            recipe.pop(k)
+    elif kind == "linear" and (args.arch or "").startswith("resnet"):
+        recipe["patch_size"] = None
+    for k, v in recipe.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    training.check_flags(args, positive=("epochs", "max_steps", "batch_size", "lr", "blr", "img_size",
+                                         "eval_size", "nb_classes", "knn_k", "knn_t", "save_every",
+                                         "log_every", "eval_batch_size"),
+                         non_negative=("min_lr", "warmup_epochs", "weight_decay", "mixup", "cutmix",
+                                       "clip_grad", "num_workers", "max_skips", "color_jitter"),
+                         fraction=("drop_path", "smoothing", "reprob"),
+                         open_fraction=())
+    if not 0 < args.layer_decay <= 1:
+        raise ValueError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
+    if not 0 < args.crop_min <= 1 or not 0 < args.crop_pct <= 1:
+        raise ValueError(f"--crop-min and --crop-pct must be in (0, 1], got {args.crop_min}, {args.crop_pct}")
+    if args.arch is not None and args.arch not in enh.ARCHS:
+        raise ValueError(f"--arch {args.arch!r} is unknown; choose one of {list(enh.ARCHS)}")
+    parse_aa(args.aa)
+    return args
+
+
+def parse_aa(spec):
+    """'m9-mstd0.5' -> RandAugment(magnitude 9, std 0.5); 'none' -> None."""
+    if spec in (None, "none"):
+        return None
+    try:
+        parts = dict((p[:4], float(p[4:])) if p.startswith("mstd") else ("m", float(p[1:]))
+                     for p in spec.split("-"))
+        return data.RandAugment(magnitude=parts["m"], magnitude_std=parts.get("mstd", 0.0))
+    except (ValueError, KeyError):
+        raise ValueError(f"--aa {spec!r}: expected 'mM' or 'mM-mstdS' (e.g. m9-mstd0.5) or none") from None
+
+
+def build_data(args, rank, world_size):
+    train_tf = data.FinetuneTransform(args.img_size, scale=(args.crop_min, 1.0), rand_augment=parse_aa(args.aa),
+                                      color_jitter=args.color_jitter, reprob=args.reprob)
+    if args.mode == "linear":  # MAE's linear probe: crop + flip only
+        train_tf = data.FinetuneTransform(args.img_size, scale=(args.crop_min, 1.0))
+    eval_tf = data.EvalTransform(args.eval_size, crop_pct=args.crop_pct)
+    train_set = data.build_dataset(args.data, "train", train_tf, seed=args.seed)
+    if args.data is not None and not os.path.isdir(os.path.join(args.data, "val")):
+        raise FileNotFoundError(f"--data {args.data}: no val/ split (expected "
+                                f"{os.path.join(args.data, 'val', '<class>', '*')})")
+    val_set = data.build_dataset(args.data, "val", eval_tf, seed=args.seed)
+    if train_set.classes != val_set.classes:
+        raise ValueError(f"--data {args.data}: train/ and val/ have different class folders "
+                         f"({len(train_set.classes)} vs {len(val_set.classes)})")
+    num_classes = len(train_set.classes)
+    if args.nb_classes is not None and args.nb_classes != num_classes:
+        raise ValueError(f"--nb-classes {args.nb_classes}, but the data has {num_classes} classes")
+    args.nb_classes = num_classes
+    return train_set, val_set
+
+
+def knn_main(args, backbone, rank, world_size, device):
+    tf = data.EvalTransform(args.eval_size, crop_pct=args.crop_pct)
+    sets = [data.build_dataset(args.data, s, tf, seed=args.seed) for s in ("train", "val")]
+    loaders = [data.build_eval_loader(s, args.eval_batch_size, args.num_workers, rank, world_size)
+               for s in sets]
+    top1, top5 = training.knn_accuracy(backbone.to(device), *loaders, len(sets[0].classes), device,
+                                       args.knn_k, args.knn_t, ks=(1, 5))
+    result = {"mode": "knn", "init": args.init, "arch": args.arch, "knn_k": args.knn_k,
+              "top1": top1, "top5": top5, "n_train": len(sets[0]), "n_val": len(sets[1])}
+    if rank == 0:
+        training.JsonLog(os.path.join(args.output_dir, "log.jsonl")).write(**result)
+        print(json.dumps(result))
+    return result
+
+
+def main(args):
+    args = resolve_args(args)
+    rank, world_size, device = training.init_distributed(args.device, args.dist_backend)
+    os.makedirs(args.output_dir, exist_ok=True)
+    backbone = load_backbone(args)  # sets arch / img_size / patch_size from the checkpoint
+    args.eval_size = args.eval_size or args.img_size
+    if rank == 0:
+        print(f"finetune.py: mode {args.mode}, recipe {args.recipe}, {args.arch} from {args.init}")
+    training.print_args(args, rank)
+    training.seed_everything(args.seed, rank)
+    if args.mode == "knn":
+        return knn_main(args, backbone, rank, world_size, device)
+
+    # ---------------------------------------------------------------- data
+    train_set, val_set = build_data(args, rank, world_size)
+    loader, sampler = data.build_loader(train_set, args.batch_size, args.num_workers, rank, world_size,
+                                        seed=args.seed)
+    val_loader = data.build_eval_loader(val_set, args.eval_batch_size, args.num_workers, rank, world_size)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set ({len(train_set)} images) is smaller than one step "
+                         f"(--batch-size {args.batch_size} x {world_size} processes)")
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    total_batch = args.batch_size * world_size
+    if args.lr is None:
+        args.lr = args.blr * total_batch / 256
+    warmup_steps = int(args.warmup_epochs * steps_per_epoch)
+    mixup = Mixup(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob, args.smoothing,
+                  args.nb_classes)
+
+    # ---------------------------------------------------------------- model, optimiser, resume
+    model = Classifier(backbone, args.nb_classes, args.pool, args.head_init_scale,
+                       linear=args.mode == "linear").to(device)
+    groups = param_groups_lrd(model, args.weight_decay, args.layer_decay, num_backbone_layers(backbone),
+                              model.no_weight_decay())
+    optimizer = build_optimizer(args, groups)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    ema = ModelEma(model, args.model_ema_decay) if args.model_ema else None
+    state = resume(args, model, optimizer, scaler, ema, rank, world_size, device)
+    step, best = state["step"], state["best"]
+    ddp_model = model
+    if world_size > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    log = training.JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0, resumed_at=step)
+    if rank == 0:
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{args.arch} {args.img_size}px, {args.nb_classes} classes, {n_train / 1e6:.2f}M trained "
+              f"params, {total_steps} steps of {total_batch} images, lr {args.lr:.2e}")
+
+    def checkpoint(path_name, epoch):
+        rng = training.gather_rng_states(device)
+        if rank == 0:
+            training.save_checkpoint(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict(), "ema": ema.module.state_dict() if ema else None,
+                 "step": step, "epoch": epoch, "best": best, "skipped": state["skipped"],
+                 "args": vars(args), "rng": rng}, os.path.join(args.output_dir, path_name))
+
+    # ---------------------------------------------------------------- training loop
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=args.mode, dynamic_ncols=True)
+    result = {}
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, start=offset * args.batch_size)
+        t0, seen, loss_sum, n_loss = time.time(), 0, 0.0, 0
+        for x, y in loader:
+            lr = training.cosine_lr(step, total_steps, warmup_steps, args.lr, args.min_lr)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, target = mixup(x, y)
+            loss, ok = train_step(ddp_model, model, x, target, optimizer, scaler, args, device)
+            step += 1
+            seen += total_batch
+            bar.update(1)
+            if ok:
+                loss_sum, n_loss = loss_sum + loss, n_loss + 1
+                if ema is not None:
+                    ema.update(model)
+            else:
+                state["skipped"] += 1
+                print(f"finetune.py: non-finite loss or gradients at step {step}, update skipped")
+                if state["skipped"] > args.max_skips:
+                    raise FloatingPointError(f"finetune.py: {state['skipped']} non-finite steps; lower "
+                                             f"--lr or use --amp bf16 / none")
+            if step % args.log_every == 0 and n_loss:
+                bar.set_postfix(loss=f"{loss_sum / n_loss:.3f}", lr=f"{lr:.2e}")
+            if step == total_steps or step % steps_per_epoch == 0:
+                break
+            if step % args.save_every == 0:
+                checkpoint("checkpoint-latest.pth", epoch)
+        # ------------------------------------------------------------ end of epoch: evaluate, log, save
+        img_per_s = seen / (time.time() - t0)
+        stats = evaluate(model, val_loader, device, args.amp)
+        result = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": loss_sum / max(n_loss, 1),
+                  "img_per_s": img_per_s, "val_top1": stats["top1"], "val_top5": stats["top5"],
+                  "val_loss": stats["loss"], "n_val": stats["n"],
+                  "peak_mem_mb": training.peak_memory_mb(device)}
+        if ema is not None:
+            ema_stats = evaluate(ema.module, val_loader, device, args.amp)
+            result.update(ema_top1=ema_stats["top1"], ema_top5=ema_stats["top5"])
+        if stats["top1"] > best:
+            best = stats["top1"]
+            checkpoint("checkpoint-best.pth", epoch + 1)
+        result["best_top1"] = best
+        log.write(**result)
+        if rank == 0:
+            bar.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+        checkpoint("checkpoint-latest.pth", epoch + 1)
+    bar.close()
+    if rank == 0:
+        torch.save(export_classifier(model), os.path.join(args.output_dir, "classifier.pth"))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def train_step(ddp_model, model, x, target, optimizer, scaler, args, device):
+    """Forward, backward, clip, step; the update is skipped on every rank if any rank saw a
+    non-finite loss or gradient. Returns (loss, applied)."""
+    optimizer.zero_grad(set_to_none=True)
+    with training.autocast(device, args.amp):
+        logits = ddp_model(x)
+    loss = soft_target_loss(logits, target, args.loss, args.bce_target_thresh)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norm = nn.utils.clip_grad_norm_(params, args.clip_grad or float("inf"))
+    if not training.all_ranks_true(torch.isfinite(loss.detach()) & torch.isfinite(norm), device):
+        optimizer.zero_grad(set_to_none=True)
+        scaler.update()
+        return float("nan"), False
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.item(), True
+
+
+def resume(args, model, optimizer, scaler, ema, rank, world_size, device):
+    path = args.resume or os.path.join(args.output_dir, "checkpoint-latest.pth")
+    if not (args.resume or os.path.isfile(path)):
+        return {"step": 0, "best": -1.0, "skipped": 0}
+    ckpt = training.load_checkpoint(path, "--resume checkpoint")
+    saved = ckpt.get("args", {})
+    for k in ("arch", "mode", "img_size", "patch_size", "nb_classes", "pool"):
+        if k in saved and saved[k] != getattr(args, k):
+            raise ValueError(f"--resume {path!r} was trained with {training.flag(k)} {saved[k]}, this run "
+                             f"has {getattr(args, k)}: use another --output-dir or the same flags")
+    changed = training.check_resume_flags(saved, vars(args), RESUME_FREE_FLAGS, path, args.allow_flag_changes)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None and ckpt.get("ema") is not None:
+        ema.module.load_state_dict(ckpt["ema"])
+    training.restore_rng_states(ckpt["rng"], rank, world_size, device, path)
+    if rank == 0:
+        print(f"resumed from {path} at step {ckpt['step']}"
+              + (f" with changed flags: {', '.join(training.flag(k) for k in changed)}" if changed else ""))
+    return {"step": ckpt["step"], "best": ckpt["best"], "skipped": ckpt.get("skipped", 0)}
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

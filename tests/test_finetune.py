@@ -1,0 +1,482 @@
+"""Tests for finetune.py: layer-decay groups and the no-decay set, mixup/cutmix targets, RandAugment
+and random erasing, LAMB against a hand-computed step, every --init kind (pre-training checkpoint,
+exported backbone, timm / torchvision / MAE state dicts, scratch) and the bad ones, position-embedding
+interpolation, exact evaluation counts over two gloo processes, a bit-exact resume, and the three
+modes on a tiny image folder. Tiny config: 16 px images, vit_mini with patch 4, 2 classes."""
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import data
+import enhancer as enh
+import finetune
+import pretrain
+from conftest import REPO, subprocess_env
+
+
+def run(*argv):
+    return finetune.main(finetune.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def image_folder(root, side=16, n_train=(8, 8), n_val=(5, 4)):
+    """root/{train,val}/c{k}/{i}.png: class 0 a vertical ramp, class 1 a horizontal one (a shape cue
+    a few steps can learn), random noise on top. 9 validation images: an uneven 2-process split."""
+    g = torch.Generator().manual_seed(0)
+    ramp = torch.linspace(0, 255, side)
+    for split, counts in (("train", n_train), ("val", n_val)):
+        for k, n in enumerate(counts):
+            folder = root / split / f"c{k}"
+            folder.mkdir(parents=True)
+            base = ramp[:, None].expand(side, side) if k == 0 else ramp[None, :].expand(side, side)
+            for i in range(n):
+                px = (base[..., None] + 40 * torch.rand(side, side, 3, generator=g)).clamp(0, 255)
+                Image.fromarray(px.byte().numpy(), "RGB").save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return image_folder(tmp_path_factory.mktemp("ft_data"))
+
+
+def tiny(folder, out, *extra):
+    return [str(a) for a in ["--data", folder, "--output-dir", out, "--batch-size", "4", "--num-workers", "0",
+            "--device", "cpu", "--eval-batch-size", "3", "--warmup-epochs", "0", "--lr", "1e-3", *extra]]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, tiny_dvae_ckpt):
+    """A real pre-training run (2 CIM steps, vit_mini at 16 px, patch 4): its checkpoint and export."""
+    out = tmp_path_factory.mktemp("pretrain")
+    pretrain.main(pretrain.get_args_parser().parse_args(
+        ["--img-size", "16", "--patch-size", "4", "--batch-size", "4", "--gen-dim", "32", "--gen-depth", "1",
+         "--gen-heads", "2", "--arch", "vit_mini", "--knn-k", "0", "--num-workers", "0", "--device", "cpu",
+         "--min-tokenizer-perplexity", "0", "--dvae", tiny_dvae_ckpt, "--output-dir", str(out),
+         "--max-steps", "2", "--lr", "1e-3", "--warmup-epochs", "0"]))
+    return out
+
+
+def tiny_vit(depth=2, img=16):
+    torch.manual_seed(0)
+    return enh.VisionTransformer(img_size=img, patch_size=4, embed_dim=32, depth=depth, num_heads=2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimiser groups
+# ----------------------------------------------------------------------------------------------------
+
+def test_layer_decay_gives_the_exact_lr_scale_of_every_parameter():
+    model = finetune.Classifier(tiny_vit(depth=2), 5, pool="avg")
+    groups = finetune.param_groups_lrd(model, 0.05, 0.5, num_layers=2,
+                                       no_weight_decay=model.no_weight_decay())
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    assert sorted(scale) == sorted(n for n, _ in model.named_parameters())  # each once
+    for name, s in scale.items():
+        if name.startswith(("backbone.patch_embed.", "backbone.cls_token", "backbone.pos_embed")):
+            expected = 0.5 ** 3      # layer 0 of L = 2: decay^(L + 1)
+        elif name.startswith("backbone.blocks.0."):
+            expected = 0.5 ** 2
+        elif name.startswith("backbone.blocks.1."):
+            expected = 0.5 ** 1
+        else:
+            assert name.startswith(("fc_norm.", "head.")), name
+            expected = 1.0
+        assert s == expected, name
+
+
+def test_no_weight_decay_set_is_exact():
+    model = finetune.Classifier(tiny_vit(depth=2), 5, pool="avg")
+    groups = finetune.param_groups_lrd(model, 0.05, 0.75, 2, model.no_weight_decay())
+    decayed = {n for g in groups if g["weight_decay"] == 0.05 for n in g["names"]}
+    expected = {"backbone.patch_embed.proj.weight", "head.weight"}
+    for b in (0, 1):
+        expected |= {f"backbone.blocks.{b}.{m}.weight" for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+    assert decayed == expected
+    not_decayed = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
+    assert {"backbone.pos_embed", "backbone.cls_token", "fc_norm.weight", "head.bias",
+            "backbone.blocks.0.norm1.weight", "backbone.blocks.1.attn.qkv.bias"} <= not_decayed
+    assert not decayed & not_decayed
+
+
+def test_resnet_layer_ids_follow_the_stages():
+    assert finetune.layer_id("backbone.conv1.weight", 4) == 0
+    assert finetune.layer_id("backbone.bn1.bias", 4) == 0
+    assert finetune.layer_id("backbone.layer3.1.conv2.weight", 4) == 3
+    assert finetune.layer_id("head.weight", 4) == 5
+    assert finetune.layer_id("backbone.blocks.11.mlp.fc1.weight", 12) == 12
+
+
+def test_linear_probe_trains_only_the_head_through_a_bn_without_affine():
+    model = finetune.Classifier(tiny_vit(), 3, linear=True)
+    assert isinstance(model.fc_norm, nn.BatchNorm1d) and model.fc_norm.weight is None
+    groups = finetune.param_groups_lrd(model, 0.0, 1.0, 2, model.no_weight_decay())
+    assert sorted(n for g in groups for n in g["names"]) == ["head.bias", "head.weight"]
+    model.train()
+    assert not model.backbone.training and model.fc_norm.training
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mixup / CutMix, losses
+# ----------------------------------------------------------------------------------------------------
+
+def constant_batch(B=6, C=4, S=20):
+    x = torch.arange(B, dtype=torch.float32).view(B, 1, 1, 1).expand(B, 3, S, S).clone()
+    return x, torch.arange(B) % C
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cutmix_targets_match_the_pasted_area(seed):
+    x, y = constant_batch()
+    mix = finetune.Mixup(mixup=0.0, cutmix=1.0, smoothing=0.0, num_classes=4)
+    xm, t = mix(x, y, random.Random(seed))
+    assert torch.allclose(t.sum(1), torch.ones(len(y)))
+    B = len(y)
+    for i in range(B):
+        pasted = (xm[i, 0] == B - 1 - i).float().mean().item()  # pixels that come from the partner
+        lam = 1 - pasted if i != B - 1 - i else 1.0
+        own, partner = y[i].item(), y[B - 1 - i].item()
+        if own != partner:
+            assert t[i, own].item() == pytest.approx(lam, abs=1e-6)
+            assert t[i, partner].item() == pytest.approx(1 - lam, abs=1e-6)
+
+
+def test_mixup_blends_images_and_targets_with_one_lambda():
+    x, y = constant_batch()
+    mix = finetune.Mixup(mixup=0.8, cutmix=0.0, smoothing=0.1, num_classes=4)
+    xm, t = mix(x, y, random.Random(3))
+    lam = (xm[0, 0, 0, 0] - 5) / (0 - 5)  # image 0 = lam * 0 + (1 - lam) * 5
+    assert torch.allclose(xm[:, 0, 0, 0], lam * x[:, 0, 0, 0] + (1 - lam) * x.flip(0)[:, 0, 0, 0])
+    assert torch.allclose(t.sum(1), torch.ones(len(y)))
+    off = 0.1 / 4
+    assert t[0, y[0]].item() == pytest.approx(lam.item() * (1 - 0.1 + off) + (1 - lam.item()) * off, abs=1e-6)
+
+
+def test_no_mixing_still_smooths_labels():
+    x, y = constant_batch()
+    xm, t = finetune.Mixup(0.0, 0.0, smoothing=0.2, num_classes=4)(x, y, random.Random(0))
+    assert torch.equal(xm, x)
+    assert torch.allclose(t, finetune.smooth_one_hot(y, 4, 0.2))
+    assert t[0, y[0]].item() == pytest.approx(0.8 + 0.05)
+
+
+def test_soft_target_losses():
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    t = torch.tensor([[0.7, 0.3, 0.0]])
+    ce = -(0.7 * torch.log_softmax(logits, 1)[0, 0] + 0.3 * torch.log_softmax(logits, 1)[0, 1])
+    assert finetune.soft_target_loss(logits, t, "ce").item() == pytest.approx(ce.item(), rel=1e-6)
+    hard = torch.tensor([[1.0, 1.0, 0.0]])  # threshold 0.2
+    bce = nn.functional.binary_cross_entropy_with_logits(logits, hard)
+    assert finetune.soft_target_loss(logits, t, "bce", 0.2).item() == pytest.approx(bce.item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# RandAugment, random erasing
+# ----------------------------------------------------------------------------------------------------
+
+def sample_image(side=24):
+    g = torch.Generator().manual_seed(0)
+    px = 60 + 120 * torch.rand(side, side, 3, generator=g)  # mid-range: autocontrast has work to do
+    px[:, : side // 2] *= 0.5                                # an edge: sharpness and shear see it
+    return Image.fromarray(px.byte().numpy(), "RGB")
+
+
+@pytest.mark.parametrize("name", sorted(data.RAND_AUGMENT_OPS))
+def test_every_rand_augment_op_changes_the_image_and_repeats_under_a_seed(name):
+    img = sample_image()
+    op = data.RAND_AUGMENT_OPS[name]
+    a = op(img, 9.0, random.Random(1))
+    b = op(img, 9.0, random.Random(1))
+    assert a.size == img.size and a.mode == "RGB"
+    assert a.tobytes() == b.tobytes()
+    assert a.tobytes() != img.tobytes(), f"{name} at magnitude 9 left the image unchanged"
+
+
+def test_rand_augment_is_a_pure_function_of_its_rng():
+    img, ra = sample_image(), data.RandAugment(num_ops=2, magnitude=9, magnitude_std=0.5)
+    runs = [ra(img, random.Random(s)).tobytes() for s in (0, 0, 1, 2, 3, 4)]
+    assert runs[0] == runs[1]
+    assert len(set(runs[1:])) > 2
+    # every op is reachable: over many seeds each name is drawn
+    drawn = set()
+    for s in range(300):
+        rng = random.Random(s)
+        drawn.add(rng.choice(ra.ops))
+    assert drawn == set(data.RAND_AUGMENT_OPS)
+
+
+def test_random_erasing_fills_one_box_of_the_allowed_area():
+    x = torch.zeros(3, 40, 40)
+    for s in range(20):
+        y = data.RandomErasing(prob=1.0)(x, random.Random(s))
+        frac = (y[0] != 0).float().mean().item()
+        assert 0.02 * 0.8 <= frac <= 1 / 3 * 1.2  # rounding of h and w
+        assert torch.equal(y[0] != 0, y[1] != 0)
+    assert torch.equal(data.RandomErasing(prob=0.0)(x, random.Random(0)), x)
+
+
+def test_parse_aa():
+    ra = finetune.parse_aa("m7-mstd0.5")
+    assert (ra.magnitude, ra.magnitude_std, ra.num_ops) == (7.0, 0.5, 2)
+    assert finetune.parse_aa("none") is None
+    with pytest.raises(ValueError, match="--aa 'rand9'"):
+        finetune.parse_aa("rand9")
+
+
+# ----------------------------------------------------------------------------------------------------
+# LAMB, EMA
+# ----------------------------------------------------------------------------------------------------
+
+def test_lamb_step_matches_the_formula():
+    p = nn.Parameter(torch.tensor([3.0, -4.0]))
+    opt = finetune.Lamb([p], lr=0.1, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.1)
+    p.grad = torch.tensor([1.0, 2.0])
+    opt.step()
+    g, w = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -4.0])
+    m_hat, v_hat = 0.1 * g / 0.1, 0.001 * g * g / 0.001
+    update = m_hat / (v_hat.sqrt() + 1e-6) + 0.1 * w
+    expected = w - 0.1 * (w.norm() / update.norm()) * update
+    assert torch.allclose(p.detach(), expected, atol=1e-6)
+    q = nn.Parameter(torch.tensor([3.0, -4.0]))  # no weight decay: the plain Adam step, ratio 1
+    opt = finetune.Lamb([q], lr=0.1, weight_decay=0.0)
+    q.grad = torch.tensor([1.0, 2.0])
+    opt.step()
+    assert torch.allclose(q.detach(), w - 0.1 * torch.ones(2), atol=1e-5)
+
+
+def test_ema_moves_towards_the_model():
+    model = nn.Linear(2, 1)
+    ema = finetune.ModelEma(model, 0.9)
+    with torch.no_grad():
+        before = ema.module.weight.clone()
+        model.weight.add_(1.0)
+    ema.update(model)
+    assert torch.allclose(ema.module.weight, 0.9 * before + 0.1 * model.weight)
+
+
+# ----------------------------------------------------------------------------------------------------
+# --init: every kind of checkpoint, and the bad ones
+# ----------------------------------------------------------------------------------------------------
+
+def init_args(init, *extra):
+    args = finetune.resolve_args(finetune.get_args_parser().parse_args(["--init", str(init), *extra]))
+    return args, finetune.load_backbone(args)
+
+
+def test_pretraining_checkpoint_and_export_give_the_same_backbone(pretrained):
+    ckpt = load(pretrained / "checkpoint-latest.pth")
+    args_a, a = init_args(pretrained / "checkpoint-latest.pth")
+    args_b, b = init_args(pretrained / "backbone.pth")
+    assert args_a.arch == args_b.arch == "vit_mini" and args_a.img_size == 16 and args_a.patch_size == 4
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, ckpt["model"]["enhancer.backbone." + k]), k
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_timm_torchvision_and_mae_state_dicts_load(tmp_path):
+    vit = enh.build_backbone("vit_mini", img_size=32, patch_size=4)
+    sd = dict(vit.state_dict(), **{"head.weight": torch.zeros(10, 128), "head.bias": torch.zeros(10)})
+    torch.save(sd, tmp_path / "timm.pth")
+    args, got = init_args(tmp_path / "timm.pth")
+    assert args.arch == "vit_mini" and args.img_size == 32
+    assert all(torch.equal(v, got.state_dict()[k]) for k, v in vit.state_dict().items())
+    # MAE / BEiT fine-tuned checkpoint: {"model": ...}, fc_norm instead of norm
+    mae = {k: v for k, v in vit.state_dict().items() if not k.startswith("norm.")}
+    mae.update({"fc_norm.weight": torch.ones(128), "fc_norm.bias": torch.zeros(128)})
+    torch.save({"model": mae, "epoch": 3}, tmp_path / "mae.pth")
+    _, got = init_args(tmp_path / "mae.pth")
+    assert torch.equal(got.blocks[5].mlp.fc2.weight, vit.blocks[5].mlp.fc2.weight)
+    # torchvision resnet18 with its fc
+    res = enh.build_backbone("resnet18")
+    sd = dict(res.state_dict(), **{"fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)})
+    torch.save({"state_dict": sd}, tmp_path / "tv.pth")
+    args, got = init_args(tmp_path / "tv.pth")
+    assert args.arch == "resnet18"
+    assert torch.equal(got.layer4[1].conv2.weight, res.layer4[1].conv2.weight)
+
+
+def test_position_embeddings_are_interpolated_to_another_size(pretrained):
+    args, got = init_args(pretrained / "backbone.pth", "--img-size", "24")
+    saved = load(pretrained / "backbone.pth")["model"]["pos_embed"]
+    assert got.pos_embed.shape == (1, 1 + 6 * 6, 128)
+    assert torch.allclose(got.pos_embed, enh.resize_pos_embed(saved, 6))
+    assert torch.equal(got.pos_embed[:, 0], saved[:, 0])  # cls position kept
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("missing", r"--init '.*nope.pth' does not exist"),
+    ("bytes", r"--init '.*junk.pth' could not be loaded"),
+    ("other_arch", r"holds a vit_mini backbone .* but --arch is vit_s"),
+    ("no_weights", r"holds no ViT .* or ResNet"),
+    ("unknown_shape", r"matches no --arch"),
+])
+def test_bad_init_is_named(tmp_path, pretrained, case, pattern):
+    extra = []
+    if case == "missing":
+        path = tmp_path / "nope.pth"
+    elif case == "bytes":
+        path = tmp_path / "junk.pth"
+        path.write_bytes(os.urandom(256))
+    elif case == "other_arch":
+        path, extra = pretrained / "backbone.pth", ["--arch", "vit_s"]
+    elif case == "no_weights":
+        path = tmp_path / "opt.pth"
+        torch.save({"optimizer": {"lr": torch.zeros(1)}}, path)
+    else:
+        path = tmp_path / "odd.pth"
+        torch.save(tiny_vit(depth=3).state_dict(), path)  # width 32, depth 3: no preset
+    with pytest.raises((ValueError, FileNotFoundError, RuntimeError), match=pattern):
+        init_args(path, *extra)
+
+
+def test_init_is_required_and_the_data_class_count_checked(tmp_path, folder):
+    with pytest.raises(ValueError, match="--init is required"):
+        run("--data", folder)
+    with pytest.raises(ValueError, match="--nb-classes 5, but the data has 2 classes"):
+        run(*tiny(folder, tmp_path, "--init", "scratch", "--arch", "vit_mini", "--img-size", "16",
+                  "--nb-classes", "5"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Real runs on a tiny image folder
+# ----------------------------------------------------------------------------------------------------
+
+def test_finetune_from_a_pretraining_checkpoint_logs_evaluates_and_exports(tmp_path, folder, pretrained):
+    out = tmp_path / "ft"
+    result = run(*tiny(folder, out, "--init", pretrained / "checkpoint-latest.pth", "--epochs", "2",
+                       "--model-ema", "--model-ema-decay", "0.5"))
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["epoch"] for r in log] == [1, 2] and [r["step"] for r in log] == [4, 8]
+    assert all(r["n_val"] == 9 and 0 <= r["val_top1"] <= r["val_top5"] == 100.0 for r in log)
+    assert result["best_top1"] == max(r["val_top1"] for r in log) and "ema_top1" in result
+    best, latest = load(out / "checkpoint-best.pth"), load(out / "checkpoint-latest.pth")
+    assert latest["step"] == 8 and best["best"] == result["best_top1"]
+    # classifier.pth under timm names: norm is Identity in avg pooling, fc_norm + head instead
+    sd = load(out / "classifier.pth")
+    assert {"fc_norm.weight", "head.weight", "pos_embed", "blocks.5.mlp.fc2.weight"} <= set(sd)
+    assert not any(k.startswith(("backbone.", "norm.")) for k in sd)
+    pre = load(pretrained / "backbone.pth")["model"]
+    assert not torch.equal(sd["blocks.0.attn.qkv.weight"], pre["blocks.0.attn.qkv.weight"])  # it trained
+
+
+def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, folder, pretrained, monkeypatch):
+    flags = ["--init", pretrained / "backbone.pth", "--epochs", "3"]  # mixup, RandAugment, erasing, drop path on
+    run(*tiny(folder, tmp_path / "a", *flags))
+    real_step, calls = finetune.train_step, []
+
+    def crash_in_epoch_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(finetune, "train_step", crash_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(*tiny(folder, tmp_path / "b", *flags))
+    assert load(tmp_path / "b" / "checkpoint-latest.pth")["step"] == 4
+    monkeypatch.setattr(finetune, "train_step", real_step)
+    run(*tiny(folder, tmp_path / "b", *flags))
+    a, b = load(tmp_path / "a" / "checkpoint-latest.pth"), load(tmp_path / "b" / "checkpoint-latest.pth")
+    assert a["step"] == b["step"] == 12
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    log = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+
+
+def test_resume_with_another_init_is_refused(tmp_path, folder, pretrained):
+    run(*tiny(folder, tmp_path, "--init", pretrained / "backbone.pth", "--max-steps", "1"))
+    with pytest.raises(ValueError, match="--init"):
+        run(*tiny(folder, tmp_path, "--init", "scratch", "--arch", "vit_mini", "--img-size", "16",
+                  "--patch-size", "4", "--max-steps", "1"))
+
+
+def test_linear_probe_leaves_the_backbone_unchanged(tmp_path, folder, pretrained):
+    out = tmp_path / "lin"
+    run(*tiny(folder, out, "--init", pretrained / "backbone.pth", "--mode", "linear", "--max-steps", "3"))
+    ckpt, pre = load(out / "checkpoint-latest.pth"), load(pretrained / "backbone.pth")["model"]
+    for k, v in pre.items():
+        assert torch.equal(ckpt["model"]["backbone." + k], v), k
+    assert ckpt["model"]["fc_norm.running_mean"].abs().sum() > 0  # BN statistics did update
+
+
+@pytest.mark.parametrize("arch", ["resnet18"])
+def test_resnet_recipe_uses_lamb_and_bce_from_scratch(tmp_path, folder, arch):
+    args = finetune.resolve_args(finetune.get_args_parser().parse_args(
+        tiny(folder, tmp_path, "--init", "scratch", "--arch", arch)))
+    assert (args.opt, args.loss, args.layer_decay) == ("lamb", "bce", 1.0)
+    result = run(*tiny(folder, tmp_path, "--init", "scratch", "--arch", arch, "--img-size", "32",
+                       "--eval-size", "48", "--max-steps", "2"))
+    assert result["n_val"] == 9
+
+
+def test_knn_mode_counts_every_validation_image(tmp_path, folder, pretrained):
+    result = run(*tiny(folder, tmp_path, "--init", pretrained / "backbone.pth", "--mode", "knn",
+                       "--knn-k", "3"))
+    assert result["n_val"] == 9 and result["top5"] == 100.0
+    assert result["top1"] >= 50.0  # two ramp directions: trivially separable
+
+
+# ----------------------------------------------------------------------------------------------------
+# Two gloo processes over an uneven split: each validation image counted exactly once
+# ----------------------------------------------------------------------------------------------------
+
+EVAL_DRIVER = """
+import json, os, sys, torch
+import data, finetune, training
+rank, world, device = training.init_distributed("cpu", "gloo")
+torch.manual_seed(0)
+model = finetune.Classifier(finetune.enh.build_backbone("vit_mini", img_size=16, patch_size=4), 2)
+val = data.build_dataset(sys.argv[1], "val", data.EvalTransform(16, crop_pct=1.0))
+loader = data.build_eval_loader(val, 3, 0, rank, world)
+stats = finetune.evaluate(model, loader, device)
+feats, labels = training.extract_features(model.backbone, loader, device)
+stats["feat_rows"], stats["label_sum"] = feats.shape[0], int(labels.sum())
+stats["shard"] = len(loader.sampler)
+with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
+    json.dump(stats, f)
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_evaluation_counts_each_sample_once(tmp_path, folder):
+    driver = tmp_path / "eval_driver.py"
+    driver.write_text(EVAL_DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(driver), str(folder),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = {r: json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)}
+    assert sorted(r["shard"] for r in res.values()) == [4, 5]  # 9 images: 5 + 4, nothing padded
+    # one process over the same images
+    torch.manual_seed(0)
+    model = finetune.Classifier(enh.build_backbone("vit_mini", img_size=16, patch_size=4), 2)
+    val = data.build_dataset(str(folder), "val", data.EvalTransform(16, crop_pct=1.0))
+    single = finetune.evaluate(model, data.build_eval_loader(val, 3, 0), torch.device("cpu"))
+    for r in res.values():
+        assert r["n"] == 9 and r["feat_rows"] == 9 and r["label_sum"] == 4
+        assert r["top1"] == pytest.approx(single["top1"]) and r["loss"] == pytest.approx(single["loss"], rel=1e-5)
+
+
+def test_eval_sampler_splits_an_odd_count_without_repeats():
+    ds = list(range(7))
+    shards = [list(data.EvalSampler(ds, 3, r)) for r in range(3)]
+    assert sorted(i for s in shards for i in s) == ds
+    assert [len(s) for s in shards] == [3, 2, 2]

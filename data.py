@@ -12,6 +12,8 @@ Needs torch, numpy and pillow; nothing else (no torchvision: the transforms belo
                      view ((S/P)*f px, Lanczos) of ONE crop, flip, colour jitter, to-tensor + normalize,
                      eval resize + center crop; for fine-tuning `RandAugment` (its 15 PIL operations
                      written out) and `RandomErasing`.
+- segmentation      `SegTrainTransform` (rescale, crop with a max single-class ratio, flip, photometric
+                     distortion, pad with the ignore label) and `SegEvalTransform`, mmseg's ADE20K pipeline.
 - `EvalSampler`      an exact split of an evaluation set over ranks: every sample counted once.
 
 Unreadable images: an image that PIL cannot decode (corrupt or truncated file) is SKIPPED: a warning
@@ -179,23 +181,32 @@ def reduce_zero_label(label):
     """ADE20K: 0 ("other") -> 255 (ignored by the loss), classes 1..K -> 0..K-1. uint8 in, uint8 out."""
     label = np.asarray(label).astype(np.int64) - 1
     label[label < 0] = 255
-    return label.astype(np.uint8)
+    return label.astype(np.uint8) if label.max(initial=0) <= 255 else label
+
+
+class LabelFileError(RuntimeError):
+    """A label file that contradicts its image or the class count: a broken dataset, never skipped."""
 
 
 class ADE20K(DatasetBase):
     """ADE20K layout: `root/images/<split>/X.jpg` with `root/annotations/<split>/X.png`.
 
-    Returns transform(RGB image, label) where label is a uint8 array after `reduce_zero_label`
-    (255 = ignore). Without a transform: (PIL image, numpy label).
+    Returns transform(RGB image, label, rng) where label is a uint8 array (255 = ignore); with
+    `reduce_zero_label` (ADE20K's convention, the default) 0 becomes 255 and 1..K become 0..K-1.
+    A label whose size differs from its image's, or (given `num_classes`) holds a value that is
+    neither a class nor 255, stops with LabelFileError naming the file. Without a transform:
+    (PIL image, numpy label).
     """
 
     LAYOUT = "root/images/{training,validation}/*.jpg and root/annotations/{training,validation}/*.png"
 
-    def __init__(self, root, split="training", transform=None, seed=0):
+    def __init__(self, root, split="training", transform=None, seed=0, reduce_zero_label=True,
+                 num_classes=None):
         img_dir, ann_dir = (os.path.join(root, d, split) for d in ("images", "annotations"))
         check_folder(img_dir, "ADE20K images", self.LAYOUT)
         check_folder(ann_dir, "ADE20K annotations", self.LAYOUT)
         self.transform, self.seed = transform, seed
+        self.reduce_zero_label, self.num_classes = reduce_zero_label, num_classes
         names = sorted(f for f in os.listdir(img_dir)
                        if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
         if not names:
@@ -214,9 +225,28 @@ class ADE20K(DatasetBase):
 
     def load(self, i):
         img_path, ann_path = self.samples[i]
+        img = load_rgb(img_path)
         with Image.open(ann_path) as ann:
-            label = reduce_zero_label(ann)
-        return load_rgb(img_path), label
+            if ann.mode not in ("L", "P", "I", "I;16"):
+                raise LabelFileError(f"label file {ann_path!r} has mode {ann.mode}: expected one class "
+                                     f"index per pixel (8-bit grayscale or palette PNG)")
+            label = np.asarray(ann).astype(np.int64)
+        if label.shape != (img.size[1], img.size[0]):
+            raise LabelFileError(f"label file {ann_path!r} is {label.shape[1]}x{label.shape[0]} px, its "
+                                 f"image {img_path!r} is {img.size[0]}x{img.size[1]}")
+        if self.reduce_zero_label:
+            label = reduce_zero_label(label).astype(np.int64)
+        if label.max(initial=0) > 255:
+            raise LabelFileError(f"label file {ann_path!r} holds value {int(label.max())}: labels are "
+                                 f"stored as 8 bits here (up to 255 classes, 255 = ignore)")
+        if self.num_classes is not None:
+            bad = (label >= self.num_classes) & (label != 255)
+            if bad.any():
+                raw = int(label[bad].max()) + (1 if self.reduce_zero_label else 0)
+                raise LabelFileError(f"label file {ann_path!r} holds value {raw}, outside the "
+                                     f"{self.num_classes} classes (--nb-classes {self.num_classes}"
+                                     f"{', reduce_zero_label' if self.reduce_zero_label else ''}; 255 = ignore)")
+        return img, label.astype(np.uint8)
 
     def __getitem__(self, index):
         img, label = self.load_with_skip(index, self.load, lambda i: self.samples[i][0])
@@ -231,13 +261,15 @@ class SyntheticShapes(DatasetBase):
 
     Sample i of a split is a pure function of (seed, split, i): identical on every rank and run.
     `sample(i)` -> (PIL RGB image, per-pixel uint8 mask with 0 = background and c+1 = class c, label).
-    `__getitem__(i)` -> (transform(image), label), like ImageFolder.
+    `__getitem__(i)` -> (transform(image), label), like ImageFolder; with segmentation=True
+    transform(image, mask, rng) like ADE20K (classes: background + the shapes).
     """
 
     CLASSES = ("disc", "square", "triangle", "cross", "ring", "star", "bar", "diamond")
     SPLIT_LENGTH = {"train": 8192, "val": 1024}
 
-    def __init__(self, split="train", size=64, num_classes=8, length=None, seed=0, transform=None):
+    def __init__(self, split="train", size=64, num_classes=8, length=None, seed=0, transform=None,
+                 segmentation=False):
         if split not in self.SPLIT_LENGTH:
             raise ValueError(f"SyntheticShapes split must be one of {list(self.SPLIT_LENGTH)}, "
                              f"got {split!r}")
@@ -247,12 +279,17 @@ class SyntheticShapes(DatasetBase):
         self.length = self.SPLIT_LENGTH[split] if length is None else length
         self.seed, self.transform = seed, transform
         self.classes = list(self.CLASSES[:num_classes])
+        self.segmentation = segmentation  # __getitem__ gives (transform(img, mask, rng)) instead
+        if segmentation:
+            self.classes = ["background"] + self.classes
 
     def __len__(self):
         return self.length
 
     def __getitem__(self, index):
-        img, _, label = self.sample(index)
+        img, mask, label = self.sample(index)
+        if self.segmentation:  # per-pixel labels: 0 background, c + 1 shape class c
+            return self.transform(img, mask, self.sample_rng(index)) if self.transform else (img, mask)
         return (self.transform(img, self.sample_rng(index)) if self.transform else img), label
 
     def sample(self, index):
@@ -568,6 +605,93 @@ class FinetuneTransform:
             img = self.jitter(img, rng)
         x = normalize(to_tensor(img))
         return self.erase(x, rng) if self.erase is not None else x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Segmentation transforms (mmseg's ADE20K pipeline, written out): image and label move together
+# ----------------------------------------------------------------------------------------------------
+
+IGNORE_INDEX = 255
+
+
+def rescale_size(width, height, scale):
+    """Size that fits (long, short) = `scale` keeping the aspect ratio (mmseg's keep_ratio Resize):
+    the long side at most scale[0] and the short side at most scale[1], one of them equal."""
+    f = min(max(scale) / max(width, height), min(scale) / min(width, height))
+    return int(width * f + 0.5), int(height * f + 0.5)
+
+
+def photometric_distortion(img, rng):
+    """mmseg's PhotoMetricDistortion: brightness +-32, contrast x[0.5, 1.5] (before or after the
+    HSV part, at random), saturation x[0.5, 1.5], hue +-18 degrees; each applied with p = 0.5."""
+    a = np.asarray(img, dtype=np.float32)
+    if rng.random() < 0.5:
+        a = np.clip(a + rng.uniform(-32, 32), 0, 255)
+    contrast_first = rng.random() < 0.5
+    if contrast_first and rng.random() < 0.5:
+        a = np.clip(a * rng.uniform(0.5, 1.5), 0, 255)
+    hsv = np.asarray(Image.fromarray(a.astype(np.uint8)).convert("HSV"), dtype=np.float32)
+    if rng.random() < 0.5:
+        hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.5), 0, 255)
+    if rng.random() < 0.5:  # PIL's hue runs 0..255 for 0..360 degrees
+        hsv[..., 0] = (hsv[..., 0] + rng.uniform(-18, 18) * 256 / 360) % 256
+    a = np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB"), dtype=np.float32)
+    if not contrast_first and rng.random() < 0.5:
+        a = np.clip(a * rng.uniform(0.5, 1.5), 0, 255)
+    return Image.fromarray(a.astype(np.uint8))
+
+
+class SegTrainTransform:
+    """Segmentation training view: rescale to `scale` x U[ratio_range] (aspect kept), random crop of
+    crop_size in which no single class covers more than `cat_max_ratio` of the labelled pixels (ten
+    tries, then the last), flip, photometric distortion, normalise, pad to crop_size (image 0,
+    label 255). Returns (image (3, C, C) float, label (C, C) int64)."""
+
+    def __init__(self, crop_size, scale=(2048, 512), ratio_range=(0.5, 2.0), cat_max_ratio=0.75,
+                 hflip=0.5, photometric=True):
+        self.crop, self.scale, self.ratio_range = crop_size, scale, ratio_range
+        self.cat_max_ratio, self.hflip, self.photometric = cat_max_ratio, hflip, photometric
+
+    def crop_box(self, label, rng):
+        H, W = label.shape
+        for _ in range(10):
+            top, left = rng.randint(0, max(H - self.crop, 0)), rng.randint(0, max(W - self.crop, 0))
+            part = label[top:top + self.crop, left:left + self.crop]
+            counts = np.unique(part[part != IGNORE_INDEX], return_counts=True)[1]
+            if self.cat_max_ratio >= 1 or (len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio):
+                break
+        return left, top, min(left + self.crop, W), min(top + self.crop, H)
+
+    def __call__(self, img, label, rng=random):
+        r = rng.uniform(*self.ratio_range)
+        size = rescale_size(*img.size, (self.scale[0] * r, self.scale[1] * r))
+        img = img.resize(size, Image.BILINEAR)
+        label = np.asarray(Image.fromarray(np.asarray(label, dtype=np.uint8)).resize(size, Image.NEAREST))
+        box = self.crop_box(label, rng)
+        img, label = img.crop(box), label[box[1]:box[3], box[0]:box[2]]
+        if rng.random() < self.hflip:
+            img, label = img.transpose(Image.FLIP_LEFT_RIGHT), label[:, ::-1]
+        if self.photometric:
+            img = photometric_distortion(img, rng)
+        x = normalize(to_tensor(img))
+        out_x = torch.zeros(3, self.crop, self.crop)
+        out_y = torch.full((self.crop, self.crop), IGNORE_INDEX, dtype=torch.int64)
+        h, w = label.shape
+        out_x[:, :h, :w] = x
+        out_y[:h, :w] = torch.from_numpy(label.astype(np.int64))
+        return out_x, out_y
+
+
+class SegEvalTransform:
+    """Evaluation view: the image rescaled to fit `scale` (aspect kept) and normalised; the label
+    at its original size (predictions are resized back to it, as mmseg evaluates)."""
+
+    def __init__(self, scale=(2048, 512)):
+        self.scale = scale
+
+    def __call__(self, img, label, rng=None):
+        img = img.resize(rescale_size(*img.size, self.scale), Image.BILINEAR)
+        return normalize(to_tensor(img)), torch.from_numpy(np.asarray(label).astype(np.int64))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -165,17 +165,19 @@ def init_vit_weights(module, std=0.02, bound=2.0):
 # ----------------------------------------------------------------------------------------------------
 
 def resize_pos_embed(pos_embed, grid):
-    """Bicubically resize a (1, 1+G*G, D) position table to another square grid (cls row kept).
+    """Bicubically resize a (1, 1+G*G, D) position table to another grid, square (an int) or
+    (rows, cols) for non-square inputs; the cls row is kept.
 
     Used when the backbone runs at a resolution other than the one it was built for, e.g. 512 px
     segmentation crops on a 224 px pre-trained model (the BEiT/MAE fine-tuning recipe).
     """
+    gh, gw = (grid, grid) if isinstance(grid, int) else grid
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     old = int(patch_pos.shape[1] ** 0.5)
     D = patch_pos.shape[2]
     patch_pos = patch_pos.reshape(1, old, old, D).permute(0, 3, 1, 2)  # (1, D, H, W)
-    patch_pos = F.interpolate(patch_pos, size=(grid, grid), mode="bicubic", align_corners=False)
-    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid * grid, D)  # (1, N, D)
+    patch_pos = F.interpolate(patch_pos, size=(gh, gw), mode="bicubic", align_corners=False)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, gh * gw, D)  # (1, N, D)
     return torch.cat([cls_pos, patch_pos], dim=1)
 
 
@@ -210,10 +212,10 @@ class VisionTransformer(nn.Module):
 
     def embed(self, x):
         """Image (B, 3, H, W) -> tokens with cls prepended and positions added, (B, 1+N, D)."""
+        grid = (x.shape[2] // self.patch_size, x.shape[3] // self.patch_size)
         x = self.patch_embed(x)  # (B, N, D)
         pos = self.pos_embed
-        grid = int(x.shape[1] ** 0.5)
-        if grid != self.grid_size:
+        if grid != (self.grid_size, self.grid_size):  # another input size: interpolated positions
             pos = resize_pos_embed(pos, grid)
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
         return torch.cat([cls, x], dim=1) + pos

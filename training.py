@@ -5,7 +5,7 @@ plumbing around its own step; it lives here once, written out plainly:
 
     init_distributed    torchrun's environment -> (rank, world_size, device); one CPU process without it
     autocast            one autocast context from the --amp flag (bf16 | fp16 | none)
-    cosine_lr           per-iteration linear warm-up + cosine schedule
+    cosine_lr           per-iteration linear warm-up + cosine schedule (poly_lr: segmentation's)
     save_checkpoint     atomic write (tmp file, fsync, rename); load_checkpoint reads weights_only=True
     get/set/gather_rng  every RNG stream a bit-exact resume needs, for every rank
     JsonLog             one JSON line per log interval; a resume cuts the lines written after the checkpoint
@@ -85,6 +85,15 @@ def cosine_lr(step, total_steps, warmup_steps, base_lr, final_lr):
         return base_lr * step / warmup_steps
     t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return final_lr + 0.5 * (base_lr - final_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def poly_lr(step, total_steps, warmup_steps, base_lr, final_lr=0.0, power=1.0, warmup_ratio=1e-6):
+    """mmseg's schedule (segmentation): (base - final) * (1 - step/total)^power + final, scaled up
+    linearly from warmup_ratio over the first warmup_steps."""
+    lr = (base_lr - final_lr) * (1 - min(step, total_steps) / total_steps) ** power + final_lr
+    if step < warmup_steps:
+        lr *= 1 - (1 - step / warmup_steps) * (1 - warmup_ratio)
+    return lr
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -480,3 +480,23 @@ def test_eval_sampler_splits_an_odd_count_without_repeats():
     shards = [list(data.EvalSampler(ds, 3, r)) for r in range(3)]
     assert sorted(i for s in shards for i in s) == ds
     assert [len(s) for s in shards] == [3, 2, 2]
+
+
+def test_two_process_gloo_finetune_run(tmp_path, folder, pretrained):
+    """DDP training (replicas all-reduce), exact evaluation and rank-0 saving, through torchrun."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), os.path.join(REPO, "finetune.py"),
+           *tiny(folder, out, "--init", pretrained / "backbone.pth", "--epochs", "1", "--dist-backend", "gloo",
+                 "--batch-size", "2")]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert len(log) == 1 and log[0]["step"] == 4 and log[0]["n_val"] == 9  # 16 images / (2 x 2) per step
+    assert len(load(out / "checkpoint-latest.pth")["rng"]) == 2
+
+
+def test_bf16_autocast_step_on_cpu(tmp_path, folder, pretrained):
+    result = run(*tiny(folder, tmp_path, "--init", pretrained / "backbone.pth", "--max-steps", "2",
+                       "--amp", "bf16"))
+    assert result["step"] == 2 and 0 < result["train_loss"] < 10  # both steps applied, finite

@@ -1,0 +1,556 @@
+"""Semantic segmentation after CIM: UperNet on an enhancer backbone (ViT or ResNet), ADE20K layout.
+
+CIM's second downstream task (Sec. 4.2): ADE20K, UperNet, ViT-B/16 enhancer, 43.5-43.6 mIoU. Written
+without mmseg, following BEiT's semantic-segmentation setup:
+
+    ViT      features after 4 blocks spread like BEiT's (4, 6, 8, 12 of 12), cls dropped, tokens ->
+             maps; a 4-level pyramid: fpn1 = deconv 2x, BN, GELU, deconv 2x (1/4 of the patch grid's
+             stride ... i.e. stride P/4), fpn2 = deconv 2x, fpn3 = identity, fpn4 = max-pool 2
+    ResNet   C2..C5 (strides 4, 8, 16, 32)
+    UperHead pyramid pooling (1, 2, 3, 6) on the last level + FPN fusion of all four, dropout 0.1
+    FCNHead  auxiliary head on level 3, loss weight 0.4
+
+It reads pre-training checkpoints through finetune.py's `--init` loader (and uses its layer-decay
+groups); never pretrain.py's code. Data: the ADE20K layout (`--data ROOT`: images/{training,validation}
+and annotations/...), any class count (`--nb-classes`) and image size, or with no --data the built-in
+shapes with their per-pixel masks (background + 8 shape classes).
+
+    python segment.py --init out/pretrain/backbone.pth                  # built-in masks, CPU minutes
+    python segment.py --init scratch --arch vit_mini                    # the same recipe from scratch
+    torchrun --nproc_per_node 8 segment.py --data /path/ADEChallengeData2016 --nb-classes 150 \\
+        --init cim_vit_b.pth --batch-size 2 --amp bf16 --output-dir out/seg_vit_b   # 160k iters, batch 16
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import data
+import enhancer as enh
+import finetune
+import training
+
+# ----------------------------------------------------------------------------------------------------
+# Recipes. "imagenet": BEiT's ADE20K UperNet setting for ImageNet-scale pre-trained backbones (CIM
+# follows BEiT); "builtin": the built-in masks on a CPU in minutes.
+# ----------------------------------------------------------------------------------------------------
+
+RECIPES = {
+    "builtin": dict(arch="vit_mini", patch_size=4, crop_size=32, scale=[128, 32],
+                    iters=300, batch_size=16, lr=1e-3, layer_decay=0.75, weight_decay=0.05, warmup_iters=30,
+                    channels=32, aux_channels=16, drop_path=0.1, stride=21, num_workers=1,
+                    eval_every=300, cat_max_ratio=0.75, eval_batch_size=32),
+    # BEiT-B: AdamW lr 7e-4 (0.9, 0.999), wd 0.05, layer decay 0.65, poly, 1500 warm-up iterations,
+    # 160k iterations, batch 16 (2 per GPU x 8), crop 512, scale (2048, 512) x [0.5, 2], slide 512 / 341
+    "imagenet": dict(arch="vit_b", patch_size=16, crop_size=512, scale=[2048, 512],
+                     iters=160000, batch_size=2, lr=7e-4, layer_decay=0.65, weight_decay=0.05,
+                     warmup_iters=1500, channels=768, aux_channels=256, drop_path=0.1, stride=341,
+                     num_workers=4, eval_every=16000, cat_max_ratio=0.75, eval_batch_size=1),
+}
+# Flags a resumed run may change: output, processes, and how evaluation is done (not what is trained).
+RESUME_FREE_FLAGS = {"output_dir", "resume", "num_workers", "log_every", "save_every", "eval_every", "device",
+                     "dist_backend", "local_rank", "allow_flag_changes", "overlays", "eval_only", "mode",
+                     "stride", "eval_batch_size"}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("segment.py: UperNet semantic segmentation on a CIM enhancer")
+    a = p.add_argument
+
+    def r(name, help, **kw):
+        key = name[2:].replace("-", "_")
+        values = ", ".join(f"{k} {RECIPES[k][key]}" for k in RECIPES)
+        a(name, default=None, help=f"{help} [recipe: {values}]", **kw)
+
+    a("--recipe", default=None, choices=list(RECIPES),
+      help="defaults of every flag marked [recipe]: builtin without --data, imagenet (BEiT's ADE20K "
+           "setting) with --data")
+    a("--init", default=None, help="pre-training checkpoint, backbone.pth, timm/torchvision state dict, "
+      "or 'scratch' (as finetune.py)")
+    r("--arch", f"backbone, one of {list(enh.ARCHS)}; taken from --init when it is a checkpoint")
+    r("--patch-size", "ViT patch size for --init scratch (else the checkpoint's)", type=int)
+    a("--nb-classes", type=int, default=None, help="classes (150 for ADE20K); default: 9 on the built-in "
+      "data; required with --data")
+    a("--no-reduce-zero-label", dest="reduce_zero_label", action="store_false",
+      help="labels are 0..K-1 already (by default 0 = ignore and 1..K -> 0..K-1, as ADE20K)")
+    a("--layers", type=int, nargs=4, default=None, help="ViT blocks to tap (1-based); default spread like "
+      "BEiT's 4, 6, 8, 12 of 12")
+    r("--channels", "UperHead width (BEiT: 768)", type=int)
+    r("--aux-channels", "auxiliary FCN head width (256)", type=int)
+    a("--aux-weight", type=float, default=0.4, help="auxiliary loss weight")
+    r("--drop-path", "backbone stochastic depth", type=float)
+    # data
+    a("--data", default=None, help="ADE20K-layout root; omit for the built-in shapes and masks")
+    r("--crop-size", "training crop (and sliding-window) size", type=int)
+    r("--scale", "rescale target (long, short) before the random ratio (mmseg's img_scale)", type=int,
+      nargs=2)
+    a("--ratio-range", type=float, nargs=2, default=[0.5, 2.0], help="random rescale ratio range")
+    r("--cat-max-ratio", "a training crop is redrawn (10 tries) while one class covers more than "
+      "this share of its labelled pixels", type=float)
+    # optimisation
+    r("--iters", "training iterations", type=int)
+    r("--batch-size", "images per process per iteration", type=int)
+    r("--lr", "peak AdamW lr", type=float)
+    r("--layer-decay", "layer-wise lr decay of the backbone (heads at 1)", type=float)
+    r("--weight-decay", "AdamW weight decay (none on 1-D params, position embedding, cls token)", type=float)
+    r("--warmup-iters", "linear warm-up iterations of the poly schedule", type=int)
+    a("--amp", default="none", choices=["bf16", "fp16", "none"], help="autocast dtype")
+    a("--clip-grad", type=float, default=None, help="max global grad norm (None = off, as BEiT)")
+    a("--max-skips", type=int, default=20, help="stop after this many skipped (non-finite) iterations")
+    # evaluation
+    a("--mode", default="slide", choices=["slide", "whole"], help="inference: sliding crops or whole image")
+    r("--stride", "sliding-window stride", type=int)
+    r("--eval-every", "evaluate every N iterations (and at the end)", type=int)
+    r("--eval-batch-size", "validation images per batch (1 where image sizes differ)", type=int)
+    a("--eval-only", action="store_true", help="evaluate --init / the latest checkpoint, no training")
+    a("--overlays", type=int, default=4, help="validation images written as PNG overlays at each evaluation")
+    # runtime
+    a("--output-dir", default="out/segment", help="checkpoints, log.jsonl, overlay PNGs")
+    a("--resume", default="", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint-latest.pth)")
+    a("--allow-flag-changes", action="store_true", help="resume although flags differ")
+    a("--save-every", type=int, default=1000, help="checkpoint every N iterations (and at the end)")
+    a("--log-every", type=int, default=20, help="JSON log line every N iterations")
+    r("--num-workers", "DataLoader workers per process", type=int)
+    a("--seed", type=int, default=0, help="seed for data order, augmentation, head init")
+    a("--device", default="auto", help="auto (cuda if available), cuda or cpu")
+    a("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo)")
+    a("--local-rank", "--local_rank", type=int, default=0, help="accepted for torch.distributed.launch")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model: backbone -> 4-level pyramid -> UperHead (+ auxiliary FCNHead)
+# ----------------------------------------------------------------------------------------------------
+
+def conv_bn_relu(cin, cout, k):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+def default_layers(depth):
+    """Blocks to tap, spread like BEiT's (4, 6, 8, 12) for 12 blocks: depth/3, depth/2, 2depth/3, depth."""
+    return [max(1, round(depth / 3)), max(1, round(depth / 2)), max(1, round(2 * depth / 3)), depth]
+
+
+class ViTPyramid(nn.Module):
+    """Token maps after 4 blocks -> feature maps at 4x, 2x, 1x and 0.5x the patch grid (BEiT)."""
+
+    def __init__(self, backbone, layers):
+        super().__init__()
+        self.backbone, self.layers = backbone, list(layers)
+        D = backbone.embed_dim
+        self.fpn1 = nn.Sequential(nn.ConvTranspose2d(D, D, 2, 2), nn.BatchNorm2d(D), nn.GELU(),
+                                  nn.ConvTranspose2d(D, D, 2, 2))
+        self.fpn2 = nn.ConvTranspose2d(D, D, 2, 2)
+        self.fpn3 = nn.Identity()
+        self.fpn4 = nn.MaxPool2d(2)
+        self.out_channels = [D] * 4
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        gh, gw = H // self.backbone.patch_size, W // self.backbone.patch_size
+        maps = [t[:, 1:].transpose(1, 2).reshape(B, -1, gh, gw)  # (B, N, D) -> (B, D, H/P, W/P)
+                for t in self.backbone.get_layer_outputs(x, self.layers)]
+        return [f(m) for f, m in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), maps)]
+
+
+class ResNetPyramid(nn.Module):
+    """C2..C5 of a ResNet (strides 4, 8, 16, 32)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        C = backbone.num_features
+        self.out_channels = [C // 8, C // 4, C // 2, C]
+
+    def forward(self, x):
+        return self.backbone.get_layer_outputs(x, (1, 2, 3, 4))
+
+
+class UperHead(nn.Module):
+    """UperNet (Xiao et al. 2018) as mmseg's UPerHead: PPM on the last level, lateral 1x1 convs,
+    top-down sums, 3x3 FPN convs, all levels upsampled to the first, fused by a 3x3 conv."""
+
+    def __init__(self, in_channels, channels, num_classes, pool_scales=(1, 2, 3, 6), dropout=0.1):
+        super().__init__()
+        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(in_channels[-1], channels, 1))
+                                 for s in pool_scales)
+        self.bottleneck = conv_bn_relu(in_channels[-1] + len(pool_scales) * channels, channels, 3)
+        self.lateral_convs = nn.ModuleList(conv_bn_relu(c, channels, 1) for c in in_channels[:-1])
+        self.fpn_convs = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in in_channels[:-1])
+        self.fpn_bottleneck = conv_bn_relu(len(in_channels) * channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+
+    def psp(self, x):
+        outs = [x] + [F.interpolate(p(x), size=x.shape[2:], mode="bilinear", align_corners=False)
+                      for p in self.ppm]
+        return self.bottleneck(torch.cat(outs, dim=1))
+
+    def forward(self, feats):
+        laterals = [conv(f) for conv, f in zip(self.lateral_convs, feats)] + [self.psp(feats[-1])]
+        for i in range(len(laterals) - 1, 0, -1):  # top-down: coarse maps refine the finer ones
+            laterals[i - 1] = laterals[i - 1] + F.interpolate(
+                laterals[i], size=laterals[i - 1].shape[2:], mode="bilinear", align_corners=False)
+        outs = [conv(l) for conv, l in zip(self.fpn_convs, laterals)] + [laterals[-1]]
+        size = outs[0].shape[2:]
+        outs = [outs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs[1:]]
+        return self.conv_seg(self.dropout(self.fpn_bottleneck(torch.cat(outs, dim=1))))
+
+
+class FCNHead(nn.Module):
+    """Auxiliary head (mmseg FCNHead, one conv): 3x3 conv-BN-ReLU, dropout, 1x1 to the classes."""
+
+    def __init__(self, in_channels, channels, num_classes, dropout=0.1):
+        super().__init__()
+        self.conv = conv_bn_relu(in_channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, x):
+        return self.conv_seg(self.dropout(self.conv(x)))
+
+
+class Segmenter(nn.Module):
+    """Backbone pyramid + UperHead + auxiliary FCNHead on level 3. forward(x) returns logits at the
+    input size (B, classes, H, W) and, in training, the auxiliary logits too."""
+
+    def __init__(self, backbone, num_classes, channels=768, aux_channels=256, layers=None):
+        super().__init__()
+        if isinstance(backbone, enh.VisionTransformer):
+            self.neck = ViTPyramid(backbone, layers or default_layers(len(backbone.blocks)))
+        else:
+            self.neck = ResNetPyramid(backbone)
+        self.decode_head = UperHead(self.neck.out_channels, channels, num_classes)
+        self.auxiliary_head = FCNHead(self.neck.out_channels[2], aux_channels, num_classes)
+        self.size_multiple = 32 if not isinstance(backbone, enh.VisionTransformer) else backbone.patch_size
+
+    def forward(self, x):
+        feats = self.neck(x)
+        out = F.interpolate(self.decode_head(feats), size=x.shape[2:], mode="bilinear", align_corners=False)
+        if not self.training:
+            return out
+        aux = F.interpolate(self.auxiliary_head(feats[2]), size=x.shape[2:], mode="bilinear", align_corners=False)
+        return out, aux
+
+
+def segmentation_loss(out, aux, labels, aux_weight=0.4):
+    """Pixel cross-entropy, 255 ignored, + aux_weight x the auxiliary head's."""
+    main = F.cross_entropy(out.float(), labels, ignore_index=data.IGNORE_INDEX)
+    return main + aux_weight * F.cross_entropy(aux.float(), labels, ignore_index=data.IGNORE_INDEX), main
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inference: whole image or sliding window; metrics from a confusion matrix
+# ----------------------------------------------------------------------------------------------------
+
+def pad_to(x, h, w):
+    return F.pad(x, (0, w - x.shape[-1], 0, h - x.shape[-2]))
+
+
+@torch.no_grad()
+def infer_whole(model, x):
+    """Logits (B, classes, H, W) of the whole image, padded to the backbone's size multiple first."""
+    m = model.size_multiple
+    H, W = x.shape[-2:]
+    out = model(pad_to(x, -(-H // m) * m, -(-W // m) * m))
+    return out[..., :H, :W]
+
+
+@torch.no_grad()
+def infer_slide(model, x, crop, stride, num_classes):
+    """Average the logits of crop x crop windows every `stride` pixels (the last window of each row
+    and column flush with the border, as mmseg's slide_inference); windows sticking out of a small
+    image are zero-padded and cut back. Every pixel is covered at least once."""
+    B, _, H, W = x.shape
+    rows = max(H - crop + stride - 1, 0) // stride + 1
+    cols = max(W - crop + stride - 1, 0) // stride + 1
+    logits = x.new_zeros(B, num_classes, H, W)
+    count = x.new_zeros(1, 1, H, W)
+    for r in range(rows):
+        for c in range(cols):
+            y0, x0 = max(min(r * stride, H - crop), 0), max(min(c * stride, W - crop), 0)
+            y1, x1 = min(y0 + crop, H), min(x0 + crop, W)
+            out = model(pad_to(x[:, :, y0:y1, x0:x1], crop, crop))
+            logits[:, :, y0:y1, x0:x1] += out[:, :, :y1 - y0, :x1 - x0]
+            count[:, :, y0:y1, x0:x1] += 1
+    return logits / count
+
+
+def confusion_matrix(pred, label, num_classes):
+    """(classes, classes) counts, rows = true class, columns = prediction; 255 pixels left out."""
+    keep = label != data.IGNORE_INDEX
+    idx = label[keep] * num_classes + pred[keep]
+    return torch.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def segmentation_metrics(conf):
+    """aAcc (pixel accuracy), per-class IoU and Acc, mIoU / mAcc over the classes that occur
+    (in the labels or the predictions; mmseg's nan-mean)."""
+    conf = conf.double()
+    tp, gt, pred = conf.diag(), conf.sum(1), conf.sum(0)
+    union = gt + pred - tp
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+    acc = torch.where(gt > 0, tp / gt.clamp(min=1), torch.full_like(tp, float("nan")))
+    return {"aAcc": 100 * (tp.sum() / conf.sum()).item(), "mIoU": 100 * iou.nanmean().item(),
+            "mAcc": 100 * acc.nanmean().item(), "IoU": (100 * iou).tolist(), "Acc": (100 * acc).tolist()}
+
+
+@torch.no_grad()
+def evaluate(model, loader, args, device, overlay_dir=None, classes=None):
+    """Confusion matrix over the whole validation set (each rank its exact shard, summed), the
+    metrics, and PNG overlays of the first few images of rank 0's shard."""
+    was_training = model.training
+    model.eval()
+    conf = torch.zeros(args.nb_classes, args.nb_classes, dtype=torch.int64, device=device)
+    for i, (x, y) in enumerate(loader):
+        x, y = x.to(device), y.to(device)
+        with training.autocast(device, args.amp):
+            if args.mode == "slide":
+                logits = infer_slide(model, x, args.crop_size, args.stride, args.nb_classes)
+            else:
+                logits = infer_whole(model, x)
+        logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
+        pred = logits.argmax(1)
+        conf += confusion_matrix(pred.flatten(), y.flatten(), args.nb_classes)
+        if overlay_dir is not None and i < args.overlays:
+            save_overlay(x[0], y[0], pred[0], os.path.join(overlay_dir, f"val-{i:02d}.png"))
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(conf)
+    model.train(was_training)
+    return segmentation_metrics(conf.cpu())
+
+
+def palette(n):
+    rng = np.random.default_rng(3)
+    return rng.integers(40, 256, size=(max(n, 1), 3)).astype(np.uint8)
+
+
+def save_overlay(x, label, pred, path):
+    """image | ground truth over the image | prediction over the image (ignore pixels left bare)."""
+    H, W = label.shape
+    img = data.denormalize(x.float().cpu())[None]
+    img = F.interpolate(img, size=(H, W), mode="bilinear", align_corners=False)[0]
+    img = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    colours = palette(256)  # one fixed colour per class index
+    panels = [img]
+    for m in (label.cpu().numpy(), pred.cpu().numpy()):
+        over = img.copy()
+        keep = m != data.IGNORE_INDEX
+        over[keep] = (0.4 * img[keep] + 0.6 * colours[m[keep]]).astype(np.uint8)
+        panels.append(over)
+    Image.fromarray(np.concatenate(panels, axis=1)).save(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------
+
+def resolve_args(args):
+    if args.init is None:
+        raise ValueError("--init is required: a pre-training checkpoint, backbone.pth, a timm/torchvision "
+                         "state dict, or 'scratch' for the random-init baseline")
+    if args.init != "scratch" and not os.path.isfile(args.init):
+        raise FileNotFoundError(f"--init {args.init!r} does not exist")
+    if args.recipe is None:
+        args.recipe = "builtin" if args.data is None else "imagenet"
+    recipe = dict(RECIPES[args.recipe])
+    if args.init != "scratch":  # the checkpoint decides the network
+        for k in ("arch", "patch_size"):
+            recipe.pop(k)
+    for k, v in recipe.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.data is not None and args.nb_classes is None:
+        raise ValueError("--nb-classes is required with --data (150 for ADE20K)")
+    if args.data is None:
+        if args.nb_classes not in (None, len(data.SyntheticShapes.CLASSES) + 1):
+            raise ValueError(f"--nb-classes {args.nb_classes}: the built-in masks have "
+                             f"{len(data.SyntheticShapes.CLASSES) + 1} classes")
+        args.nb_classes = len(data.SyntheticShapes.CLASSES) + 1
+    training.check_flags(args, positive=("nb_classes", "crop_size", "iters", "batch_size", "lr", "channels", "eval_batch_size",
+                                         "aux_channels", "stride", "eval_every", "save_every", "log_every"),
+                         non_negative=("weight_decay", "warmup_iters", "aux_weight", "num_workers",
+                                       "max_skips", "overlays"),
+                         fraction=("drop_path",))
+    if args.nb_classes > 255:
+        raise ValueError(f"--nb-classes {args.nb_classes}: at most 255 (label 255 means ignore)")
+    if not 0 < args.layer_decay <= 1:
+        raise ValueError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
+    if not 0 < args.cat_max_ratio <= 1:
+        raise ValueError(f"--cat-max-ratio must be in (0, 1], got {args.cat_max_ratio}")
+    return args
+
+
+def build_data(args):
+    train_tf = data.SegTrainTransform(args.crop_size, tuple(args.scale), tuple(args.ratio_range),
+                                      args.cat_max_ratio)
+    eval_tf = data.SegEvalTransform(tuple(args.scale))
+    if args.data is None:
+        train = data.SyntheticShapes("train", transform=train_tf, seed=args.seed, segmentation=True)
+        val = data.SyntheticShapes("val", transform=eval_tf, seed=args.seed, segmentation=True)
+        return train, val
+    kw = dict(seed=args.seed, reduce_zero_label=args.reduce_zero_label, num_classes=args.nb_classes)
+    return (data.ADE20K(args.data, "training", train_tf, **kw), data.ADE20K(args.data, "validation", eval_tf, **kw))
+
+
+def build_model(args):
+    """Backbone from --init (finetune.py's loader: any checkpoint kind), built at the crop size with
+    its position embeddings interpolated to it (BEiT), + pyramid + heads."""
+    args.img_size = args.crop_size
+    backbone = finetune.load_backbone(args)
+    torch.manual_seed(args.seed)
+    return Segmenter(backbone, args.nb_classes, args.channels, args.aux_channels, args.layers)
+
+
+def main(args):
+    args = resolve_args(args)
+    rank, world_size, device = training.init_distributed(args.device, args.dist_backend)
+    os.makedirs(args.output_dir, exist_ok=True)
+    model = build_model(args).to(device)
+    if rank == 0:
+        print(f"segment.py: recipe {args.recipe}, {args.arch} from {args.init}, {args.nb_classes} classes")
+    training.print_args(args, rank)
+    training.seed_everything(args.seed, rank)
+
+    train_set, val_set = build_data(args)
+    loader, sampler = data.build_loader(train_set, args.batch_size, args.num_workers, rank, world_size,
+                                        seed=args.seed)
+    val_loader = data.build_eval_loader(val_set, args.eval_batch_size, args.num_workers, rank, world_size)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set ({len(train_set)} images) is smaller than one iteration "
+                         f"(--batch-size {args.batch_size} x {world_size} processes)")
+    overlay_dir = os.path.join(args.output_dir, "overlays")
+    os.makedirs(overlay_dir, exist_ok=True)
+
+    backbone = model.neck.backbone
+    groups = finetune.param_groups_lrd(model, args.weight_decay, args.layer_decay,
+                                       finetune.num_backbone_layers(backbone),
+                                       {f"neck.backbone.{n}" for n in backbone.no_weight_decay()})
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    step, skipped = resume(args, model, optimizer, scaler, rank, world_size, device)
+    if args.eval_only:
+        metrics = evaluate(model, val_loader, args, device, overlay_dir if rank == 0 else None)
+        return report(metrics, step, args, rank, train_set, None)
+    ddp_model = model
+    if world_size > 1:  # BatchNorm statistics over the global batch, as mmseg's SyncBN configs
+        ddp_model = nn.parallel.DistributedDataParallel(
+            nn.SyncBatchNorm.convert_sync_batchnorm(model),
+            device_ids=[device.index] if device.type == "cuda" else None)
+    log = training.JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0, resumed_at=step)
+
+    def checkpoint():
+        rng = training.gather_rng_states(device)
+        if rank == 0:
+            training.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                      "scaler": scaler.state_dict(), "step": step, "skipped": skipped,
+                                      "args": vars(args), "rng": rng},
+                                     os.path.join(args.output_dir, "checkpoint-latest.pth"))
+
+    model.train()
+    bar = tqdm(total=args.iters, initial=step, disable=rank != 0, desc="segment", dynamic_ncols=True)
+    t0, seen, metrics, start = time.time(), 0, None, time.time()
+    while step < args.iters:
+        epoch, offset = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, start=offset * args.batch_size)
+        for x, y in loader:
+            lr = training.poly_lr(step, args.iters, args.warmup_iters, args.lr)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            loss, main_loss, ok = train_step(ddp_model, model, x.to(device), y.to(device), optimizer, scaler,
+                                             args, device)
+            step += 1
+            seen += args.batch_size * world_size
+            bar.update(1)
+            if not ok:
+                skipped += 1
+                print(f"segment.py: non-finite loss or gradients at iteration {step}, update skipped")
+                if skipped > args.max_skips:
+                    raise FloatingPointError(f"segment.py: {skipped} non-finite iterations; lower --lr or "
+                                             f"use --amp bf16 / none")
+            elif step % args.log_every == 0 or step == args.iters:
+                log.write(step=step, lr=lr, loss=loss, loss_main=main_loss,
+                          img_per_s=seen / (time.time() - t0), peak_mem_mb=training.peak_memory_mb(device))
+                bar.set_postfix(loss=f"{loss:.3f}")
+            if step % args.eval_every == 0 or step == args.iters:
+                metrics = evaluate(model, val_loader, args, device, overlay_dir if rank == 0 else None)
+                log.write(step=step, **{k: v for k, v in metrics.items() if k in ("aAcc", "mIoU", "mAcc")})
+            if step % args.save_every == 0 or step == args.iters:
+                checkpoint()
+            if step == args.iters:
+                break
+    bar.close()
+    result = report(metrics, step, args, rank, train_set, (time.time() - start) / 60)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return result
+
+
+def report(metrics, step, args, rank, train_set, minutes):
+    """Per-class IoU table and one summary JSON line (rank 0 prints)."""
+    if metrics is None:
+        return {}
+    classes = getattr(train_set, "classes", None) or [str(c) for c in range(args.nb_classes)]
+    result = {"init": args.init, "seed": args.seed, "iters": step, "mIoU": metrics["mIoU"],
+              "aAcc": metrics["aAcc"], "mAcc": metrics["mAcc"], "minutes": minutes}
+    if rank == 0:
+        print(f"{'class':<16} {'IoU':>6} {'Acc':>6}")
+        for name, iou, acc in zip(classes, metrics["IoU"], metrics["Acc"]):
+            print(f"{name:<16} {iou:6.2f} {acc:6.2f}")
+        print(json.dumps(result))
+        with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
+            json.dump(dict(result, classes=classes, IoU=metrics["IoU"], Acc=metrics["Acc"]), f)
+    return result
+
+
+def train_step(ddp_model, model, x, y, optimizer, scaler, args, device):
+    optimizer.zero_grad(set_to_none=True)
+    with training.autocast(device, args.amp):
+        out, aux = ddp_model(x)
+    loss, main = segmentation_loss(out, aux, y, args.aux_weight)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad or float("inf"))
+    if not training.all_ranks_true(torch.isfinite(loss.detach()) & torch.isfinite(norm), device):
+        optimizer.zero_grad(set_to_none=True)
+        scaler.update()
+        return float("nan"), float("nan"), False
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.item(), main.item(), True
+
+
+def resume(args, model, optimizer, scaler, rank, world_size, device):
+    path = args.resume or os.path.join(args.output_dir, "checkpoint-latest.pth")
+    if not (args.resume or os.path.isfile(path)):
+        return 0, 0
+    ckpt = training.load_checkpoint(path, "--resume checkpoint")
+    saved = ckpt.get("args", {})
+    for k in ("arch", "nb_classes", "crop_size", "patch_size", "channels", "aux_channels"):
+        if k in saved and saved[k] != getattr(args, k):
+            raise ValueError(f"--resume {path!r} was trained with {training.flag(k)} {saved[k]}, this run "
+                             f"has {getattr(args, k)}: use another --output-dir or the same flags")
+    changed = training.check_resume_flags(saved, vars(args), RESUME_FREE_FLAGS, path,
+                                          args.allow_flag_changes)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    training.restore_rng_states(ckpt["rng"], rank, world_size, device, path)
+    if rank == 0:
+        print(f"resumed from {path} at iteration {ckpt['step']}"
+              + (f" with changed flags: {', '.join(training.flag(k) for k in changed)}" if changed else ""))
+    return ckpt["step"], ckpt.get("skipped", 0)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -789,25 +789,16 @@ def train_step(ddp_model, model, x, target, optimizer, scaler, args, device):
 
 
 def resume(args, model, optimizer, scaler, ema, rank, world_size, device):
-    path = args.resume or os.path.join(args.output_dir, "checkpoint-latest.pth")
-    if not (args.resume or os.path.isfile(path)):
+    path, ckpt = training.find_resume_checkpoint(args)
+    if ckpt is None:
         return {"step": 0, "best": -1.0, "skipped": 0}
-    ckpt = training.load_checkpoint(path, "--resume checkpoint")
     saved = ckpt.get("args", {})
-    for k in ("arch", "mode", "img_size", "patch_size", "nb_classes", "pool"):
-        if k in saved and saved[k] != getattr(args, k):
-            raise ValueError(f"--resume {path!r} was trained with {training.flag(k)} {saved[k]}, this run "
-                             f"has {getattr(args, k)}: use another --output-dir or the same flags")
+    training.check_same_network(saved, args, ("arch", "mode", "img_size", "patch_size", "nb_classes", "pool"),
+                                path)
     changed = training.check_resume_flags(saved, vars(args), RESUME_FREE_FLAGS, path, args.allow_flag_changes)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
+    training.restore_training_state(ckpt, model, optimizer, scaler, rank, world_size, device, path, changed)
     if ema is not None and ckpt.get("ema") is not None:
         ema.module.load_state_dict(ckpt["ema"])
-    training.restore_rng_states(ckpt["rng"], rank, world_size, device, path)
-    if rank == 0:
-        print(f"resumed from {path} at step {ckpt['step']}"
-              + (f" with changed flags: {', '.join(training.flag(k) for k in changed)}" if changed else ""))
     return {"step": ckpt["step"], "best": ckpt["best"], "skipped": ckpt.get("skipped", 0)}
 
 

@@ -572,16 +572,12 @@ def main(args):
 
 def resume(args, model, optimizer, scaler, rank, world_size, device):
     """Restore everything a bit-exact continuation needs; returns (step, skipped)."""
-    path = args.resume or os.path.join(args.output_dir, "checkpoint-latest.pth")
-    if not (args.resume or os.path.isfile(path)):
+    path, ckpt = training.find_resume_checkpoint(args)
+    if ckpt is None:
         return 0, 0
-    ckpt = training.load_checkpoint(path, "--resume checkpoint")
     saved = ckpt.get("args", {})
-    # a checkpoint of another network cannot be loaded at all, whatever the user allows
-    for k in ("arch", "objective", "img_size", "patch_size", "gen_dim", "gen_depth", "gen_heads"):
-        if k in saved and saved[k] != getattr(args, k):
-            raise ValueError(f"--resume {path!r} was trained with --{k.replace('_', '-')} {saved[k]}, "
-                             f"this run has {getattr(args, k)}: use another --output-dir or the same flags")
+    training.check_same_network(saved, args, ("arch", "objective", "img_size", "patch_size", "gen_dim",
+                                              "gen_depth", "gen_heads"), path)
     saved_vocab = ckpt["model"]["generator.lm_head.weight"].shape[0]
     if saved_vocab != model.generator.vocab_size:
         raise ValueError(f"--resume {path!r} holds a generator for a {saved_vocab}-code tokenizer, this "
@@ -589,13 +585,7 @@ def resume(args, model, optimizer, scaler, rank, world_size, device):
                          f"was trained with (--dvae or --dalle-encoder/--dalle-decoder)")
     changed = training.check_resume_flags(saved, vars(args), RESUME_FREE_FLAGS, path,
                                           args.allow_flag_changes)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    training.restore_rng_states(ckpt["rng"], rank, world_size, device, path)
-    if rank == 0:
-        print(f"resumed from {path} at step {ckpt['step']}"
-              + (f" with changed flags: {', '.join(training.flag(k) for k in changed)}" if changed else ""))
+    training.restore_training_state(ckpt, model, optimizer, scaler, rank, world_size, device, path, changed)
     return ckpt["step"], ckpt.get("skipped", 0)
 
 

@@ -145,7 +145,8 @@ class ViTPyramid(nn.Module):
     def __init__(self, backbone, layers):
         super().__init__()
         self.backbone, self.layers = backbone, list(layers)
-        D = backbone.embed_dim
+        backbone.norm = nn.Identity()  # the taps are un-normalised block outputs; an unused norm would
+        D = backbone.embed_dim         # also leave DDP waiting for its gradients
         self.fpn1 = nn.Sequential(nn.ConvTranspose2d(D, D, 2, 2), nn.BatchNorm2d(D), nn.GELU(),
                                   nn.ConvTranspose2d(D, D, 2, 2))
         self.fpn2 = nn.ConvTranspose2d(D, D, 2, 2)
@@ -380,6 +381,9 @@ def resolve_args(args):
                          non_negative=("weight_decay", "warmup_iters", "aux_weight", "num_workers",
                                        "max_skips", "overlays"),
                          fraction=("drop_path",))
+    if args.batch_size < 2:  # the pyramid pooling's 1x1 branch: BatchNorm over one value per channel
+        raise ValueError(f"--batch-size {args.batch_size}: the UperHead's BatchNorm needs at least 2 images "
+                         f"per process (BEiT's ADE20K setting: 2 per GPU x 8 GPUs)")
     if args.nb_classes > 255:
         raise ValueError(f"--nb-classes {args.nb_classes}: at most 255 (label 255 means ignore)")
     if not 0 < args.layer_decay <= 1:
@@ -442,10 +446,12 @@ def main(args):
         metrics = evaluate(model, val_loader, args, device, overlay_dir if rank == 0 else None)
         return report(metrics, step, args, rank, train_set, None)
     ddp_model = model
-    if world_size > 1:  # BatchNorm statistics over the global batch, as mmseg's SyncBN configs
+    if world_size > 1:
+        if device.type == "cuda":  # BatchNorm statistics over the global batch (mmseg's SyncBN)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # swaps the BN layers in place
+        # (torch's SyncBatchNorm runs on GPUs only: CPU processes keep per-process statistics)
         ddp_model = nn.parallel.DistributedDataParallel(
-            nn.SyncBatchNorm.convert_sync_batchnorm(model),
-            device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     log = training.JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0, resumed_at=step)
 
     def checkpoint():
@@ -531,24 +537,15 @@ def train_step(ddp_model, model, x, y, optimizer, scaler, args, device):
 
 
 def resume(args, model, optimizer, scaler, rank, world_size, device):
-    path = args.resume or os.path.join(args.output_dir, "checkpoint-latest.pth")
-    if not (args.resume or os.path.isfile(path)):
+    path, ckpt = training.find_resume_checkpoint(args)
+    if ckpt is None:
         return 0, 0
-    ckpt = training.load_checkpoint(path, "--resume checkpoint")
     saved = ckpt.get("args", {})
-    for k in ("arch", "nb_classes", "crop_size", "patch_size", "channels", "aux_channels"):
-        if k in saved and saved[k] != getattr(args, k):
-            raise ValueError(f"--resume {path!r} was trained with {training.flag(k)} {saved[k]}, this run "
-                             f"has {getattr(args, k)}: use another --output-dir or the same flags")
+    training.check_same_network(saved, args, ("arch", "nb_classes", "crop_size", "patch_size", "channels",
+                                              "aux_channels"), path)
     changed = training.check_resume_flags(saved, vars(args), RESUME_FREE_FLAGS, path,
                                           args.allow_flag_changes)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    training.restore_rng_states(ckpt["rng"], rank, world_size, device, path)
-    if rank == 0:
-        print(f"resumed from {path} at iteration {ckpt['step']}"
-              + (f" with changed flags: {', '.join(training.flag(k) for k in changed)}" if changed else ""))
+    training.restore_training_state(ckpt, model, optimizer, scaler, rank, world_size, device, path, changed)
     return ckpt["step"], ckpt.get("skipped", 0)
 
 

@@ -213,6 +213,36 @@ def print_args(args, rank=0):
         print(json.dumps(vars(args), indent=1, sort_keys=True))
 
 
+def find_resume_checkpoint(args):
+    """(path, checkpoint) to continue from: --resume if given (it must exist), else
+    OUTPUT_DIR/checkpoint-latest.pth if a previous run left one, else (path, None): a fresh start."""
+    path = args.resume or os.path.join(args.output_dir, "checkpoint-latest.pth")
+    if not (args.resume or os.path.isfile(path)):
+        return path, None
+    return path, load_checkpoint(path, "--resume checkpoint")
+
+
+def check_same_network(saved, args, keys, path):
+    """A checkpoint of another network cannot be resumed at all, whatever the user allows: each of
+    `keys` (flags that shape the model) must equal the checkpoint's."""
+    for k in keys:
+        if k in saved and saved[k] != getattr(args, k):
+            raise ValueError(f"--resume {path!r} was trained with {flag(k)} {saved[k]}, this run has "
+                             f"{getattr(args, k)}: use another --output-dir or the same flags")
+
+
+def restore_training_state(ckpt, model, optimizer, scaler, rank, world_size, device, path, changed=()):
+    """Model, optimiser, GradScaler and this rank's RNG streams from a checkpoint written by the
+    stage's own loop; says so on rank 0 (naming flags the user chose to change)."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    restore_rng_states(ckpt["rng"], rank, world_size, device, path)
+    if rank == 0:
+        print(f"resumed from {path} at step {ckpt['step']}"
+              + (f" with changed flags: {', '.join(flag(k) for k in changed)}" if changed else ""))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Flags: checked at start, and compared with a checkpoint's on resume
 # ----------------------------------------------------------------------------------------------------

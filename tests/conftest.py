@@ -1,6 +1,7 @@
 """Shared fixtures for the stage-script tests: the repository on sys.path, one intra-op thread, and
 a tiny tokenizer trained once per session by `dvae.main` (the checkpoint pretrain.py reads via --dvae)."""
 import os
+import socket
 import sys
 
 import pytest
@@ -18,6 +19,13 @@ torch.set_num_threads(1)
 # dvae.py's small preset shrunk: group_count 3 -> f = 4, so 16 px images give 4 x 4 tokens.
 TINY_DVAE = ["--preset", "small", "--n-hid", "8", "--vocab-size", "64", "--img-size", "16",
              "--batch-size", "16", "--num-workers", "0", "--device", "cpu"]
+
+
+def free_port():
+    """A TCP port free at the moment, for a torchrun rendezvous in a test."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def subprocess_env():

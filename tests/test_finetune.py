@@ -6,7 +6,6 @@ modes on a tiny image folder. Tiny config: 16 px images, vit_mini with patch 4, 
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ import data
 import enhancer as enh
 import finetune
 import pretrain
-from conftest import REPO, subprocess_env
+from conftest import REPO, free_port, subprocess_env
 
 
 def run(*argv):
@@ -448,11 +447,6 @@ with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
     json.dump(stats, f)
 """
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_evaluation_counts_each_sample_once(tmp_path, folder):

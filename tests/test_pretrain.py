@@ -9,7 +9,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import enhancer as enh
 import generator as gen
 import pretrain
 import training
-from conftest import REPO, subprocess_env
+from conftest import REPO, free_port, subprocess_env
 
 TINY = ["--img-size", "16", "--patch-size", "4", "--batch-size", "8", "--gen-dim", "32",
         "--gen-depth", "1", "--gen-heads", "2", "--arch", "vit_mini", "--knn-k", "0",
@@ -300,11 +299,6 @@ pretrain.main(args)
 torch.save(built[0].state_dict(), os.path.join(args.output_dir, "rank%s.pth" % os.environ["RANK"]))
 """
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_gloo_run_keeps_replicas_identical(tmp_path, tiny_dvae_ckpt):

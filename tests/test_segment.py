@@ -7,7 +7,6 @@ and bad label files named in the error."""
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 
@@ -22,7 +21,7 @@ import enhancer as enh
 import finetune
 import segment
 import training
-from conftest import REPO, subprocess_env
+from conftest import REPO, free_port, subprocess_env
 
 
 def run(*argv):
@@ -303,11 +302,6 @@ with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
 """
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_process_evaluation_equals_one_process(tmp_path):
     root = ade_folder(tmp_path / "ade")
@@ -327,3 +321,22 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
     single = segment.evaluate(model, data.build_eval_loader(val, 1, 0), args, torch.device("cpu"))
     for r in res:
         assert r["aAcc"] == pytest.approx(single["aAcc"]) and r["mIoU"] == pytest.approx(single["mIoU"])
+
+
+def test_two_process_gloo_training_run(tmp_path):
+    """DDP training through torchrun: both ranks step, rank 0 saves, evaluation is summed."""
+    root = ade_folder(tmp_path / "ade", sizes=((40, 28), (20, 20), (64, 48), (30, 50)))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), os.path.join(REPO, "segment.py"),
+           *[str(a) for a in seg_flags(root, out, "--iters", "2", "--eval-every", "2", "--dist-backend", "gloo")]]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = load(out / "checkpoint-latest.pth")
+    assert ckpt["step"] == 2 and len(ckpt["rng"]) == 2
+    assert len(json.load(open(out / "metrics.json"))["IoU"]) == 3
+
+
+def test_batch_of_one_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--batch-size 1: the UperHead's BatchNorm"):
+        run(*seg_flags(ade_folder(tmp_path / "ade"), tmp_path / "out", "--batch-size", "1"))

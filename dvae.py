@@ -195,24 +195,45 @@ def unmap_pixels(x, eps=0.1):
 
 
 @torch.no_grad()
-def tokenize(encoder, images):
+def tokenize(encoder, images, dtype=torch.float32):
     """Images in [0, 1] (B, C, H, W) -> token ids (B, H/f, W/f), int64.
 
-    Always float32: under fp16/bf16 autocast the argmax of DALL-E's logits flips for a noticeable
-    share of tokens (BEiT likewise computes its targets outside autocast).
+    dtype float32 (the default): every layer in fp32, autocast off (BEiT computes its targets
+    outside autocast). dtype bfloat16 / float16: what OpenAI's dall_e does on GPUs, every
+    convolution in the half type (channels-last on CUDA) except the output layer, the logits,
+    which stays fp32 so the argmax is decided in full precision. `pretrain.py --tokenizer-dtype`;
+    tests/test_dvae.py measures the token agreement of the two. Codebook tokenizers run in fp32.
     """
-    with torch.autocast(device_type=images.device.type, enabled=False):
-        logits = encoder(map_pixels(images.float()))  # (B, V, H/f, W/f)
-    return logits.argmax(dim=1)                        # (B, H/f, W/f)
+    x, device = map_pixels(images.float()), images.device.type
+    if dtype == torch.float32 or not isinstance(encoder, Encoder):
+        with torch.autocast(device_type=device, enabled=False):
+            return encoder(x).argmax(dim=1)                            # (B, H/f, W/f)
+    if x.is_cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device_type=device, dtype=dtype):
+        h = encoder.blocks[:-1](x)                                     # (B, 8 n_hid, H/f, W/f) half
+    with torch.autocast(device_type=device, enabled=False):
+        logits = encoder.blocks.output(h.float())                      # (B, V, H/f, W/f) fp32
+    return logits.argmax(dim=1)
 
 
 @torch.no_grad()
-def decode(decoder, tokens):
-    """Token ids (B, h, w) -> images in [0, 1] (B, C, h*f, w*f), float32 (autocast off, as in tokenize)."""
-    with torch.autocast(device_type=tokens.device.type, enabled=False):
+def decode(decoder, tokens, dtype=torch.float32):
+    """Token ids (B, h, w) -> images in [0, 1] (B, C, h*f, w*f), float32 out. dtype as in
+    `tokenize`: half runs every convolution but the input layer (on the one-hot tokens) in the half
+    type, as dall_e; float32 runs all of them in fp32, autocast off."""
+    device = tokens.device.type
+    with torch.autocast(device_type=device, enabled=False):
         z = F.one_hot(tokens, decoder.vocab_size).permute(0, 3, 1, 2).float()  # (B, h, w, V) -> (B, V, h, w)
-        x = decoder(z)                                                          # (B, 2C, h*f, w*f)
-        return unmap_pixels(torch.sigmoid(x[:, :decoder.output_channels]))    # (B, C, h*f, w*f)
+        if dtype == torch.float32 or not isinstance(decoder, Decoder):
+            x = decoder(z)                                                      # (B, 2C, h*f, w*f)
+        else:
+            h = decoder.blocks.input(z)                                         # fp32, as dall_e
+            if h.is_cuda:
+                h = h.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device, dtype=dtype):
+                x = decoder.blocks[1:](h)
+        return unmap_pixels(torch.sigmoid(x.float()[:, :decoder.output_channels]))  # (B, C, h*f, w*f)
 
 
 def dvae_config(module):

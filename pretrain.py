@@ -59,6 +59,11 @@ RECIPES = {
                      tokenizer=None, mask_ratio=0.5, temperature=1.0),
 }
 PHOTOS_MAX_SIDE = 64  # --data of images this small (median longer side) gets the photos recipe
+TOKENIZER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Dense peak TFLOP/s by GPU name and precision, for --bench's MFU (vendor data sheets, SXM parts;
+# fp32 without TF32). Other cards: --peak-tflops.
+PEAK_TFLOPS = {"H200": {"bf16": 989, "fp16": 989, "none": 67}, "H100": {"bf16": 989, "fp16": 989, "none": 67},
+               "A100": {"bf16": 312, "fp16": 312, "none": 19.5}}
 
 # Flags a resumed run may change: where output goes, how often it is written, how the processes run.
 # Anything else would continue another experiment under the old run's name (see `resume`).
@@ -133,6 +138,10 @@ def get_args_parser():
       "tokens)", type=float)
     r("--opt-betas", "AdamW betas", type=float, nargs=2)
     a("--clip-grad", type=float, default=3.0, help="max global grad norm (BEiT: 3.0; 0 = off)")
+    a("--tokenizer-dtype", default="auto", choices=["auto", *TOKENIZER_DTYPES],
+      help="precision of the frozen dVAE's convolutions: auto = the --amp dtype (fp32 without AMP); "
+           "a half type runs all but the logit / one-hot layers in it, channels-last on CUDA, as "
+           "OpenAI's dall_e (99.0%% of tokens agree with fp32 in bf16, 99.9%% in fp16: README)")
     a("--amp", default="none", choices=["bf16", "fp16", "none"],
       help="autocast dtype; bf16 on A100/H100 (fp16 needs the GradScaler and NaNs more often)")
     a("--max-skips", type=int, default=20, help="stop after this many skipped steps (non-finite loss "
@@ -150,7 +159,10 @@ def get_args_parser():
     a("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     a("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo)")
     a("--compile", action="store_true", help="torch.compile the generator and the enhancer")
-    a("--bench", type=int, default=0, help="time N steps on synthetic tensors, per phase and whole, exit")
+    a("--bench", type=int, default=0, help="time N steps on synthetic tensors, per phase and whole, "
+      "count FLOPs per phase, exit")
+    a("--peak-tflops", type=float, default=None, help="--bench: the accelerator's peak TFLOP/s for MFU "
+      f"(default: a table for {', '.join(PEAK_TFLOPS)})")
     a("--explain", action="store_true", help="print every tensor of one step (a teaching aid), exit")
     a("--local-rank", "--local_rank", type=int, default=0,
       help="accepted for torch.distributed.launch; torchrun passes LOCAL_RANK in the environment")
@@ -207,7 +219,8 @@ def build_tokenizer(args, device):
                          f"--dalle-decoder decoder.pkl (OpenAI's DALL-E weights), --dvae CKPT (trained "
                          f"with `python dvae.py --data DIR --preset dalle`), or --tokenizer kmeans|small "
                          f"to fit one here first")
-    return encoder.to(device).eval().requires_grad_(False), decoder.to(device).eval().requires_grad_(False)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # as dall_e on GPUs
+    return tuple(m.to(device, memory_format=fmt).eval().requires_grad_(False) for m in (encoder, decoder))
 
 
 def train_own_tokenizer(args):
@@ -272,7 +285,7 @@ class CIM(nn.Module):
     """
 
     def __init__(self, generator, enhancer, encoder, decoder, temperature=1.0, sample="softmax",
-                 enh_weight=1.0):
+                 enh_weight=1.0, tokenizer_dtype=torch.float32, channels_last=False):
         super().__init__()
         if decoder.vocab_size != encoder.vocab_size:
             raise ValueError(f"the dVAE encoder has {encoder.vocab_size} codes but the decoder "
@@ -283,6 +296,9 @@ class CIM(nn.Module):
         self.generator, self.enhancer = generator, enhancer
         self.tokenizer = (encoder, decoder)
         self.temperature, self.sample, self.enh_weight = temperature, sample, enh_weight
+        # speed only (README "Speed"): the frozen tokenizer in a half type as dall_e runs it, and a
+        # channels-last input for a channels-last (ResNet) enhancer
+        self.tokenizer_dtype, self.channels_last = tokenizer_dtype, channels_last
 
     def forward(self, images, tok_images, mask, trace=no_trace):
         """images (B, 3, S, S) normalised; tok_images (B, 3, G*f, G*f), the same crops in [0, 1];
@@ -292,7 +308,7 @@ class CIM(nn.Module):
         B, G = images.shape[0], self.generator.grid
         mask = mask.bool()  # a 0/1 integer mask would index by value, not select
         # 1. targets: the frozen dVAE's token for every patch (no grad, fp32 inside dvae.tokenize)
-        tokens = dvae.tokenize(encoder, tok_images)                  # (B, G, G)
+        tokens = dvae.tokenize(encoder, tok_images, self.tokenizer_dtype)  # (B, G, G)
         self.check_grid(tokens, encoder)
         tokens = tokens.flatten(1)                                    # (B, N)
         trace("tokens", tokens)
@@ -310,7 +326,7 @@ class CIM(nn.Module):
             trace("mixed", mixed)
             trace("replaced", replaced)
             # 5. decode the mix, resize to the input size (bilinear keeps [0, 1]): the corrupted image
-            corrupted = dvae.decode(decoder, mixed.view(B, G, G))     # (B, 3, G*f, G*f) in [0, 1]
+            corrupted = dvae.decode(decoder, mixed.view(B, G, G), self.tokenizer_dtype)  # (B, 3, G*f, G*f)
             if corrupted.shape[-2:] != images.shape[-2:]:
                 corrupted = F.interpolate(corrupted, size=images.shape[-2:], mode="bilinear",
                                           align_corners=False)        # (B, 3, S, S)
@@ -318,7 +334,10 @@ class CIM(nn.Module):
             acc_gen = (logits.argmax(-1) == tokens[mask]).float().mean()
         # 6. the enhancer sees only the normalised corrupted image; `corrupted` carries no gradient,
         #    so nothing of L_enh reaches the generator (Sec. 2: the two are not adversarial)
-        out, loss_enh, metrics = self.enhancer(data.normalize(corrupted), images, replaced)
+        x = data.normalize(corrupted)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out, loss_enh, metrics = self.enhancer(x, images, replaced)
         trace("enhancer output", out)
         trace("loss_enh", loss_enh)
         # 7. one loss, one backward, one optimiser
@@ -345,14 +364,25 @@ def build_model(args, encoder, decoder):
     backbone = enh.build_backbone(args.arch, img_size=args.img_size, patch_size=args.patch_size,
                                   drop_path_rate=args.drop_path, init_values=args.init_values)
     enhancer = enh.Enhancer(backbone, args.objective, grid, args.norm_pix, args.norm_window)
-    return CIM(generator, enhancer, encoder, decoder, args.temperature, args.sample, args.enh_weight)
+    tok_dtype = training.AMP_DTYPES[args.amp] if args.tokenizer_dtype == "auto" else \
+        TOKENIZER_DTYPES[args.tokenizer_dtype]
+    channels_last = args.arch.startswith("resnet") and torch.cuda.is_available() and args.device != "cpu"
+    if channels_last:  # NHWC convolutions: the fast layout of cuDNN's tensor-core kernels
+        backbone.to(memory_format=torch.channels_last)
+    return CIM(generator, enhancer, encoder, decoder, args.temperature, args.sample, args.enh_weight,
+               tok_dtype, channels_last)
+
 
 
 def compile_in_place(model):
-    """torch.compile the generator and the enhancer in place (nn.Module.compile): state_dict keys
-    keep no `_orig_mod.` prefix and the DDP wrapper around the CIM stays as it is."""
+    """torch.compile the generator, the enhancer and the tokenizer in place (nn.Module.compile):
+    state_dict keys keep no `_orig_mod.` prefix and the DDP wrapper around the CIM stays as it is.
+    A dVAE is compiled layer group by layer group, since dvae.tokenize/decode call them apart."""
     model.generator.compile()
     model.enhancer.compile()
+    for part in model.tokenizer:
+        for m in (part.blocks if hasattr(part, "blocks") else [part]):
+            m.compile()
 
 
 def param_groups(model, weight_decay):
@@ -391,8 +421,8 @@ def train_step(ddp_model, model, batches, optimizer, scaler, args, device, trace
             with training.autocast(device, args.amp):
                 loss, out = ddp_model(images, tok_images, mask, trace=trace)
             scaler.scale(loss / len(batches)).backward()
+        trace("backward", None)  # per micro-batch: --bench books each backward to its own phase
         finite = finite * torch.isfinite(loss.detach())
-    trace("backward", None)
     scaler.unscale_(optimizer)  # a no-op without fp16: gradients are then already unscaled
     # the norm is needed anyway (clipping, the log, the skip decision); max_norm=inf only measures it
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad or float("inf"))
@@ -489,7 +519,7 @@ def main(args):
     # ---------------------------------------------------------------- model, optimiser, resume
     model = build_model(args, *tokenizer).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
-                                  betas=tuple(args.opt_betas))
+                                  betas=tuple(args.opt_betas), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     step, skipped = resume(args, model, optimizer, scaler, rank, world_size, device)
     if args.compile:
@@ -663,10 +693,8 @@ def benchmark(args, device):
         encoder, decoder = (m.to(device).eval().requires_grad_(False)
                             for m in dvae.build_from_config(dvae.DVAE_PRESETS[args.tokenizer or "dalle"]))
     model = build_model(args, encoder, decoder).to(device).train()
-    if args.compile:
-        compile_in_place(model)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-4,
-                                  betas=tuple(args.opt_betas))
+                                  betas=tuple(args.opt_betas), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     B, S, T = args.batch_size, args.img_size, grid * encoder.downsample
     batch = [(torch.randn(B, 3, S, S), torch.rand(B, 3, T, T)) for _ in range(args.accum_iter)]
@@ -690,6 +718,9 @@ def benchmark(args, device):
         sync()
         return time.perf_counter() - t
 
+    flops = count_flops(lambda trace: train_step(model, model, batch, optimizer, scaler, args, device, trace))
+    if args.compile:  # FLOPs were counted in eager mode: the compiled graph does the same arithmetic
+        compile_in_place(model)
     for _ in range(2):  # warm-up (and compilation), not counted
         step(no_trace)
     times.clear()
@@ -701,13 +732,95 @@ def benchmark(args, device):
     print(f"bench: {args.arch} {args.objective} {S}px batch {n} amp {args.amp} compile {args.compile} "
           f"on {device}: whole step {1000 * whole:.1f} ms, {n / whole:.1f} img/s "
           f"(instrumented: {1000 * phased:.1f} ms)")
-    report = {"img_per_s": n / whole, "step_ms": 1000 * whole}
+    total = sum(flops.values())
+    peak = args.peak_tflops or peak_tflops(device, args.amp)
+    report = {"img_per_s": n / whole, "step_ms": 1000 * whole, "gflop_per_image": total / n / 1e9,
+              "tflop_per_s": total / whole / 1e12, "mfu": total / whole / 1e12 / peak if peak else None}
+    print(f"  {'phase':<18} {'ms':>8}  {'share':>6}  {'GFLOP/img':>9}")
     for phase in BENCH_PHASES.values():
         ms = 1000 * times.get(phase, 0.0) / args.bench
         report[phase] = ms
-        print(f"  {phase:<18} {ms:8.2f} ms  {100 * ms / (1000 * phased):5.1f}%"
+        report[phase + " GFLOP"] = flops.get(phase, 0) / n / 1e9
+        print(f"  {phase:<18} {ms:8.2f}  {100 * ms / (1000 * phased):5.1f}%  {flops.get(phase, 0) / n / 1e9:9.3f}"
               + (f"  peak {mems[phase]:.0f} MiB" if phase in mems else ""))
+    print(f"  {total / n / 1e9:.3f} GFLOP per image (FLOP = 2 MAC, counted), {report['tflop_per_s']:.2f} TFLOP/s"
+          + (f", MFU {100 * report['mfu']:.1f}% of {peak:g} TFLOP/s" if peak else ", MFU: no peak known "
+             "(--peak-tflops)"))
+    reference = bench_reference(args, device)
+    if reference:
+        report.update(reference)
     return report
+
+
+def bench_reference(args, device, steps=10):
+    """Our enhancer backbone against the reference implementation, when it happens to be importable
+    (timm for ViTs, torchvision for ResNets; never a dependency): forward + backward of a summed
+    output on the same inputs, the two timed in turn, median of `steps`. Returns
+    {"ours_ms", "reference_ms", "speedup"} (speedup > 1: ours is faster) or None."""
+    B, S = args.batch_size, args.img_size
+    try:
+        if args.arch.startswith("vit"):
+            from timm.models.vision_transformer import VisionTransformer as Reference
+            cfg = enh.ARCHS[args.arch]
+            theirs = Reference(img_size=S, patch_size=args.patch_size, embed_dim=cfg["embed_dim"],
+                               depth=cfg["depth"], num_heads=cfg["num_heads"], num_classes=0)
+        else:
+            import torchvision
+            theirs = getattr(torchvision.models, args.arch)()  # its default (NCHW) layout
+    except (ImportError, AttributeError):
+        return None
+    ours = enh.build_backbone(args.arch, img_size=S, patch_size=args.patch_size).to(device)
+    fmt = torch.contiguous_format
+    if args.arch.startswith("resnet") and device.type == "cuda":  # as training runs it
+        ours.to(memory_format=torch.channels_last)
+        fmt = torch.channels_last
+    theirs = theirs.to(device)
+    x = torch.randn(B, 3, S, S, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def fwd_bwd(net, inp):
+        sync()
+        t = time.perf_counter()
+        with training.autocast(device, args.amp):
+            out = net(inp)
+        out.float().sum().backward()
+        sync()
+        return time.perf_counter() - t
+
+    for _ in range(2):  # warm-up
+        fwd_bwd(ours, x.contiguous(memory_format=fmt)), fwd_bwd(theirs, x)
+    times = [(fwd_bwd(ours, x.contiguous(memory_format=fmt)), fwd_bwd(theirs, x)) for _ in range(steps)]
+    ours_s = sorted(t[0] for t in times)[steps // 2]
+    theirs_s = sorted(t[1] for t in times)[steps // 2]
+    name = "timm" if args.arch.startswith("vit") else "torchvision"
+    print(f"  {args.arch} backbone fwd+bwd, batch {B}, {S}px: ours {1000 * ours_s:.1f} ms, {name} "
+          f"{1000 * theirs_s:.1f} ms: {theirs_s / ours_s:.2f}x")
+    return {"ours_ms": 1000 * ours_s, "reference_ms": 1000 * theirs_s, "speedup": theirs_s / ours_s}
+
+
+def count_flops(run_step):
+    """FLOPs of one training step per bench phase, from torch's FlopCounterMode (matmuls and
+    convolutions, forward and backward, FLOP = 2 x multiply-add); run_step(trace) runs the step."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter, flops, last = FlopCounterMode(display=False), {}, [0]
+
+    def mark(name, value):
+        if name in BENCH_PHASES:
+            total = counter.get_total_flops()
+            flops[BENCH_PHASES[name]] = flops.get(BENCH_PHASES[name], 0) + total - last[0]
+            last[0] = total
+
+    with counter:
+        run_step(mark)
+    return flops
+
+
+def peak_tflops(device, amp):
+    """The table's peak for this GPU and --amp, or None (CPUs, unknown cards)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((p[amp] for key, p in PEAK_TFLOPS.items() if key in name), None)
 
 
 # ----------------------------------------------------------------------------------------------------

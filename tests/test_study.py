@@ -78,3 +78,42 @@ def test_a_failing_stage_names_its_command_and_log(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "DOWNSTREAM", {})
     with pytest.raises(RuntimeError, match=r"pretrain.py .*--arch no_such_arch.* failed .*study.log"):
         study.main(args(tmp_path, "--seeds", "0"))
+
+
+def test_report_prints_the_readme_tables_and_names_cells_within_the_spread(capsys):
+    done = {"pretrain/revdet-vit/s0": {"value": 20.0, "random_init": 12.0},
+            "pretrain/revdet-vit/s1": {"value": 22.0, "random_init": 14.0},
+            "pretrain/mask-0.3/s0": {"value": 17.0, "random_init": 12.0},
+            "pretrain/mask-0.3/s1": {"value": 19.0, "random_init": 14.0},
+            "pretrain/argmax/s0": {"value": 21.0, "random_init": 12.0},
+            "pretrain/argmax/s1": {"value": 22.0, "random_init": 14.0},
+            "linear/revdet-vit/s0": {"value": 30.0}, "linear/scratch-vit_mini/s0": {"value": 25.0}}
+    study.report(done)
+    out = capsys.readouterr().out
+    assert "| vit_mini, scratch (random init) | 13.0 | 25.0 ± 0.0 (1) | - | - |" in out
+    assert "| vit_mini, CIM-revdet | 21.0 ± 1.4 | 30.0 ± 0.0 (1) | - | - |" in out
+    assert "| mask ratio | 0.3 | 18.0 ± 1.4 | -3.0 |" in out
+    assert "| mask ratio | 0.5 (default) | 21.0 ± 1.4 |  |" in out
+    assert "| sampling | argmax | 21.5 ± 0.7 | +0.5 |" in out
+    # mask 0.3 is 3.0 below the default with a spread of 1.4: settled; argmax is 0.5 off: 3 seeds
+    close = out.split("within the seed-to-seed spread")[1]
+    assert "pretrain/argmax vs pretrain/revdet-vit (sampling)" in close and "mask-0.3" not in close
+
+
+def test_plot_draws_each_seed_curve_from_the_runs_logs(tmp_path):
+    for seed, accs in ((0, (20.0, 24.0, 30.0)), (1, (21.0, 25.0, 28.0))):
+        run = tmp_path / "runs" / f"pretrain-revdet-vit-s{seed}"
+        run.mkdir(parents=True)
+        lines = [{"step": 0, "knn": accs[0]}, {"step": 32, "loss": 1.0}, {"step": 32, "knn": accs[1]},
+                 {"steps": 64, "knn_pretrained": accs[2], "knn_random_init": 18.0}]
+        (run / "log.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    (tmp_path / "runs" / "pretrain-mask-0.3-s0").mkdir()  # other cells are not drawn
+    curves = study.knn_curves(str(tmp_path))
+    assert curves == {0: ([(0, 20.0), (32, 24.0), (64, 30.0)], 18.0), 1: ([(0, 21.0), (32, 25.0), (64, 28.0)], 18.0)}
+    img = study.plot_knn(curves, str(tmp_path / "knn.png"), "test", size=(640, 400))
+    assert img.size == (640, 400) and (tmp_path / "knn.png").is_file()
+    # axes: x 0..64 over pixels 60..620, y 15..35 % over pixels 350..40: seed 0's last point is blue
+    x, y = 60 + 560 * 64 / 64, 350 - 310 * (30.0 - 15) / 20
+    assert img.getpixel((round(x) - 1, round(y))) == (31, 119, 180)
+    with pytest.raises(ValueError, match="no finished pre-training run"):
+        study.plot_knn(study.knn_curves(str(tmp_path / "empty")), str(tmp_path / "x.png"), "t")

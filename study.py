@@ -39,15 +39,20 @@ PRETRAIN = {  # name -> (group, flags)
     "revdet-resnet18": ("main", ["--objective", "revdet", "--arch", "resnet18"]),
     "respix-resnet18": ("main", ["--objective", "respix", "--arch", "resnet18"]),
     "mask-0.3": ("mask ratio", ["--mask-ratio", "0.3"]),
+    "mask-0.5": ("mask ratio", ["--mask-ratio", "0.5"]),
     "mask-0.7": ("mask ratio", ["--mask-ratio", "0.7"]),
     "argmax": ("sampling", ["--sample", "argmax"]),
     "respix-norm-none": ("respix normalisation", ["--objective", "respix", "--norm-pix", "none"]),
     "respix-norm-patch": ("respix normalisation", ["--objective", "respix", "--norm-pix", "patch"]),
     "gen-depth-4": ("generator depth", ["--gen-depth", "4"]),
 }
-# the references each ablation is read against (same recipe, the paper's default in that one flag)
+# the reference each ablation is read against (the same recipe) and the pretrain.py setting it varies;
+# an ablation cell that the recipe already is on this data (mask 0.5 on the built-in data) is not
+# run twice: the reference is that row
 BASELINE = {"mask ratio": "revdet-vit", "sampling": "revdet-vit", "generator depth": "revdet-vit",
             "respix normalisation": "respix-vit"}
+ABLATED = {"mask ratio": "mask_ratio", "sampling": "sample", "generator depth": "gen_depth",
+           "respix normalisation": "norm_pix"}
 DOWNSTREAM = {  # name -> (script, flags, metric in its last JSON line); run for the "main" cells
     "linear": ("finetune.py", ["--mode", "linear", "--recipe", "builtin"], "top1"),
     "finetune": ("finetune.py", ["--recipe", "builtin"], "top1"),
@@ -62,12 +67,16 @@ BUDGET = {
     "finetune": ["--max-steps", "96", "--warmup-epochs", "0.25"],
     "segment": ["--iters", "120", "--warmup-iters", "12"],
 }
-# how the ablation tables name each setting (the default's name: DEFAULT_LABEL)
-LABEL = {"mask-0.3": "0.3", "mask-0.7": "0.7", "argmax": "argmax", "respix-norm-none": "none",
-         "respix-norm-patch": "patch", "gen-depth-4": "4"}
-DEFAULT_LABEL = {"mask ratio": "0.5", "sampling": "softmax", "generator depth": "2",
-                 "respix normalisation": "window"}
 KNN_CURVE = {"revdet-vit": ["--knn-every", "32"]}  # the k-NN-against-steps plot (study.py --plot)
+
+
+def setting(args, name, group):
+    """The value of the pretrain.py flag that ablation `group` varies, as pre-training cell `name`
+    resolves it on this study's data (pretrain.py's own rules: the flags given, then the recipe's)."""
+    import pretrain  # torch and the stage scripts: only for planning, never to train
+    a = pretrain.get_args_parser().parse_args((["--data", args.data] if args.data else []) + PRETRAIN[name][1])
+    pretrain.resolve_args(a)
+    return getattr(a, ABLATED[group])
 
 
 def plan(args):
@@ -77,6 +86,8 @@ def plan(args):
     for name, (group, flags) in PRETRAIN.items():
         if args.only and group not in args.only:
             continue
+        if group in BASELINE and setting(args, name, group) == setting(args, BASELINE[group], group):
+            continue  # the recipe's own value: the reference row already is this cell
         for seed in args.seeds:
             cells.append((f"pretrain/{name}/s{seed}", "pretrain.py",
                           flags + KNN_CURVE.get(name, []) + BUDGET["pretrain.py"] + ["--seed", str(seed)],
@@ -149,7 +160,7 @@ def main(args):
                   + (f"  (from {needs})" if needs else ""))
         return done
     if args.report:
-        return report(done)
+        return report(done, args)
     if args.plot:
         plot_knn(knn_curves(args.output_dir), args.plot, "k-NN top-1 of the enhancer against pre-training "
                  f"steps: CIM-RevDet, vit_mini, {args.data or 'built-in data'}")
@@ -177,7 +188,7 @@ def main(args):
         with open(results_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         done[key] = record
-    return report(done)
+    return report(done, args)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,8 +225,10 @@ def too_close(rows, a, b):
     return abs(ma - mb) < max(sa, sb) and min(na, nb) < 3
 
 
-def report(done):
-    """The README's tables (markdown), from results.jsonl; returns summarise(done)."""
+def report(done, args=None):
+    """The README's tables (markdown), from results.jsonl; returns summarise(done). `args` gives the
+    data whose recipe names the reference rows (default: the built-in data)."""
+    args = args or get_args_parser().parse_args([])
     rows = summarise(done)
     print("| pre-training | k-NN | linear probe | fine-tuning | segmentation mIoU |\n| --- | --- | --- | --- | --- |")
     close = []
@@ -228,13 +241,16 @@ def report(done):
             print(f"| {arch}, CIM-{n.split('-')[0]} | {cell(rows, f'pretrain/{n}')} | "
                   + " | ".join(cell(rows, f"{t}/{n}") for t in DOWNSTREAM) + " |")
             close += [(f"{t}/{n}", f"{t}/scratch-{arch}", "main") for t in DOWNSTREAM]
-    print("\n| ablation | setting | k-NN | vs the default |\n| --- | --- | --- | --- |")
+    print("\n| ablation | setting | k-NN | vs the recipe |\n| --- | --- | --- | --- |")
     for group, base in BASELINE.items():
+        if base not in PRETRAIN:
+            continue
         names = [n for n, (g, _) in PRETRAIN.items() if g == group]
-        for n in sorted(names + [base], key=lambda n: LABEL.get(n, DEFAULT_LABEL[group])):
+        names = [n for n in names if setting(args, n, group) != setting(args, base, group)]
+        for n in sorted(names + [base], key=lambda n: str(setting(args, n, group))):
             delta = "" if n == base or f"pretrain/{n}" not in rows or f"pretrain/{base}" not in rows else \
                 f"{rows[f'pretrain/{n}'][0] - rows[f'pretrain/{base}'][0]:+.1f}"
-            label = LABEL.get(n) or DEFAULT_LABEL[group] + " (default)"
+            label = f"{setting(args, n, group)}" + (" (recipe)" if n == base else "")
             print(f"| {group} | {label} | {cell(rows, f'pretrain/{n}')} | {delta} |")
             if n != base:
                 close.append((f"pretrain/{n}", f"pretrain/{base}", group))

@@ -93,7 +93,7 @@ def test_report_prints_the_readme_tables_and_names_cells_within_the_spread(capsy
     assert "| vit_mini, scratch (random init) | 13.0 | 25.0 ± 0.0 (1) | - | - |" in out
     assert "| vit_mini, CIM-revdet | 21.0 ± 1.4 | 30.0 ± 0.0 (1) | - | - |" in out
     assert "| mask ratio | 0.3 | 18.0 ± 1.4 | -3.0 |" in out
-    assert "| mask ratio | 0.5 (default) | 21.0 ± 1.4 |  |" in out
+    assert "| mask ratio | 0.5 (recipe) | 21.0 ± 1.4 |  |" in out
     assert "| sampling | argmax | 21.5 ± 0.7 | +0.5 |" in out
     # mask 0.3 is 3.0 below the default with a spread of 1.4: settled; argmax is 0.5 off: 3 seeds
     close = out.split("within the seed-to-seed spread")[1]
@@ -117,3 +117,16 @@ def test_plot_draws_each_seed_curve_from_the_runs_logs(tmp_path):
     assert img.getpixel((round(x) - 1, round(y))) == (31, 119, 180)
     with pytest.raises(ValueError, match="no finished pre-training run"):
         study.plot_knn(study.knn_curves(str(tmp_path / "empty")), str(tmp_path / "x.png"), "t")
+
+
+def test_ablations_are_read_against_the_recipe_pretrain_py_picks_for_the_data(tmp_path):
+    from PIL import Image
+    for split in ("train", "val"):  # 32 px photos: pretrain.py's "photos" recipe, mask ratio 0.25
+        (tmp_path / "photos" / split / "a").mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(tmp_path / "photos" / split / "a" / "0.png")
+    builtin = [c[0] for c in study.plan(args(tmp_path, "--only", "mask ratio", "--seeds", "0"))]
+    photos = [c[0] for c in study.plan(args(tmp_path, "--only", "mask ratio", "--seeds", "0",
+                                            "--data", str(tmp_path / "photos")))]
+    assert builtin == ["pretrain/mask-0.3/s0", "pretrain/mask-0.7/s0"]  # 0.5 is the built-in recipe's
+    assert photos == ["pretrain/mask-0.3/s0", "pretrain/mask-0.5/s0", "pretrain/mask-0.7/s0"]
+    assert study.setting(args(tmp_path, "--data", str(tmp_path / "photos")), "revdet-vit", "mask ratio") == 0.25

@@ -290,16 +290,17 @@ def plot_knn(curves, path, title, size=(640, 400)):
     if not curves:
         raise ValueError("study.py --plot: no finished pre-training run with a k-NN curve (--knn-every) yet")
     w, h = size
-    left, right, top, bottom = 60, 20, 40, 50
+    left, right, top, bottom = 60, 30, 40, 50
     steps = [s for pts, _ in curves.values() for s, _ in pts]
     accs = [a for pts, r in curves.values() for a in [r] + [a for _, a in pts]]
-    x1, y0, y1 = max(steps), 5 * int(min(accs) // 5), 5 * (int(max(accs) // 5) + 1)
+    tick = 1 if max(accs) - min(accs) < 8 else 2 if max(accs) - min(accs) < 16 else 5  # % per grid line
+    x1, y0, y1 = max(steps), tick * int(min(accs) // tick), tick * (int(max(accs) // tick) + 1)
     X = lambda s: left + (w - left - right) * s / x1
     Y = lambda a: h - bottom - (h - top - bottom) * (a - y0) / (y1 - y0)
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     d.text((left, 12), title, fill="black")
-    for a in range(y0, y1 + 1, 5):  # horizontal grid and y labels
+    for a in range(y0, y1 + 1, tick):  # horizontal grid and y labels
         d.line([(left, Y(a)), (w - right, Y(a))], fill=(225, 225, 225))
         d.text((8, Y(a) - 6), f"{a}%", fill="black")
     for s in sorted({s for s, _ in next(iter(curves.values()))[0]}):

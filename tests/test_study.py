@@ -112,8 +112,9 @@ def test_plot_draws_each_seed_curve_from_the_runs_logs(tmp_path):
     assert curves == {0: ([(0, 20.0), (32, 24.0), (64, 30.0)], 18.0), 1: ([(0, 21.0), (32, 25.0), (64, 28.0)], 18.0)}
     img = study.plot_knn(curves, str(tmp_path / "knn.png"), "test", size=(640, 400))
     assert img.size == (640, 400) and (tmp_path / "knn.png").is_file()
-    # axes: x 0..64 over pixels 60..620, y 15..35 % over pixels 350..40: seed 0's last point is blue
-    x, y = 60 + 560 * 64 / 64, 350 - 310 * (30.0 - 15) / 20
+    # accuracies 18..30: a grid line every 2 %, y 18..32 % over pixels 350..40, x 0..64 over 60..610;
+    # seed 0's last point is blue
+    x, y = 60 + 550 * 64 / 64, 350 - 310 * (30.0 - 18) / 14
     assert img.getpixel((round(x) - 1, round(y))) == (31, 119, 180)
     with pytest.raises(ValueError, match="no finished pre-training run"):
         study.plot_knn(study.knn_curves(str(tmp_path / "empty")), str(tmp_path / "x.png"), "t")

@@ -84,7 +84,7 @@ def plan(args):
     cell whose backbone a downstream cell starts from (None: it is scratch or pre-training)."""
     cells = []
     for name, (group, flags) in PRETRAIN.items():
-        if args.only and group not in args.only:
+        if (args.only and group not in args.only) or (args.cells and name not in args.cells):
             continue
         if group in BASELINE and setting(args, name, group) == setting(args, BASELINE[group], group):
             continue  # the recipe's own value: the reference row already is this cell
@@ -93,7 +93,7 @@ def plan(args):
                           flags + KNN_CURVE.get(name, []) + BUDGET["pretrain.py"] + ["--seed", str(seed)],
                           "knn", None))
     for name, (group, flags) in PRETRAIN.items():
-        if group != "main" or (args.only and "main" not in args.only):
+        if group != "main" or (args.only and "main" not in args.only) or args.cells:
             continue
         arch = dict(zip(flags[::2], flags[1::2])).get("--arch", "vit_mini")
         for task, (script, extra, metric) in DOWNSTREAM.items():
@@ -256,7 +256,8 @@ def report(done, args=None):
                 close.append((f"pretrain/{n}", f"pretrain/{base}", group))
     close = [c for c in close if too_close(rows, c[0], c[1])]
     if close:
-        print("\nwithin the seed-to-seed spread (run 3 seeds: --seeds 0 1 2 --only GROUP):")
+        print("\nwithin the seed-to-seed spread, fewer than 3 seeds (a third: --seeds 2 with --cells NAME... for "
+              "pre-training cells, --only main for the downstream ones):")
         for a, b, group in close:
             print(f"  {a} vs {b} ({group})")
     return rows
@@ -329,6 +330,9 @@ def get_args_parser():
     a("--output-dir", default="out/study", help="runs/, results.jsonl (one line per finished cell), study.log")
     a("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every cell")
     a("--only", nargs="+", default=None, help=f"groups to run: {sorted({g for g, _ in PRETRAIN.values()})}")
+    a("--cells", nargs="+", default=None, choices=list(PRETRAIN), metavar="NAME",
+      help=f"only these pre-training cells, no downstream (e.g. a third seed where two cells are within "
+           f"the spread: --cells respix-vit respix-norm-patch --seeds 2); one of {list(PRETRAIN)}")
     a("--list", action="store_true", help="print the plan and what is done, run nothing")
     a("--report", action="store_true", help="print the tables from results.jsonl, run nothing")
     a("--plot", default=None, metavar="PNG", help="draw k-NN against pre-training steps of the revdet-vit "

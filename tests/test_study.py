@@ -46,6 +46,8 @@ def test_plan_links_each_downstream_cell_to_its_pretraining_and_one_scratch_per_
                              for s in (0, 1))
     ablation = study.plan(args(tmp_path, "--only", "mask ratio", "--seeds", "0"))
     assert [c[0] for c in ablation] == ["pretrain/mask-0.3/s0", "pretrain/mask-0.7/s0"]
+    third = study.plan(args(tmp_path, "--cells", "respix-vit", "respix-norm-patch", "--seeds", "2"))
+    assert [c[0] for c in third] == ["pretrain/respix-vit/s2", "pretrain/respix-norm-patch/s2"]
 
 
 def test_a_tiny_study_runs_resumes_and_reports(tmp_path, monkeypatch, capsys):

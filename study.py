@@ -163,7 +163,7 @@ def main(args):
         return report(done, args)
     if args.plot:
         plot_knn(knn_curves(args.output_dir), args.plot, "k-NN top-1 of the enhancer against pre-training "
-                 f"steps: CIM-RevDet, vit_mini, {args.data or 'built-in data'}")
+                 f"steps: CIM-RevDet, vit_mini, {os.path.basename(os.path.normpath(args.data)) if args.data else 'built-in data'}")
         return done
     data_flags = {"segment.py": ["--data", args.seg_data] if args.seg_data else []}
     tok = tokenizer(args, log_path)

@@ -21,7 +21,7 @@ GRAPH = {
     "pretrain": {"data", "training", "dvae", "generator", "enhancer"},
     "finetune": {"data", "training", "enhancer"},
     "segment": {"data", "training", "enhancer", "finetune"},
-    "study": set(),  # runs the stage scripts as commands, imports none of them
+    "study": {"pretrain"},  # runs the stage scripts as commands; reads pretrain.py's recipe rules
 }
 # outside the standard library
 LIBRARIES = {
@@ -33,7 +33,7 @@ LIBRARIES = {
     "pretrain": {"torch", "tqdm"},
     "finetune": {"torch", "numpy", "PIL", "tqdm"},
     "segment": {"torch", "numpy", "PIL", "tqdm"},
-    "study": set(),
+    "study": {"PIL"},  # the k-NN plot
 }
 
 

@@ -8,9 +8,11 @@ results into tables.
     python study.py --list                                   # the plan, and what is done
     python study.py                                          # built-in data, every cell not yet done
     python study.py --data ../shared/data/photos-dev --output-dir out/study-photos
-    python study.py --only main --seeds 0 1 2                # one group, three seeds
-    python study.py --report                                 # mean +- spread per cell, from results.jsonl
-    python study.py --pretrain-flags="--epochs 8"            # extra flags for every run of a stage
+    python study.py --report                                 # the README's tables, from results.jsonl
+    python study.py --plot docs/study-knn-builtin.png        # k-NN against pre-training steps
+    python study.py --cells respix-vit argmax --seeds 2      # a third seed for chosen pre-training cells
+    python study.py --only main --seeds 2                    # one group (downstream included), seed 2
+    python study.py --pretrain-flags="--max-steps 512"       # extra flags for every run of a stage
 
 One tokenizer per study (the built-in data: dvae.py's small preset; --data: the k-means codebook)
 is trained first and shared by every pre-training run. A pre-training cell is one pretrain.py run

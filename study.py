@@ -72,23 +72,29 @@ BUDGET = {
 KNN_CURVE = {"revdet-vit": ["--knn-every", "32"]}  # the k-NN-against-steps plot (study.py --plot)
 
 
-def setting(args, name, group):
-    """The value of the pretrain.py flag that ablation `group` varies, as pre-training cell `name`
-    resolves it on this study's data (pretrain.py's own rules: the flags given, then the recipe's)."""
+def ablation_values(args, group):
+    """{cell: value of the pretrain.py flag that ablation `group` varies} for the group's reference
+    cell and its own cells, as pretrain.py resolves them on this study's data (the flags given,
+    then the recipe's), each resolved once."""
     import pretrain  # torch and the stage scripts: only for planning, never to train
-    a = pretrain.get_args_parser().parse_args((["--data", args.data] if args.data else []) + PRETRAIN[name][1])
-    pretrain.resolve_args(a)
-    return getattr(a, ABLATED[group])
+    values = {}
+    for name in [BASELINE[group]] + [n for n, (g, _) in PRETRAIN.items() if g == group]:
+        a = pretrain.get_args_parser().parse_args((["--data", args.data] if args.data else []) + PRETRAIN[name][1])
+        pretrain.resolve_args(a)
+        values[name] = getattr(a, ABLATED[group])
+    return values
 
 
 def plan(args):
     """Every cell, in run order: (key, script, flags, metric, needs). `needs` names the pre-training
     cell whose backbone a downstream cell starts from (None: it is scratch or pre-training)."""
     cells = []
+    values = {g: ablation_values(args, g) for g in BASELINE if BASELINE[g] in PRETRAIN
+              and (not args.only or g in args.only)}
     for name, (group, flags) in PRETRAIN.items():
         if (args.only and group not in args.only) or (args.cells and name not in args.cells):
             continue
-        if group in BASELINE and setting(args, name, group) == setting(args, BASELINE[group], group):
+        if group in values and values[group][name] == values[group][BASELINE[group]]:
             continue  # the recipe's own value: the reference row already is this cell
         for seed in args.seeds:
             cells.append((f"pretrain/{name}/s{seed}", "pretrain.py",
@@ -167,7 +173,6 @@ def main(args):
         plot_knn(knn_curves(args.output_dir), args.plot, "k-NN top-1 of the enhancer against pre-training "
                  f"steps: CIM-RevDet, vit_mini, {os.path.basename(os.path.normpath(args.data)) if args.data else 'built-in data'}")
         return done
-    data_flags = {"segment.py": ["--data", args.seg_data] if args.seg_data else []}
     tok = tokenizer(args, log_path)
     for key, script, flags, metric, needs in cells:
         if key in done:
@@ -180,7 +185,8 @@ def main(args):
                      if needs else []) + flags
             flags = flags + (args.finetune_flags if script == "finetune.py" else args.segment_flags)
         print(f"study.py: {key}", flush=True)
-        data = data_flags.get(script, ["--data", args.data] if args.data else [])
+        data = args.seg_data if script == "segment.py" else args.data  # None: the built-in data
+        data = ["--data", data] if data else []
         result, minutes = run_stage(script, data + flags + ["--output-dir", run_dir], log_path)
         record = {"cell": key, "script": script, "flags": flags, "minutes": round(minutes, 2)}
         if metric == "knn":
@@ -247,12 +253,12 @@ def report(done, args=None):
     for group, base in BASELINE.items():
         if base not in PRETRAIN:
             continue
-        names = [n for n, (g, _) in PRETRAIN.items() if g == group]
-        names = [n for n in names if setting(args, n, group) != setting(args, base, group)]
-        for n in sorted(names + [base], key=lambda n: str(setting(args, n, group))):
+        values = ablation_values(args, group)
+        names = [n for n in values if n == base or values[n] != values[base]]
+        for n in sorted(names, key=lambda n: str(values[n])):
             delta = "" if n == base or f"pretrain/{n}" not in rows or f"pretrain/{base}" not in rows else \
                 f"{rows[f'pretrain/{n}'][0] - rows[f'pretrain/{base}'][0]:+.1f}"
-            label = f"{setting(args, n, group)}" + (" (recipe)" if n == base else "")
+            label = f"{values[n]}" + (" (recipe)" if n == base else "")
             print(f"| {group} | {label} | {cell(rows, f'pretrain/{n}')} | {delta} |")
             if n != base:
                 close.append((f"pretrain/{n}", f"pretrain/{base}", group))

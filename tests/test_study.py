@@ -132,4 +132,5 @@ def test_ablations_are_read_against_the_recipe_pretrain_py_picks_for_the_data(tm
                                             "--data", str(tmp_path / "photos")))]
     assert builtin == ["pretrain/mask-0.3/s0", "pretrain/mask-0.7/s0"]  # 0.5 is the built-in recipe's
     assert photos == ["pretrain/mask-0.3/s0", "pretrain/mask-0.5/s0", "pretrain/mask-0.7/s0"]
-    assert study.setting(args(tmp_path, "--data", str(tmp_path / "photos")), "revdet-vit", "mask ratio") == 0.25
+    assert study.ablation_values(args(tmp_path, "--data", str(tmp_path / "photos")), "mask ratio") == \
+        {"revdet-vit": 0.25, "mask-0.3": 0.3, "mask-0.5": 0.5, "mask-0.7": 0.7}

@@ -730,7 +730,7 @@ def main(args):
     training.print_args(args, rank)
     if args.preset == "kmeans":
         stats = fit_codebook(args, cfg, rank, device)
-        finish_distributed(owns_group)
+        training.finish_distributed(owns_group)
         return stats
 
     # ---------------------------------------------------------------- data
@@ -837,15 +837,8 @@ def main(args):
                   f"({100 * stats['val_usage']:.1f}% in use). CIM needs diverse tokens; train longer "
                   f"(short runs anneal the temperature before the codes spread) or raise --kl-weight. "
                   f"pretrain.py refuses tokenizers below --min-tokenizer-perplexity (16)")
-    finish_distributed(owns_group)
+    training.finish_distributed(owns_group)
     return stats
-
-
-def finish_distributed(owns_group):
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # nobody reads the checkpoint before rank 0 has written it
-        if owns_group:
-            torch.distributed.destroy_process_group()
 
 
 

@@ -766,9 +766,7 @@ def main(args):
         print(json.dumps({"mode": args.mode, "init": args.init, "seed": args.seed, "epochs": result.get("epoch"),
                           "top1": result.get("val_top1"), "top5": result.get("val_top5"),
                           "best_top1": best, "minutes": round((time.time() - start) / 60, 2)}))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    training.finish_distributed()
     return result
 
 

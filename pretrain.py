@@ -608,9 +608,7 @@ def main(args):
     if rank == 0:
         log.write(**result)
         print(json.dumps(result))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    training.finish_distributed()
     return result
 
 

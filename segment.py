@@ -496,9 +496,7 @@ def main(args):
                 break
     bar.close()
     result = report(metrics, step, args, rank, train_set, (time.time() - start) / 60)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    training.finish_distributed()
     return result
 
 

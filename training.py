@@ -51,6 +51,17 @@ def init_distributed(device="auto", backend=None):
     return rank, world_size, device
 
 
+def finish_distributed(owns_group=True):
+    """End of a stage: every rank waits for the others (so nobody reads a checkpoint before rank 0
+    has written it), then the process group is torn down. Leaving it to interpreter exit instead
+    can abort a rank while gloo's threads still run ("terminate called without an active
+    exception"). `owns_group=False` when a caller's group must outlive this stage."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        if owns_group:
+            torch.distributed.destroy_process_group()
+
+
 def autocast(device, amp):
     """One autocast context for the whole forward; `amp` is the --amp flag (bf16|fp16|none)."""
     if amp not in AMP_DTYPES:

@@ -445,6 +445,7 @@ stats["feat_rows"], stats["label_sum"] = feats.shape[0], int(labels.sum())
 stats["shard"] = len(loader.sampler)
 with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
     json.dump(stats, f)
+training.finish_distributed()
 """
 
 

@@ -62,7 +62,7 @@ def test_import_graph_and_libraries(name):
 def test_stage_files_hold_no_shared_helpers_twice():
     """training.py is the one home of the loop parts: no stage defines them again."""
     shared = {"init_distributed", "autocast", "cosine_lr", "save_checkpoint", "load_checkpoint",
-              "seed_everything", "gather_rng_states", "knn_classify", "print_args"}
+              "seed_everything", "gather_rng_states", "knn_classify", "print_args", "finish_distributed"}
     for name in GRAPH:
         path = os.path.join(REPO, name + ".py")
         if name == "training" or not os.path.isfile(path):

@@ -299,6 +299,7 @@ loader = data.build_eval_loader(val, 1, 0, rank, world)
 metrics = segment.evaluate(model, loader, args, device)
 with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
     json.dump(dict(metrics, shard=len(loader.sampler)), f)
+training.finish_distributed()
 """
 
 

@@ -636,10 +636,10 @@ def knn_main(args, backbone, rank, world_size, device):
     sets = [data.build_dataset(args.data, s, tf, seed=args.seed) for s in ("train", "val")]
     loaders = [data.build_eval_loader(s, args.eval_batch_size, args.num_workers, rank, world_size)
                for s in sets]
-    top1, top5 = training.knn_accuracy(backbone.to(device), *loaders, len(sets[0].classes), device,
-                                       args.knn_k, args.knn_t, ks=(1, 5))
-    result = {"mode": "knn", "init": args.init, "arch": args.arch, "knn_k": args.knn_k,
-              "top1": top1, "top5": top5, "n_train": len(sets[0]), "n_val": len(sets[1])}
+    knn = training.knn_accuracy(backbone.to(device), *loaders, len(sets[0].classes), device,
+                                args.knn_k, args.knn_t, ks=(1, 5))
+    result = {"mode": "knn", "init": args.init, "arch": args.arch, "knn_k": args.knn_k, **knn,
+              "n_train": len(sets[0]), "n_val": len(sets[1])}
     if rank == 0:
         training.JsonLog(os.path.join(args.output_dir, "log.jsonl")).write(**result)
         print(json.dumps(result))

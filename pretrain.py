@@ -553,9 +553,9 @@ def main(args):
     # ---------------------------------------------------------------- training loop
     def knn_curve():  # the trained enhancer's k-NN, without touching any RNG the run depends on
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            acc = training.knn_accuracy(model.enhancer.backbone, *knn_loaders, len(knn_sets[0].classes),
+            knn = training.knn_accuracy(model.enhancer.backbone, *knn_loaders, len(knn_sets[0].classes),
                                         device, args.knn_k)
-        log.write(step=step, knn=acc)
+        log.write(step=step, knn=knn["top1"], feature_rank=knn["feature_rank"])
 
     knn_loaders = knn_sets and [data.build_eval_loader(ds, 128, 0, rank, world_size) for ds in knn_sets]
     if knn_sets and args.knn_every and step == 0:
@@ -856,15 +856,17 @@ def knn_datasets(args):
 
 def knn_report(backbone, knn_sets, loaders, args, device):
     """The run's evidence: k-NN accuracy of the pre-trained enhancer next to the same architecture
-    at random init (a random network's features already beat chance)."""
+    at random init (a random network's features already beat chance), and the effective rank of
+    both networks' features (training.effective_rank: near 1 is a collapsed representation)."""
     num_classes = len(knn_sets[0].classes)
     torch.manual_seed(args.seed)
     random_init = enh.build_backbone(args.arch, img_size=args.img_size, patch_size=args.patch_size,
                                      init_values=args.init_values).to(device)
-    return {"knn_pretrained": training.knn_accuracy(backbone, *loaders, num_classes, device, args.knn_k),
-            "knn_random_init": training.knn_accuracy(random_init, *loaders, num_classes, device,
-                                                     args.knn_k),
-            "knn_chance": 100.0 / num_classes}
+    ours, rand = (training.knn_accuracy(b, *loaders, num_classes, device, args.knn_k)
+                  for b in (backbone, random_init))
+    return {"knn_pretrained": ours["top1"], "knn_random_init": rand["top1"],
+            "knn_chance": 100.0 / num_classes,
+            "rank_pretrained": ours["feature_rank"], "rank_random_init": rand["feature_rank"]}
 
 
 def export(model, args):

@@ -365,13 +365,30 @@ def topk_correct(scores, labels, ks=(1, 5)):
 
 def knn_accuracy(backbone, train_loader, val_loader, num_classes, device, k=20, temperature=0.07,
                  ks=(1,)):
-    """Weighted k-NN accuracy (%) of the backbone's pooled features, train -> val: top-1, or one
-    number per k in `ks`. Exact under DDP with data.build_eval_loader."""
+    """Weighted k-NN of the backbone's pooled features, train -> val. Exact under DDP with
+    data.build_eval_loader. Returns {"top1": %, ... one "top<k>" per k in `ks`, "feature_rank":
+    effective_rank of the training features}."""
     was_training = backbone.training
     backbone.eval()
     tr_f, tr_y = extract_features(backbone, train_loader, device)
     va_f, va_y = extract_features(backbone, val_loader, device)
     backbone.train(was_training)
     votes = knn_classify(tr_f, tr_y, va_f, num_classes, k, temperature)
-    acc = [100.0 * c / len(va_y) for c in topk_correct(votes, va_y, ks)]
-    return acc[0] if len(ks) == 1 else acc
+    result = {f"top{k}": 100.0 * c / len(va_y) for k, c in zip(ks, topk_correct(votes, va_y, ks))}
+    return dict(result, feature_rank=effective_rank(tr_f))
+
+
+def effective_rank(feats):
+    """How many directions the features (N, D) really use: the participation ratio (sum l)^2 / sum l^2
+    of the eigenvalues l of their correlation matrix, = D'^2 / ||C||_F^2 (the trace of C is D', the
+    number of channels that vary). D' for uncorrelated channels, 1 when every channel moves with one
+    shared direction. A collapse check: a pooled feature dominated by one direction still gives a
+    k-NN, while a BatchNorm + SGD linear probe on it is badly conditioned and can fail to train."""
+    f = feats.float() - feats.float().mean(0)
+    std = f.std(0)
+    varies = std > 1e-6 * std.max().clamp_min(1e-12)
+    if len(f) < 2 or not varies.any():
+        return 0.0
+    f = f[:, varies] / std[varies]
+    corr = (f.T @ f).double() / (len(f) - 1)  # (D', D')
+    return float(varies.sum().item() ** 2 / corr.pow(2).sum().item())

@@ -18,6 +18,7 @@ import data
 import enhancer as enh
 import finetune
 import pretrain
+import training
 from conftest import REPO, free_port, subprocess_env
 
 
@@ -425,6 +426,28 @@ def test_knn_mode_counts_every_validation_image(tmp_path, folder, pretrained):
                        "--knn-k", "3"))
     assert result["n_val"] == 9 and result["top5"] == 100.0
     assert result["top1"] >= 50.0  # two ramp directions: trivially separable
+    # the collapse check is the effective rank of the training features the k-NN searched
+    flags = tiny(folder, tmp_path, "--init", pretrained / "backbone.pth", "--mode", "knn")
+    args = finetune.resolve_args(finetune.get_args_parser().parse_args(flags))
+    backbone = finetune.load_backbone(args).eval()
+    train = data.build_dataset(str(folder), "train", data.EvalTransform(args.img_size, crop_pct=args.crop_pct))
+    feats, _ = training.extract_features(backbone, data.build_eval_loader(train, 4, 0), torch.device("cpu"))
+    assert result["feature_rank"] == pytest.approx(training.effective_rank(feats), rel=1e-4)
+    assert 1.0 <= result["feature_rank"] <= feats.shape[1]
+
+
+def test_effective_rank_counts_the_directions_the_features_use():
+    n = 64
+    a = torch.tensor([1.0, -1.0]).repeat(n // 2)                 # two exactly uncorrelated signals
+    b = torch.tensor([1.0, 1.0, -1.0, -1.0]).repeat(n // 4)
+    two = torch.stack([a, 3 * a + 5, b, -b, 0 * a + 7], dim=1)   # each twice (scaled), one constant
+    assert training.effective_rank(two) == pytest.approx(2.0)    # the constant channel is left out
+    eye = torch.eye(8).repeat(4, 1)                              # 8 one-hot channels: corr -1/7
+    assert training.effective_rank(eye) == pytest.approx(64 / (8 + 56 / 49))
+    torch.manual_seed(0)
+    one = torch.randn(n, 1) * (torch.rand(1, 32) + 0.5) + 1e-3 * torch.randn(n, 32)  # one direction
+    assert 1.0 <= training.effective_rank(one) < 1.01
+    assert training.effective_rank(torch.ones(5, 3)) == 0.0
 
 
 # ----------------------------------------------------------------------------------------------------

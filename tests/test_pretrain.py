@@ -572,7 +572,8 @@ def test_photos_recipe_fits_a_kmeans_tokenizer_on_the_data_and_trains(tmp_path, 
     assert "recipe photos" in text and "fitting dvae.py --preset kmeans on " + root in text
     enc, dec = dvae.load_tokenizer(str(out / "tokenizer" / "checkpoint-latest.pth"))
     assert isinstance(enc, dvae.PatchEncoder) and enc.downsample == 4 and enc.vocab_size == 512
-    assert read_log(out)[-1]["steps"] == 2 and set(stats) >= {"knn_pretrained", "knn_random_init"}
+    assert read_log(out)[-1]["steps"] == 2 and set(stats) >= {"knn_pretrained", "knn_random_init",
+                                                              "rank_pretrained", "rank_random_init"}
     assert [r["lr"] for r in read_log(out) if "lr" in r] == [1e-3, 1e-3]  # min-lr None: constant
     assert load(out / "checkpoint-latest.pth")["args"]["mask_ratio"] == 0.25
     # the same command again finds the finished run and the cached codebook: nothing is refitted
@@ -795,7 +796,7 @@ def test_knn_every_logs_the_curve_and_leaves_training_unchanged(tmp_path, tiny_d
     run(tmp_path / "curve", tiny_dvae_ckpt, *common, "--knn-every", "2")
     curve = [r for r in read_log(tmp_path / "curve") if "knn" in r]
     assert [r["step"] for r in curve] == [0, 2]  # the end is the final check's knn_pretrained
-    assert all(0 <= r["knn"] <= 100 for r in curve)
+    assert all(0 <= r["knn"] <= 100 and r["feature_rank"] >= 1 for r in curve)
     assert not any("knn" in r for r in read_log(tmp_path / "plain"))
     # the evaluations draw no random numbers the run depends on: the same weights, step for step
     assert_same_training_state(load(tmp_path / "plain" / "checkpoint-latest.pth"),

@@ -841,8 +841,6 @@ def main(args):
     return stats
 
 
-
-
 def fit_codebook(args, cfg, rank, device):
     """--preset kmeans: fit the codebook on the training split's un-augmented patches (every rank
     computes the same one; rank 0 writes it), then the validation numbers a dVAE run reports.

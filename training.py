@@ -374,7 +374,7 @@ def knn_accuracy(backbone, train_loader, val_loader, num_classes, device, k=20, 
     va_f, va_y = extract_features(backbone, val_loader, device)
     backbone.train(was_training)
     votes = knn_classify(tr_f, tr_y, va_f, num_classes, k, temperature)
-    result = {f"top{k}": 100.0 * c / len(va_y) for k, c in zip(ks, topk_correct(votes, va_y, ks))}
+    result = {f"top{j}": 100.0 * c / len(va_y) for j, c in zip(ks, topk_correct(votes, va_y, ks))}
     return dict(result, feature_rank=effective_rank(tr_f))
 
 
@@ -383,12 +383,23 @@ def effective_rank(feats):
     of the eigenvalues l of their correlation matrix, = D'^2 / ||C||_F^2 (the trace of C is D', the
     number of channels that vary). D' for uncorrelated channels, 1 when every channel moves with one
     shared direction. A collapse check: a pooled feature dominated by one direction still gives a
-    k-NN, while a BatchNorm + SGD linear probe on it is badly conditioned and can fail to train."""
-    f = feats.float() - feats.float().mean(0)
-    std = f.std(0)
-    varies = std > 1e-6 * std.max().clamp_min(1e-12)
-    if len(f) < 2 or not varies.any():
+    k-NN, while a BatchNorm + SGD linear probe on it is badly conditioned and can fail to train.
+    Sums run in float64 over row chunks, so no copy of the (N, D) features is made."""
+    n, d = feats.shape
+    if n < 2:
         return 0.0
-    f = f[:, varies] / std[varies]
-    corr = (f.T @ f).double() / (len(f) - 1)  # (D', D')
+    total = torch.zeros(d, dtype=torch.float64, device=feats.device)
+    gram = torch.zeros(d, d, dtype=torch.float64, device=feats.device)
+    for chunk in feats.split(65536):
+        chunk = chunk.double()
+        total += chunk.sum(0)
+        gram += chunk.T @ chunk
+    mean = total / n
+    cov = (gram - n * torch.outer(mean, mean)) / (n - 1)  # (D, D)
+    var = cov.diagonal()
+    varies = var > 1e-12 * var.max()
+    if not varies.any():
+        return 0.0
+    std = var[varies].sqrt()
+    corr = cov[varies][:, varies] / torch.outer(std, std)  # (D', D')
     return float(varies.sum().item() ** 2 / corr.pow(2).sum().item())

@@ -448,6 +448,10 @@ def test_effective_rank_counts_the_directions_the_features_use():
     one = torch.randn(n, 1) * (torch.rand(1, 32) + 0.5) + 1e-3 * torch.randn(n, 32)  # one direction
     assert 1.0 <= training.effective_rank(one) < 1.01
     assert training.effective_rank(torch.ones(5, 3)) == 0.0
+    # the definition itself, on more rows than one chunk of the float64 sums
+    mixed = torch.randn(70_000, 4) @ torch.randn(4, 4) + torch.tensor([5.0, -3.0, 0.0, 100.0])
+    eig = torch.linalg.eigvalsh(torch.corrcoef(mixed.double().T))
+    assert training.effective_rank(mixed) == pytest.approx((eig.sum() ** 2 / (eig ** 2).sum()).item(), rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ import subprocess
 import sys
 import time
 
+import torch
+
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 # ----------------------------------------------------------------------------------------------------
@@ -148,10 +150,12 @@ def run_stage(script, flags, log_path):
 
 
 def tokenizer(args, log_path):
-    """The study's one tokenizer, trained once (dvae.py resumes / reuses a finished fit)."""
+    """The study's one tokenizer, trained once. A study stopped while it trained finds a checkpoint
+    short of its last step and runs the same dvae.py command again, which resumes from it."""
     out = os.path.join(args.output_dir, "tokenizer")
     ckpt = os.path.join(out, "checkpoint-latest.pth")
-    if not os.path.isfile(ckpt):
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True) if os.path.isfile(ckpt) else None
+    if saved is None or saved["step"] < saved["total_steps"]:
         flags = ["--output-dir", out] + (["--preset", "kmeans", "--data", args.data] if args.data else [])
         run_stage("dvae.py", flags + args.dvae_flags, log_path)
     return ckpt

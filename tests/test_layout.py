@@ -33,7 +33,7 @@ LIBRARIES = {
     "pretrain": {"torch", "tqdm"},
     "finetune": {"torch", "numpy", "PIL", "tqdm"},
     "segment": {"torch", "numpy", "PIL", "tqdm"},
-    "study": {"PIL"},  # the k-NN plot
+    "study": {"PIL", "torch"},  # the k-NN plot; the tokenizer checkpoint's step
 }
 
 

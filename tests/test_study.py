@@ -4,6 +4,7 @@ re-running a finished cell, and the mean +- spread report."""
 import json
 
 import pytest
+import torch
 
 import study
 from conftest import TINY_DVAE
@@ -65,6 +66,19 @@ def test_a_tiny_study_runs_resumes_and_reports(tmp_path, monkeypatch, capsys):
     assert study.main(args(tmp_path, "--seeds", "0")) == rows
     study.main(args(tmp_path, "--list", "--seeds", "0"))
     assert capsys.readouterr().out.count("done ") == 3
+
+
+def test_a_tokenizer_stopped_midway_is_trained_on_and_a_finished_one_reused(tmp_path, monkeypatch):
+    ckpt = tmp_path / "tokenizer" / "checkpoint-latest.pth"
+    ckpt.parent.mkdir()
+    calls = []
+    monkeypatch.setattr(study, "run_stage", lambda script, flags, log: calls.append((script, flags)))
+    torch.save({"step": 3, "total_steps": 10}, ckpt)
+    assert study.tokenizer(args(tmp_path), tmp_path / "study.log") == str(ckpt)
+    assert [c[0] for c in calls] == ["dvae.py"] and calls[0][1][:2] == ["--output-dir", str(ckpt.parent)]
+    torch.save({"step": 10, "total_steps": 10}, ckpt)
+    study.tokenizer(args(tmp_path), tmp_path / "study.log")
+    assert len(calls) == 1
 
 
 def test_report_gives_mean_and_spread_over_seeds():

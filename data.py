@@ -254,15 +254,19 @@ class ADE20K(DatasetBase):
 
 
 class SyntheticShapes(DatasetBase):
-    """The built-in procedural dataset: one object of one of `num_classes` shape classes per image,
-    drawn in a random colour at a random place, size and angle over a random texture. Colour and
-    texture carry no class information, so a classifier (and a k-NN on pre-trained features) must
-    see shape; a tokenizer must model edges, flat regions and textures.
+    """The built-in procedural dataset. Each image holds one large object of one of `num_classes`
+    shape classes (the label) and up to MAX_DISTRACTORS smaller objects of the other classes, each
+    in a random colour at a random place, size and angle, over a random texture. A smaller object
+    lies behind the labelled one or in front of it, where it hides part of it. Colour and texture
+    carry no class information, so a classifier (and a k-NN on pre-trained features) must see
+    shape, and tell the large object from the small ones; a tokenizer must model edges, flat
+    regions, textures and overlaps.
 
     Sample i of a split is a pure function of (seed, split, i): identical on every rank and run.
-    `sample(i)` -> (PIL RGB image, per-pixel uint8 mask with 0 = background and c+1 = class c, label).
-    `__getitem__(i)` -> (transform(image), label), like ImageFolder; with segmentation=True
-    transform(image, mask, rng) like ADE20K (classes: background + the shapes).
+    `sample(i)` -> (PIL RGB image, per-pixel uint8 mask with 0 = background and c+1 = class c of the
+    object in front at that pixel, label). `__getitem__(i)` -> (transform(image), label), like
+    ImageFolder; with segmentation=True transform(image, mask, rng) like ADE20K (classes:
+    background + the shapes).
     """
 
     CLASSES = ("disc", "square", "triangle", "cross", "ring", "star", "bar", "diamond")
@@ -271,7 +275,7 @@ class SyntheticShapes(DatasetBase):
     # (radius 0.22-0.36 with distractor blobs gave a k-NN of 17% after the default run, 0.32-0.45 20-23%)
     OBJECT_RADIUS = (0.32, 0.45)
     DISTRACTOR_RADIUS = (0.12, 0.2)
-    MAX_DISTRACTORS = 0
+    MAX_DISTRACTORS = 2
 
     def __init__(self, split="train", size=64, num_classes=8, length=None, seed=0, transform=None,
                  segmentation=False):
@@ -302,19 +306,22 @@ class SyntheticShapes(DatasetBase):
         label = int(rng.integers(self.num_classes))
         img = self.texture(rng)
         mask = Image.new("L", (self.size, self.size), 0)
-        # (class, radius range) back to front: the labelled object is the large one; smaller objects
-        # of the other classes lie behind it or in front of it, where they hide part of it
+        for cls, polygons, colour in self.layout(label, rng):  # back to front: later ones occlude
+            fg = Image.new("L", (self.size, self.size), 0)
+            for p, hole in polygons:
+                ImageDraw.Draw(fg).polygon(p, fill=0 if hole else 255)
+            img.paste(Image.new("RGB", img.size, colour), (0, 0), fg)
+            mask.paste(cls + 1, (0, 0), fg)
+        return img, np.asarray(mask, dtype=np.uint8).copy(), label
+
+    def layout(self, label, rng):
+        """The objects of one image back to front: [(class, polygons, colour)]. The labelled object
+        is the large one; each smaller object, of another class, goes behind or in front of it."""
         objects = [(label, self.OBJECT_RADIUS)]
         for _ in range(int(rng.integers(self.MAX_DISTRACTORS + 1))):
             other = int((label + rng.integers(1, self.num_classes)) % self.num_classes)
             objects.insert(len(objects) if rng.random() < 0.5 else 0, (other, self.DISTRACTOR_RADIUS))
-        for cls, radius in objects:
-            fg = Image.new("L", (self.size, self.size), 0)
-            for p, hole in self.shape_polygon(cls, rng, radius):
-                ImageDraw.Draw(fg).polygon(p, fill=0 if hole else 255)
-            img.paste(Image.new("RGB", img.size, self.colour(rng)), (0, 0), fg)
-            mask.paste(cls + 1, (0, 0), fg)
-        return img, np.asarray(mask, dtype=np.uint8).copy(), label
+        return [(cls, self.shape_polygon(cls, rng, radius), self.colour(rng)) for cls, radius in objects]
 
     def colour(self, rng):
         return tuple(int(c) for c in rng.integers(0, 256, size=3))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image, features
+from PIL import Image, ImageDraw, features
 
 import data
 from data import (ADE20K, IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ImageFolder,
@@ -439,19 +439,45 @@ def test_synthetic_deterministic_per_seed_split_index():
     assert not np.array_equal(ref[0], ref[1])
 
 
-def test_synthetic_masks_labels_and_object_colour():
+def fill(polygons, size):
+    """Boolean (size, size) coverage of (points, is_hole) polygons, drawn as SyntheticShapes does."""
+    canvas = Image.new("L", (size, size), 0)
+    for points, hole in polygons:
+        ImageDraw.Draw(canvas).polygon(points, fill=0 if hole else 255)
+    return np.asarray(canvas) > 0
+
+
+def test_synthetic_masks_labels_objects_and_occlusion():
     ds = SyntheticShapes("train", size=64)
-    for i in range(50):
+    counts, hidden_label, hidden_small = [], 0, 0
+    for i in range(60):
         img, mask, label = ds.sample(i)
         arr = np.asarray(img)
-        assert img.mode == "RGB" and img.size == (64, 64)
-        assert mask.dtype == np.uint8 and mask.shape == (64, 64)
-        assert 0 <= label < 8
-        assert set(np.unique(mask).tolist()) <= {0, label + 1}
-        fg = mask > 0
-        assert fg.mean() > 0.02 and fg.mean() < 0.9, (i, fg.mean())
-        # The object is painted in one flat colour exactly where the mask says.
-        assert len(np.unique(arr[fg], axis=0)) == 1, i
+        assert img.mode == "RGB" and img.size == (64, 64) and mask.dtype == np.uint8 and mask.shape == (64, 64)
+        assert 0 <= label < 8 and set(np.unique(mask).tolist()) <= set(range(9))
+        # the same draws as sample(): label, texture, then the objects back to front
+        rng = np.random.default_rng([0, 0, i])
+        assert int(rng.integers(8)) == label
+        ds.texture(rng)
+        objects = ds.layout(label, rng)
+        counts.append(len(objects))
+        assert [c for c, _, _ in objects].count(label) == 1  # the small ones are of other classes
+        covered = np.zeros((64, 64), bool)
+        for k in range(len(objects) - 1, -1, -1):  # front to back
+            cls, polygons, colour = objects[k]
+            area = fill(polygons, 64)
+            visible = area & ~covered
+            # each object shows in its own flat colour and class exactly where nothing is in front
+            assert (mask[visible] == cls + 1).all() and (arr[visible] == colour).all(), (i, k)
+            if cls == label:
+                assert visible.mean() > 0.05, i  # the labelled object stays in view
+                hidden_label += bool((area & covered).any())
+            else:
+                hidden_small += bool((area & covered).any())
+            covered |= area
+        assert (mask[~covered] == 0).all()
+    # 0, 1 or 2 smaller objects; some hide part of the labelled one, some are hidden by it
+    assert set(counts) == {1, 2, 3} and hidden_label >= 5 and hidden_small >= 5, (counts, hidden_label, hidden_small)
 
 
 def test_synthetic_class_balance_and_num_classes():

@@ -303,7 +303,8 @@ def plot_knn(curves, path, title, size=(640, 400)):
     if not curves:
         raise ValueError("study.py --plot: no finished pre-training run with a k-NN curve (--knn-every) yet")
     w, h = size
-    left, right, top, bottom = 60, 30, 40, 50
+    left, right, bottom = 60, 30, 50
+    top = 40 + 14 * len(curves)  # the title and one legend line per seed above the plot, off the curves
     steps = [s for pts, _ in curves.values() for s, _ in pts]
     accs = [a for pts, r in curves.values() for a in [r] + [a for _, a in pts]]
     tick = 1 if max(accs) - min(accs) < 8 else 2 if max(accs) - min(accs) < 16 else 5  # % per grid line
@@ -328,7 +329,7 @@ def plot_knn(curves, path, title, size=(640, 400)):
             d.ellipse([X(s) - 3, Y(a) - 3, X(s) + 3, Y(a) + 3], fill=c)
         for x in range(left, w - right, 12):  # dashed: the same architecture at random init
             d.line([(x, Y(rand)), (min(x + 6, w - right), Y(rand))], fill=c, width=1)
-        d.text((w - right - 190, top + 4 + 14 * i), f"seed {seed}: CIM (solid), random init (dashed)", fill=c)
+        d.text((left, 30 + 14 * i), f"seed {seed}: CIM (solid), random init (dashed)", fill=c)
     img.save(path)
     return img
 

@@ -128,10 +128,16 @@ def test_plot_draws_each_seed_curve_from_the_runs_logs(tmp_path):
     assert curves == {0: ([(0, 20.0), (32, 24.0), (64, 30.0)], 18.0), 1: ([(0, 21.0), (32, 25.0), (64, 28.0)], 18.0)}
     img = study.plot_knn(curves, str(tmp_path / "knn.png"), "test", size=(640, 400))
     assert img.size == (640, 400) and (tmp_path / "knn.png").is_file()
-    # accuracies 18..30: a grid line every 2 %, y 18..32 % over pixels 350..40, x 0..64 over 60..610;
-    # seed 0's last point is blue
-    x, y = 60 + 550 * 64 / 64, 350 - 310 * (30.0 - 18) / 14
+    # accuracies 18..30: a grid line every 2 %, y 18..32 % over pixels 350..68 (the title and two
+    # legend lines above), x 0..64 over 60..610; seed 0's last point is blue
+    x, y = 60 + 550 * 64 / 64, 350 - 282 * (30.0 - 18) / 14
     assert img.getpixel((round(x) - 1, round(y))) == (31, 119, 180)
+    # the legend lines lie above the plot, not over its curves: seed 1's red text (anti-aliased) is
+    # in the band at y 44..56, and between the plot's top (68) and its highest red point (28 % at
+    # y 148) nothing is red
+    reddish = lambda p: p[0] > 150 and p[1] < 120 and p[2] < 120
+    red = lambda ys: [(x, y) for x in range(60, 610) for y in ys if reddish(img.getpixel((x, y)))]
+    assert red(range(44, 57)) and not red(range(68, 140))
     with pytest.raises(ValueError, match="no finished pre-training run"):
         study.plot_knn(study.knn_curves(str(tmp_path / "empty")), str(tmp_path / "x.png"), "t")
 

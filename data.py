@@ -348,7 +348,7 @@ class SyntheticShapes(DatasetBase):
         rgb = a * (1 - t) + b * t + rng.normal(0, 6, size=(s, s, 3))
         return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
 
-    def shape_polygon(self, label, rng, radius=(0.32, 0.45)):
+    def shape_polygon(self, label, rng, radius):
         """Polygons (list of (points, is_hole)) of class `label` at a random place and angle, radius
         a uniform fraction of the image side in `radius`, the whole shape inside the image."""
         s = self.size

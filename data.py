@@ -28,7 +28,7 @@ import sys
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -794,12 +794,21 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.start
 
 
-def save_grid(rows, path, pad=2):
-    """Save a PNG whose rows are batches of images (B, 3, H, W) in [0, 1] (or (B, 1, H, W) maps);
-    rows of different resolutions are resized to the first row's (nearest)."""
+def save_grid(rows, path, names=None, min_size=96, pad=2):
+    """Save a PNG whose rows are batches of images (B, 3, H, W) in [0, 1] (or (B, 1, H, W) maps).
+    Tiles are scaled up by a whole factor to at least `min_size` px a side (nearest neighbour, so a
+    token stays a crisp square), rows of other resolutions are resized to the first row's tiles
+    (nearest), and names[r], when given, is written to the left of row r."""
     H, W = rows[0].shape[-2:]
     B = rows[0].shape[0]
-    canvas = np.full((len(rows) * (H + pad) + pad, B * (W + pad) + pad, 3), 255, np.uint8)
+    k = max(1, -(-min_size // min(H, W)))  # ceil: the whole factor that reaches min_size
+    H, W = H * k, W * k
+    font = ImageFont.load_default()
+    margin = 0
+    if names:
+        probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        margin = max(int(probe.textlength(n, font=font)) for n in names) + 2 * pad + 4
+    canvas = np.full((len(rows) * (H + pad) + pad, margin + B * (W + pad) + pad, 3), 255, np.uint8)
     for r, row in enumerate(rows):
         row = row.detach().float().cpu()
         if row.shape[-2:] != (H, W):
@@ -807,6 +816,13 @@ def save_grid(rows, path, pad=2):
         row = row.expand(-1, 3, -1, -1).clamp(0, 1)
         arr = (row.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)  # (B, H, W, 3)
         for b in range(min(B, arr.shape[0])):
-            y, x = pad + r * (H + pad), pad + b * (W + pad)
+            y, x = pad + r * (H + pad), margin + pad + b * (W + pad)
             canvas[y:y + H, x:x + W] = arr[b]
-    Image.fromarray(canvas).save(path)
+    img = Image.fromarray(canvas)
+    if names:
+        draw = ImageDraw.Draw(img)
+        for r, name in enumerate(names):
+            top, bottom = draw.textbbox((0, 0), name, font=font)[1::2]
+            y = pad + r * (H + pad) + (H - (bottom - top)) // 2 - top
+            draw.text((pad + 2, y), name, fill=(0, 0, 0), font=font)
+    img.save(path)

@@ -785,7 +785,7 @@ def test_save_grid_size_and_content(tmp_path):
     rgb = torch.rand(B, 3, H, W)
     maps = torch.rand(B, 1, H // 2, W // 2)  # other resolution, one channel
     path = str(tmp_path / "grid.png")
-    save_grid([rgb, maps], path, pad=pad)
+    save_grid([rgb, maps], path, min_size=1, pad=pad)  # no upscaling: pixels as given
     out = np.asarray(Image.open(path))
     assert out.shape == (2 * (H + pad) + pad, B * (W + pad) + pad, 3)
     expect = (rgb[1].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
@@ -799,3 +799,27 @@ def test_save_grid_size_and_content(tmp_path):
     np.testing.assert_array_equal(cell[..., 0], (up.numpy() * 255).round().astype(np.uint8))
     # Padding is white.
     assert (out[:pad] == 255).all() and (out[:, :pad] == 255).all()
+
+
+def test_save_grid_upscales_by_whole_factor_and_names_rows(tmp_path):
+    """Tiles reach min_size by nearest-neighbour upscaling (a token stays a crisp square) and each
+    row's name is written in a white margin to its left."""
+    B, H, W, pad, names = 2, 8, 8, 2, ["original", "p(replaced)"]
+    rgb = torch.rand(B, 3, H, W)
+    maps = (torch.rand(B, 1, H, W) > 0.5).float()
+    path, bare = str(tmp_path / "named.png"), str(tmp_path / "bare.png")
+    save_grid([rgb, maps], path, names=names, min_size=96, pad=pad)
+    save_grid([rgb, maps], bare, min_size=96, pad=pad)
+    out, plain = np.asarray(Image.open(path)), np.asarray(Image.open(bare))
+    k = 12  # the whole factor that takes 8 px to at least 96
+    assert plain.shape == (2 * (k * H + pad) + pad, B * (k * W + pad) + pad, 3)
+    margin = out.shape[1] - plain.shape[1]
+    assert out.shape[0] == plain.shape[0] and margin > 0
+    np.testing.assert_array_equal(out[:, margin:], plain)  # the tiles are the same, shifted right
+    tile = plain[pad:pad + k * H, pad:pad + k * W]
+    expect = (rgb[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(tile, expect.repeat(k, 0).repeat(k, 1))
+    for r in range(2):  # dark text pixels in each row's band of the margin, none between rows
+        band = out[pad + r * (k * H + pad):(r + 1) * (k * H + pad), :margin]
+        assert (band < 128).any(), names[r]
+    assert (out[:pad, :margin] == 255).all()

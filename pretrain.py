@@ -35,7 +35,7 @@ import training
 
 # ----------------------------------------------------------------------------------------------------
 # Recipes: the values of the flags left unset. "builtin" runs on a laptop CPU in minutes; "photos" is
-# for a folder of small real photos (the study behind it: README, "Your own photos"); "imagenet" is
+# for a folder of small real photos (the study behind it: docs/study.md, "Your own photos"); "imagenet" is
 # the paper's setting (CIM Sec. 4 / appendix, BEiT's recipe where CIM says nothing).
 # ----------------------------------------------------------------------------------------------------
 
@@ -45,7 +45,7 @@ RECIPES = {
                     gen_dim=64, gen_depth=2, gen_heads=2, crop_min=0.35, color_jitter=0.0,
                     norm_window=5, drop_path=0.0, num_workers=1, knn_k=20, tokenizer="small",
                     mask_ratio=0.5, temperature=1.0),
-    # constant lr 1e-3 at batch 128, flips only, a quarter of the patches re-drawn (README table)
+    # constant lr 1e-3 at batch 128, flips only, a quarter of the patches re-drawn (docs/study.md, row I)
     "photos": dict(arch="vit_mini", img_size=32, patch_size=4, epochs=15, batch_size=128, blr=2e-3,
                    min_lr=None, warmup_epochs=0, weight_decay=0.05, opt_betas=[0.9, 0.98],
                    gen_dim=64, gen_depth=2, gen_heads=2, crop_min=1.0, color_jitter=0.0,
@@ -142,7 +142,7 @@ def get_args_parser():
     a("--tokenizer-dtype", default="auto", choices=["auto", *TOKENIZER_DTYPES],
       help="precision of the frozen dVAE's convolutions: auto = the --amp dtype (fp32 without AMP); "
            "a half type runs all but the logit / one-hot layers in it, channels-last on CUDA, as "
-           "OpenAI's dall_e (99.0%% of tokens agree with fp32 in bf16, 99.9%% in fp16: README)")
+           "OpenAI's dall_e (token agreement with fp32: docs/tokenizer.md)")
     a("--amp", default="none", choices=["bf16", "fp16", "none"],
       help="autocast dtype; bf16 on A100/H100 (fp16 needs the GradScaler and NaNs more often)")
     a("--max-skips", type=int, default=20, help="stop after this many skipped steps (non-finite loss "
@@ -226,6 +226,28 @@ def build_tokenizer(args, device):
     return tuple(m.to(device, memory_format=fmt).eval().requires_grad_(False) for m in (encoder, decoder))
 
 
+def untrained_tokenizer(args, device):
+    """A tokenizer of the kind and size this run would train (--tokenizer) or load (DALL-E's when the
+    recipe names none), with random weights: what --bench times and what --explain shows when no
+    trained one exists yet. A random k-means codebook costs what a fitted one does."""
+    if args.tokenizer == "kmeans":
+        cfg = dvae.DVAE_PRESETS["kmeans"]
+        codebook = torch.rand(cfg["vocab_size"], 3 * cfg["patch_size"] ** 2)
+        parts = dvae.build_patch_tokenizer(codebook, cfg["patch_size"])
+    else:
+        parts = dvae.build_from_config(dvae.DVAE_PRESETS[args.tokenizer or "dalle"])
+    return tuple(m.to(device).eval().requires_grad_(False) for m in parts)
+
+
+def cached_tokenizer(args):
+    """OUTPUT_DIR/tokenizer/checkpoint-latest.pth when an earlier run finished training it, else None."""
+    ckpt = os.path.join(args.output_dir, "tokenizer", "checkpoint-latest.pth")
+    if not os.path.isfile(ckpt):
+        return None
+    cached = training.load_checkpoint(ckpt)
+    return ckpt if cached["step"] >= cached["total_steps"] else None
+
+
 def train_own_tokenizer(args):
     """No tokenizer given: train dvae.py's --tokenizer preset on the same data (every rank joins under
     torchrun), cached in OUTPUT_DIR/tokenizer so later runs and resumes reuse it."""
@@ -237,8 +259,7 @@ def train_own_tokenizer(args):
          "--img-size", str(grid * dvae.preset_downsample(args.tokenizer)), "--seed", str(args.seed),
          "--device", args.device, "--num-workers", str(args.num_workers)]
         + (["--data", args.data] if args.data is not None else []))
-    cached = training.load_checkpoint(ckpt) if os.path.isfile(ckpt) else None
-    if cached is None or cached["step"] < cached["total_steps"]:  # absent or interrupted: (re)train
+    if cached_tokenizer(args) is None:  # absent or interrupted: (re)train
         print(f"pretrain.py: no tokenizer given: fitting dvae.py --preset {args.tokenizer} on "
               f"{args.data or 'the built-in data'} first (cached in {out}; pass --dvae to use another)")
         dvae.main(targs)
@@ -299,7 +320,7 @@ class CIM(nn.Module):
         self.generator, self.enhancer = generator, enhancer
         self.tokenizer = (encoder, decoder)
         self.temperature, self.sample, self.enh_weight = temperature, sample, enh_weight
-        # speed only (README "Speed"): the frozen tokenizer in a half type as dall_e runs it, and a
+        # speed only (docs/pretrain.md): the frozen tokenizer in a half type as dall_e runs it, and a
         # channels-last input for a channels-last (ResNet) enhancer
         self.tokenizer_dtype, self.channels_last = tokenizer_dtype, channels_last
 
@@ -484,12 +505,27 @@ def main(args):
     os.makedirs(args.output_dir, exist_ok=True)
     if rank == 0:
         print(f"pretrain.py: recipe {args.recipe} (flags not given take its values; see --help)")
+        if args.data is None:
+            grid = args.img_size // args.patch_size
+            print(f"pretrain.py: no --data: {args.arch} trains on the built-in procedural shapes at "
+                  f"{args.img_size} px, patch {args.patch_size} ({grid}x{grid} tokens), a CPU demo. The "
+                  f"paper's setting: --data /path/imagenet --dalle-encoder encoder.pkl --dalle-decoder "
+                  f"decoder.pkl (recipe imagenet: 224 px, patch 16, 300 epochs; docs/pretrain.md)")
     training.print_args(args, rank)
     training.seed_everything(args.seed, rank)
     if args.bench:
         return benchmark(args, device)
 
-    tokenizer = build_tokenizer(args, device)
+    if args.explain and not (args.dvae or args.dalle_encoder) and (
+            args.tokenizer is None or cached_tokenizer(args) is None):
+        kind = f"{args.tokenizer} tokenizer" if args.tokenizer else "DALL-E-sized dVAE"
+        print(f"pretrain.py --explain: no trained tokenizer (none given, none in {args.output_dir}/"
+              f"tokenizer): an UNTRAINED {kind} stands in. Shapes and flow are those of training; "
+              f"tokens, samples and the corrupted image are noise until a tokenizer is trained (run "
+              f"the same command without --explain once, or pass --dvae)")
+        tokenizer = untrained_tokenizer(args, device)
+    else:
+        tokenizer = build_tokenizer(args, device)
     # seeded again after the tokenizer: training the built-in one draws random numbers, and a run
     # that finds it cached must start from the same RNG state as the run that trained it
     training.seed_everything(args.seed, rank)
@@ -516,8 +552,8 @@ def main(args):
         args.min_lr = args.lr  # a constant schedule after the warm-up
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
     source = args.dvae or args.dalle_encoder or os.path.join(args.output_dir, "tokenizer")
-    tok_stats = check_tokenizer_usage(tokenizer[0], train_set, device, args.min_tokenizer_perplexity,
-                                      what=f"tokenizer {source}")
+    tok_stats = {} if args.explain else check_tokenizer_usage(
+        tokenizer[0], train_set, device, args.min_tokenizer_perplexity, what=f"tokenizer {source}")
 
     # ---------------------------------------------------------------- model, optimiser, resume
     model = build_model(args, *tokenizer).to(device)
@@ -640,24 +676,30 @@ def patch_map(values, grid, size):
     return F.interpolate(values.float().view(-1, 1, grid, grid), size=(size, size), mode="nearest")
 
 
+def enhancer_view(out, objective, grid, size, n):
+    """The enhancer's output as pictures: RevDet p(replaced) per token, ResPix the predicted image
+    (min-max scaled per image)."""
+    pred = out[:n].detach().float().cpu()
+    if objective == "revdet":
+        return patch_map(torch.sigmoid(pred), grid, size)
+    lo, hi = pred.amin(dim=(1, 2, 3), keepdim=True), pred.amax(dim=(1, 2, 3), keepdim=True)
+    return (pred - lo) / (hi - lo + 1e-6)
+
+
 @torch.no_grad()
 def save_samples(out, images, args, path, n=8):
     """Rows: original | generator input (masked patches grey) | corrupted | enhancer output
-    (ResPix: prediction, min-max scaled per image) or detection map (RevDet: p(replaced)), then
-    the true replaced map (RevDet)."""
+    (RevDet: p(replaced), then the true replaced map; ResPix: the prediction)."""
     images = data.denormalize(images[:n].float().cpu())
     S, G = images.shape[-1], args.img_size // args.patch_size
     masked = patch_map(out["mask"][:n].cpu(), G, S)
-    rows = [images, images * (1 - masked) + 0.5 * masked, out["corrupted"][:n].float().cpu()]
-    if args.objective == "respix":
-        pred = out["out"][:n].float().cpu()
-        lo = pred.amin(dim=(1, 2, 3), keepdim=True)
-        hi = pred.amax(dim=(1, 2, 3), keepdim=True)
-        rows.append((pred - lo) / (hi - lo + 1e-6))
-    else:
-        rows += [patch_map(torch.sigmoid(out["out"][:n].float().cpu()), G, S),
-                 patch_map(out["replaced"][:n].cpu(), G, S)]
-    data.save_grid(rows, path)
+    rows = [images, images * (1 - masked) + 0.5 * masked, out["corrupted"][:n].float().cpu(),
+            enhancer_view(out["out"], args.objective, G, S, n)]
+    names = ["original", "generator input", "corrupted", "enhancer output"]
+    if args.objective == "revdet":
+        rows.append(patch_map(out["replaced"][:n].cpu(), G, S))
+        names = names[:3] + ["p(replaced)", "replaced (label)"]
+    data.save_grid(rows, path, names)
 
 
 def describe(name, t):
@@ -670,18 +712,57 @@ def describe(name, t):
 
 def explain(ddp_model, model, loader, optimizer, scaler, args, device):
     """One batch through one training step, each tensor in pipeline order as CIM.forward makes it
-    (the paper's Fig. 1 as shapes). Nothing is saved."""
+    (the paper's Fig. 1 as shapes), and OUTPUT_DIR/explain.png: the same step as pictures."""
     (images, tok_images), _ = next(iter(loader))
     batch = [(images[:4], tok_images[:4])]
     print("one CIM step, in the order pretrain.py runs it (train_step -> CIM.forward):")
+    seen = {}
+
+    def trace(name, value):
+        describe(name, value)
+        if isinstance(value, torch.Tensor):
+            seen[name] = value.detach()
+
     hook = model.enhancer.backbone.register_forward_hook(
         lambda module, inputs, output: describe("enhancer backbone: features", output))
-    out, ok = train_step(ddp_model, model, batch, optimizer, scaler, args, device, trace=describe)
+    out, ok = train_step(ddp_model, model, batch, optimizer, scaler, args, device, trace=trace)
     hook.remove()
     norm = lambda m: sum(p.grad.norm() ** 2 for p in m.parameters() if p.grad is not None) ** 0.5  # noqa: E731
     describe("grad norm after clipping, generator (L_gen only)", norm(model.generator))
     describe("grad norm after clipping, enhancer (L_enh only)", norm(model.enhancer))
-    return {"loss": out["loss"].item(), "applied": ok}
+    path = os.path.join(args.output_dir, "explain.png")
+    save_explain(seen, model.generator.vocab_size, args, path)
+    print(f"the same step as pictures: {path} (a column per image; rows: docs/walkthrough.md)")
+    return {"loss": out["loss"].item(), "applied": ok, "figure": path}
+
+
+# the rows of explain.png, named after the numbered steps of CIM.forward that make them
+EXPLAIN_ROWS = ("original x", "1 tokens z", "2 generator input", "2 prediction (argmax)",
+                "3 samples z'", "5 corrupted x~", "4 replaced (label)", "6 enhancer output")
+
+
+@torch.no_grad()
+def save_explain(seen, vocab_size, args, path):
+    """explain.png from the tensors --explain traced: one column per image, one row per step.
+    Token maps get a colour per code; in the prediction and sample rows the masked cells are at full
+    brightness and the rest (kept from z) dimmed."""
+    images = data.denormalize(seen["images"].float().cpu())
+    B, S, G = images.shape[0], images.shape[-1], args.img_size // args.patch_size
+    mask, tokens = seen["mask"].cpu(), seen["tokens"].cpu()
+    palette = torch.rand(vocab_size, 3, generator=torch.Generator().manual_seed(0)) * 0.8 + 0.1
+
+    def colours(codes, dim=False):  # (B, N) codes -> (B, 3, G, G); dim: unmasked cells at 35%
+        rgb = palette[codes].permute(0, 2, 1).reshape(B, 3, G, G)
+        return rgb * (0.35 + 0.65 * mask.float().view(B, 1, G, G)) if dim else rgb
+
+    predicted = tokens.masked_scatter(mask, seen["logits"].float().cpu().argmax(-1))
+    masked = patch_map(mask, G, S)
+    rows = [images, colours(tokens), images * (1 - masked) + 0.5 * masked, colours(predicted, dim=True),
+            colours(seen["mixed"].cpu(), dim=True), seen["corrupted"].float().cpu(),
+            patch_map(seen["replaced"].cpu(), G, S),
+            enhancer_view(seen["enhancer output"], args.objective, G, S, B)]
+    names = list(EXPLAIN_ROWS[:-1]) + ["6 p(replaced)" if args.objective == "revdet" else "6 restored x"]
+    data.save_grid(rows, path, names)
 
 
 # trace events that end a phase of the step -> the phase they end (events between them add to the next)
@@ -695,15 +776,8 @@ def benchmark(args, device):
     untrained one of the size the run would use), through the same train_step and CIM.forward as training, with --compile honoured.
     Per phase (synchronising at phase ends, bench only) and the un-instrumented whole step."""
     grid = args.img_size // args.patch_size
-    if args.dvae or args.dalle_encoder:  # the tokenizer the run would use
-        encoder, decoder = build_tokenizer(args, device)
-    elif args.tokenizer == "kmeans":  # a random codebook costs what a fitted one does
-        cfg = dvae.DVAE_PRESETS["kmeans"]
-        codebook = torch.rand(cfg["vocab_size"], 3 * cfg["patch_size"] ** 2)
-        encoder, decoder = (m.to(device) for m in dvae.build_patch_tokenizer(codebook, cfg["patch_size"]))
-    else:  # an untrained dVAE of the size the run would train (small) or load (DALL-E's)
-        encoder, decoder = (m.to(device).eval().requires_grad_(False)
-                            for m in dvae.build_from_config(dvae.DVAE_PRESETS[args.tokenizer or "dalle"]))
+    encoder, decoder = build_tokenizer(args, device) if args.dvae or args.dalle_encoder else \
+        untrained_tokenizer(args, device)
     model = build_model(args, encoder, decoder).to(device).train()
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-4,
                                   betas=tuple(args.opt_betas), fused=device.type == "cuda")

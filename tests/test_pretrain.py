@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 import dvae
 import enhancer as enh
@@ -346,8 +347,34 @@ def test_explain_prints_every_stage_and_stops(tmp_path, tiny_dvae_ckpt, capsys):
     positions = [lines.index("  " + s) for s in stages]
     assert positions == sorted(positions)  # pipeline order, as CIM.forward runs it
     assert math.isfinite(result["loss"]) and result["applied"]
-    assert not (tmp_path / "checkpoint-latest.pth").exists()  # nothing saved
+    assert not (tmp_path / "checkpoint-latest.pth").exists()  # nothing saved but the picture
     assert not (tmp_path / "log.jsonl").exists()
+    # explain.png: one column per image (4), one named row per step, tiles scaled up to >= 96 px
+    figure = Image.open(tmp_path / "explain.png")
+    assert result["figure"] == str(tmp_path / "explain.png")
+    k = 6  # 16 px tiles -> 96 px
+    assert figure.height == len(pretrain.EXPLAIN_ROWS) * (16 * k + 2) + 2
+    assert figure.width > 4 * (16 * k + 2) + 2  # plus the margin with the row names
+
+
+def test_explain_without_a_tokenizer_starts_with_an_untrained_one(tmp_path, capsys):
+    """A fresh checkout's `python pretrain.py --explain` must not train a tokenizer for minutes first:
+    an untrained one of the recipe's kind stands in, and the output says so; once a trained one is
+    cached in OUTPUT_DIR/tokenizer it is used instead."""
+    argv = TINY[:-2] + ["--output-dir", str(tmp_path), "--device", "cpu", "--explain"]
+    args = pretrain.get_args_parser().parse_args(argv)
+    result = pretrain.main(args)
+    text = capsys.readouterr().out
+    assert "UNTRAINED small tokenizer stands in" in text
+    assert math.isfinite(result["loss"]) and (tmp_path / "explain.png").is_file()
+    assert not (tmp_path / "tokenizer").exists()  # nothing was trained
+
+
+def test_no_data_says_what_it_trains_and_where_the_paper_setting_is(tmp_path, tiny_dvae_ckpt, capsys):
+    run(tmp_path, tiny_dvae_ckpt, "--arch", "vit_mini", "--explain")
+    text = capsys.readouterr().out
+    assert "no --data: vit_mini trains on the built-in procedural shapes at 16 px, patch 4 (4x4 tokens)" in text
+    assert "--data /path/imagenet --dalle-encoder encoder.pkl --dalle-decoder decoder.pkl" in text
 
 
 def test_bench_runs_the_training_step_per_phase_and_whole(tmp_path, tiny_dvae_ckpt, monkeypatch):

@@ -52,7 +52,7 @@ import training
 RECIPES = {
     "builtin": {
         # 2 epochs of the built-in data: CPU minutes. The regularisers of the ImageNet recipe (mixup,
-        # cutmix, RandAugment, erasing) kept both inits at chance over so short a run (README), so
+        # cutmix, RandAugment, erasing) kept both inits at chance over so short a run (docs/finetune.md), so
         # they are off here; the rest is the BEiT recipe scaled down.
         "vit": dict(epochs=2, batch_size=64, blr=2e-3, min_lr=1e-6, warmup_epochs=1, weight_decay=0.05,
                     layer_decay=0.75, drop_path=0.1, smoothing=0.1, mixup=0.0, cutmix=0.0, aa="none",
@@ -104,10 +104,11 @@ def get_args_parser():
     p = argparse.ArgumentParser("finetune.py: fine-tuning, linear probe and k-NN of a CIM enhancer")
     a = p.add_argument
 
-    def r(name, help, **kw):  # default from the recipe (shown for the ViT fine-tuning recipes)
+    def r(name, help, **kw):  # default from the recipe: --help shows every recipe's value
         key = name[2:].replace("-", "_")
-        values = ", ".join(f"{k} {RECIPES[k]['vit'][key]}" for k in RECIPES)
-        a(name, default=None, help=f"{help} [recipe, ViT fine-tuning: {values}]", **kw)
+        values = "; ".join(f"{k} " + ", ".join(f"{kind} {v[key]}" for kind, v in RECIPES[k].items())
+                           for k in RECIPES)
+        a(name, default=None, help=f"{help} [recipe: {values}]", **kw)
 
     a("--mode", default="finetune", choices=MODES,
       help="finetune: all weights; linear: frozen backbone + BN + linear head; knn: weighted k-NN")
@@ -209,6 +210,10 @@ def read_init(path):
     sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
     for prefix in ("module.", "_orig_mod."):
         sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+    if any(k.startswith("neck.backbone.") for k in sd):
+        raise ValueError(f"--init {path!r} is a segment.py checkpoint (a trained UperNet), not a backbone "
+                         f"to start from; to evaluate it again: segment.py --eval-only --output-dir "
+                         f"{os.path.dirname(path) or '.'}")
     for prefix, what in (("enhancer.backbone.", "pre-training checkpoint"),
                          ("backbone.", "enhancer/classifier checkpoint")):
         if any(k.startswith(prefix) for k in sd):

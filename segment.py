@@ -109,7 +109,8 @@ def get_args_parser():
     r("--stride", "sliding-window stride", type=int)
     r("--eval-every", "evaluate every N iterations (and at the end)", type=int)
     r("--eval-batch-size", "validation images per batch (1 where image sizes differ)", type=int)
-    a("--eval-only", action="store_true", help="evaluate --init / the latest checkpoint, no training")
+    a("--eval-only", action="store_true", help="evaluate the trained run in --output-dir (or --resume) "
+      "again, no training; flags not given take the run's values")
     a("--overlays", type=int, default=4, help="validation images written as PNG overlays at each evaluation")
     # runtime
     a("--output-dir", default="out/segment", help="checkpoints, log.jsonl, overlay PNGs")
@@ -354,11 +355,29 @@ def save_overlay(x, label, pred, path):
 # Main
 # ----------------------------------------------------------------------------------------------------
 
+def eval_only_args(args):
+    """--eval-only evaluates a trained run: OUTPUT_DIR/checkpoint-latest.pth (or --resume). Flags left
+    unset take the run's values, so `--eval-only --output-dir DIR` and the training command with
+    --eval-only added both work; a flag given otherwise than in training is refused on resume."""
+    path, ckpt = training.find_resume_checkpoint(args)
+    if ckpt is None:
+        raise ValueError(f"--eval-only evaluates a trained segmentation model, and there is none at {path}: "
+                         f"train first (the same command without --eval-only), or point --output-dir or "
+                         f"--resume at a run's checkpoint-latest.pth")
+    if not any(k.startswith("neck.backbone.") for k in ckpt.get("model", {})):
+        raise ValueError(f"--eval-only: {path} is not a segment.py checkpoint (no UperNet weights in it)")
+    for k, v in ckpt["args"].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+
+
 def resolve_args(args):
+    if args.eval_only:
+        eval_only_args(args)
     if args.init is None:
         raise ValueError("--init is required: a pre-training checkpoint, backbone.pth, a timm/torchvision "
                          "state dict, or 'scratch' for the random-init baseline")
-    if args.init != "scratch" and not os.path.isfile(args.init):
+    if args.init != "scratch" and not args.eval_only and not os.path.isfile(args.init):
         raise FileNotFoundError(f"--init {args.init!r} does not exist")
     if args.recipe is None:
         args.recipe = "builtin" if args.data is None else "imagenet"
@@ -409,7 +428,8 @@ def build_model(args):
     """Backbone from --init (finetune.py's loader: any checkpoint kind), built at the crop size with
     its position embeddings interpolated to it (BEiT), + pyramid + heads."""
     args.img_size = args.crop_size
-    backbone = finetune.load_backbone(args)
+    # --eval-only: every weight comes from the trained run's checkpoint, not from --init
+    backbone = finetune.build(args) if args.eval_only else finetune.load_backbone(args)
     torch.manual_seed(args.seed)
     return Segmenter(backbone, args.nb_classes, args.channels, args.aux_channels, args.layers)
 
@@ -541,8 +561,10 @@ def resume(args, model, optimizer, scaler, rank, world_size, device):
     saved = ckpt.get("args", {})
     training.check_same_network(saved, args, ("arch", "nb_classes", "crop_size", "patch_size", "channels",
                                               "aux_channels"), path)
-    changed = training.check_resume_flags(saved, vars(args), RESUME_FREE_FLAGS, path,
-                                          args.allow_flag_changes)
+    # evaluation trains nothing: only the network must match (above); data, precision and
+    # inference settings are the evaluation's own
+    changed = () if args.eval_only else training.check_resume_flags(saved, vars(args), RESUME_FREE_FLAGS,
+                                                                     path, args.allow_flag_changes)
     training.restore_training_state(ckpt, model, optimizer, scaler, rank, world_size, device, path, changed)
     return ckpt["step"], ckpt.get("skipped", 0)
 

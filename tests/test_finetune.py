@@ -522,3 +522,14 @@ def test_bf16_autocast_step_on_cpu(tmp_path, folder, pretrained):
     result = run(*tiny(folder, tmp_path, "--init", pretrained / "backbone.pth", "--max-steps", "2",
                        "--amp", "bf16"))
     assert result["step"] == 2 and 0 < result["train_loss"] < 10  # both steps applied, finite
+
+
+def test_help_shows_every_recipes_value_for_vit_resnet_and_linear():
+    """`--help` is where a user reads what the recipes set: each [recipe] flag lists the value of
+    every recipe and kind, so the ResNet (RSB) and linear-probe settings are visible too."""
+    text = " ".join(finetune.get_args_parser().format_help().split())
+    for key, flag in (("blr", "--blr"), ("opt", "--opt"), ("epochs", "--epochs"), ("mixup", "--mixup")):
+        values = "; ".join(f"{recipe} " + ", ".join(f"{kind} {v[key]}" for kind, v in kinds.items())
+                           for recipe, kinds in finetune.RECIPES.items())
+        assert f"[recipe: {values}]" in text, flag
+    assert "imagenet vit adamw, resnet lamb, linear sgd" in text

@@ -250,6 +250,44 @@ def test_run_on_an_ade20k_layout_folder_of_odd_sizes(tmp_path):
     assert 0 <= result["mIoU"] <= 100
 
 
+def test_eval_only_reads_the_trained_run_with_nothing_but_its_folder(tmp_path):
+    """The documented re-evaluation: `--data ROOT --eval-only --output-dir DIR` (no --init, no sizes)
+    takes the network and flags from DIR's checkpoint and reproduces the training run's last
+    evaluation; precision and inference flags are the evaluation's own."""
+    root = ade_folder(tmp_path / "ade")
+    out = tmp_path / "out"
+    trained = run(*seg_flags(root, out, "--iters", "2", "--eval-every", "2"))
+    again = run("--data", root, "--eval-only", "--output-dir", out, "--num-workers", "0", "--device", "cpu")
+    assert again["iters"] == 2 and again["init"] == "scratch"
+    assert again["mIoU"] == pytest.approx(trained["mIoU"], abs=1e-9)
+    assert json.load(open(out / "metrics.json"))["mIoU"] == again["mIoU"]
+    bf16 = run("--data", root, "--eval-only", "--output-dir", out, "--num-workers", "0", "--device", "cpu",
+               "--amp", "bf16", "--mode", "whole")  # not a training flag change: allowed
+    assert 0 <= bf16["mIoU"] <= 100
+
+
+def test_eval_only_without_a_trained_run_is_refused(tmp_path):
+    """Evaluating a fresh folder would report a random head's mIoU as a result."""
+    root = ade_folder(tmp_path / "ade")
+    for init in ("scratch", None):
+        extra = ["--init", init] if init else []
+        with pytest.raises(ValueError, match="--eval-only evaluates a trained segmentation model.*train first"):
+            run("--data", root, "--nb-classes", "3", "--eval-only", "--output-dir", tmp_path / "fresh",
+                "--num-workers", "0", "--device", "cpu", *extra)
+    assert not (tmp_path / "fresh" / "metrics.json").exists()
+
+
+def test_a_segmentation_checkpoint_as_init_names_the_command_that_evaluates_it(tmp_path):
+    root = ade_folder(tmp_path / "ade")
+    out = tmp_path / "out"
+    run(*seg_flags(root, out, "--iters", "1", "--eval-every", "1"))
+    flags = seg_flags(root, tmp_path / "other", "--iters", "1")
+    flags[flags.index("scratch")] = str(out / "checkpoint-latest.pth")
+    del flags[flags.index("--arch"):flags.index("--arch") + 2]
+    with pytest.raises(ValueError, match=r"segment\.py checkpoint.*--eval-only --output-dir " + str(out)):
+        run(*flags)
+
+
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -257,7 +257,7 @@ def build_dvae(enc_cfg, dec_cfg):
 # ----------------------------------------------------------------------------------------------------
 # On 32 px photos a CPU-sized dVAE needs minutes and still reconstructs worse than a k-means codebook
 # of 4 x 4 patches fitted in seconds, and its convolutional decoder smears a replaced token over its
-# neighbours (README, "Your own photos"). The codebook has the dVAE's interface: the encoder gives
+# neighbours (docs/study.md, "Your own photos"). The codebook has the dVAE's interface: the encoder gives
 # logits over codes (minus the distance to each centroid), the decoder gives pre-sigmoid values whose
 # `decode` is the centroid's pixels, so `tokenize`, `decode` and CIM need no second code path.
 
@@ -515,8 +515,8 @@ def load_openai_dvae(encoder_path, decoder_path, map_location="cpu"):
 #   torchrun --nproc_per_node 8 dvae.py --preset dalle --data /path/imagenet --output-dir out/dvae
 
 DVAE_PRESETS = {
-    # 32 px crops of the built-in data -> 8 x 8 tokens of 512 codes; ~2 minutes on 2 CPU cores.
-    # lr 1e-2 reached half the reconstruction error of 3e-3 in 512 steps (see README)
+    # 32 px crops of the built-in data -> 8 x 8 tokens of 512 codes; minutes on a CPU (docs/tokenizer.md).
+    # lr 1e-2 reached half the reconstruction error of 3e-3 in 512 steps (docs/tokenizer.md)
     "small": dict(group_count=3, n_hid=32, n_blk_per_group=1, vocab_size=512, n_init=64, img_size=32,
                   lr=1e-2, kl_weight=1e-3, kl_warmup=0.2),
     # DALL-E's own architecture (the official weights' shapes), trained at 256 px

@@ -8,7 +8,7 @@ results into tables.
     python study.py --list                                   # the plan, and what is done
     python study.py                                          # built-in data, every cell not yet done
     python study.py --data ../shared/data/photos-dev --output-dir out/study-photos
-    python study.py --report                                 # the README's tables, from results.jsonl
+    python study.py --report                                 # docs/study.md's tables, from results.jsonl
     python study.py --plot docs/study-knn-builtin.png        # k-NN against pre-training steps
     python study.py --cells respix-vit argmax --seeds 2      # a third seed for chosen pre-training cells
     python study.py --only main --seeds 2                    # one group (downstream included), seed 2
@@ -238,7 +238,7 @@ def too_close(rows, a, b):
 
 
 def report(done, args=None):
-    """The README's tables (markdown), from results.jsonl; returns summarise(done). `args` gives the
+    """docs/study.md's tables (markdown), from results.jsonl; returns summarise(done). `args` gives the
     data whose recipe names the reference rows (default: the built-in data)."""
     args = args or get_args_parser().parse_args([])
     rows = summarise(done)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check behind README "Speed": every figure of its performance table, in one log.
+# The GPU check (docs/pretrain.md): the GPU figures the project has never measured, in one log.
 #
 #   bash scripts/gpu_check.sh [LOG]        (LOG default: $OUT/gpu_check.log, else ./gpu_check.log)
 #

@@ -3,11 +3,11 @@
 #
 #   bash scripts/gpu_check.sh [LOG]        (LOG default: $OUT/gpu_check.log, else ./gpu_check.log)
 #
-# Written to fit a 10-minute slot on one H100 (not yet run on a GPU): --bench for vit_b / vit_s / resnet50 at 224 px (bf16; the tokenizer in
+# Written to fit a 10-minute slot on one H100 (not yet run on a GPU): bench.py for vit_b / vit_s / resnet50 at 224 px (bf16; the tokenizer in
 # fp32 as before and in bf16 as now; with and without --compile), a torchrun pre-training run of 300
 # steps in bf16 on the built-in data, 50 steps in fp16, short bf16 fine-tuning and segmentation runs
 # from that pre-training, and the fp32 / bf16 / fp16 token agreement of the trained tokenizer.
-# timm / torchvision ratios are printed by --bench only where those packages happen to be installed.
+# timm / torchvision ratios are printed by bench.py only where those packages happen to be installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG=${1:-${OUT:-.}/gpu_check.log}
@@ -25,14 +25,14 @@ step() {  # step LIMIT_SECONDS CMD...: the command, its exit status and its last
   git rev-parse --short HEAD; } >> "$LOG" 2>&1
 
 # pre-training step, ViT-B/16 at 224 px, DALL-E-sized tokenizer, generator 256 x 4, batch 64 (recipe imagenet)
-step 300 python pretrain.py --recipe imagenet --bench 10 --amp bf16 --tokenizer-dtype fp32   # the earlier settings
-step 300 python pretrain.py --recipe imagenet --bench 10 --amp bf16                          # tokenizer in bf16, NHWC, fused AdamW
-step 300 python pretrain.py --recipe imagenet --bench 10 --amp bf16 --batch-size 128
-step 400 python pretrain.py --recipe imagenet --bench 10 --amp bf16 --compile
-step 300 python pretrain.py --recipe imagenet --bench 10 --amp bf16 --arch vit_s --batch-size 128
-step 400 python pretrain.py --recipe imagenet --bench 10 --amp bf16 --arch vit_s --batch-size 128 --compile
-step 300 python pretrain.py --recipe imagenet --bench 10 --amp bf16 --arch resnet50 --batch-size 128
-step 400 python pretrain.py --recipe imagenet --bench 10 --amp bf16 --arch resnet50 --batch-size 128 --compile
+step 300 python bench.py --recipe imagenet --steps 10 --amp bf16 --tokenizer-dtype fp32   # the earlier settings
+step 300 python bench.py --recipe imagenet --steps 10 --amp bf16                          # tokenizer in bf16, NHWC, fused AdamW
+step 300 python bench.py --recipe imagenet --steps 10 --amp bf16 --batch-size 128
+step 400 python bench.py --recipe imagenet --steps 10 --amp bf16 --compile
+step 300 python bench.py --recipe imagenet --steps 10 --amp bf16 --arch vit_s --batch-size 128
+step 400 python bench.py --recipe imagenet --steps 10 --amp bf16 --arch vit_s --batch-size 128 --compile
+step 300 python bench.py --recipe imagenet --steps 10 --amp bf16 --arch resnet50 --batch-size 128
+step 400 python bench.py --recipe imagenet --steps 10 --amp bf16 --arch resnet50 --batch-size 128 --compile
 
 # real runs: torchrun, bf16 for 300 steps, fp16 for 50, then the downstream stages in bf16
 step 600 torchrun --nproc_per_node 1 pretrain.py --amp bf16 --max-steps 300 --output-dir "$TMP/bf16"

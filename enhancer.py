@@ -11,7 +11,9 @@ which is the point of the method (Sec. 3). Two objectives (Sec. 3.2):
 
 Backbones carry the parameter names of the checkpoints people already have, timm's
 `VisionTransformer` and torchvision's `resnet50`, so `export_backbone()` is a plain state_dict and
-loads there with no renaming table.
+loads there with no renaming table; `load_backbone()` goes the other way, from any checkpoint kind
+(ours, MAE's, BEiT's, timm's, torchvision's) to a backbone, which is how the downstream stages read
+what pre-training wrote.
 
 It also owns the transformer parts (patch embedding, attention with an optional relative position
 bias, MLP, block with optional layer scale, stochastic depth, init) that generator.py builds its small
@@ -20,6 +22,8 @@ BEiT from. Needs torch alone: copy the file into another project and it runs.
 Shape letters used throughout the repo: B batch, N tokens (patches), D width, H/W height/width,
 P patch size, h heads. 1 / True = replaced (RevDet label) or masked (generator input).
 """
+import math
+import os
 from collections import OrderedDict
 
 import torch
@@ -636,3 +640,113 @@ def export_backbone(model):
         if any(k.startswith("backbone.") for k in sd):  # an Enhancer's: keep the backbone, drop the head
             sd = OrderedDict((k[len("backbone."):], v) for k, v in sd.items() if k.startswith("backbone."))
     return OrderedDict((k, v.detach().clone().contiguous()) for k, v in sd.items())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint -> backbone: every kind people have, for the downstream stages' --init
+# ----------------------------------------------------------------------------------------------------
+
+HEAD_KEYS = ("head.", "fc.", "fc_norm.", "head_drop.")  # timm / torchvision classifiers, dropped
+
+
+def read_backbone(path, what="--init"):
+    """A checkpoint file -> (backbone state dict under timm / torchvision names, what the file says
+    about the network: {"arch", "img_size", "patch_size", "init_values"} where known, the kind of
+    file). Reads pre-training checkpoints (the enhancer's backbone is taken out), exported
+    backbone.pth, fine-tuning checkpoints and timm / torchvision / MAE / BEiT state dicts (plain or
+    under "model" / "state_dict"); classifier heads are dropped. `what` names the file in errors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{what} {path!r} is not a torch checkpoint of tensors ({type(err).__name__})") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{what} {path!r} holds a {type(ckpt).__name__}, not a state dict or checkpoint")
+    meta, kind = {}, "state dict"
+    if "model" in ckpt and isinstance(ckpt["model"], dict):  # ours, MAE's and BEiT's checkpoints
+        sd, kind = ckpt["model"], "checkpoint"
+        saved = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+        for k in ("arch", "img_size", "patch_size", "init_values"):
+            if k in ckpt or k in saved:
+                meta[k] = ckpt.get(k, saved.get(k))
+    elif "state_dict" in ckpt and isinstance(ckpt["state_dict"], dict):
+        sd = ckpt["state_dict"]
+    else:
+        sd = ckpt
+    sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
+    for prefix in ("module.", "_orig_mod."):
+        sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+    if any(k.startswith("neck.backbone.") for k in sd):
+        raise ValueError(f"{what} {path!r} is a segment.py checkpoint (a trained UperNet), not a backbone "
+                         f"to start from; to evaluate it again: segment.py --eval-only --output-dir "
+                         f"{os.path.dirname(path) or '.'}")
+    for prefix, name in (("enhancer.backbone.", "pre-training checkpoint"),
+                         ("backbone.", "enhancer/classifier checkpoint")):
+        if any(k.startswith(prefix) for k in sd):
+            sd, kind = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, name
+            break
+    sd = {k: v for k, v in sd.items() if not k.startswith(HEAD_KEYS)}
+    if not ("patch_embed.proj.weight" in sd or "conv1.weight" in sd):
+        raise ValueError(f"{what} {path!r} holds no ViT (patch_embed.proj.weight) or ResNet (conv1.weight) "
+                         f"weights; its first keys: {list(sd)[:5]}")
+    return sd, meta, kind
+
+
+def backbone_shape(sd):
+    """(shape, ARCHS name or None, what the weights fix: patch_size, img_size, init_values for a ViT)
+    of the network a backbone state dict holds."""
+    if "patch_embed.proj.weight" in sd:
+        D, _, P, _ = sd["patch_embed.proj.weight"].shape
+        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+        shape = dict(embed_dim=D, depth=depth)
+        names = [n for n, c in ARCHS.items() if c.get("embed_dim") == D and c.get("depth") == depth]
+        extra = dict(patch_size=P, img_size=int(round(math.sqrt(sd["pos_embed"].shape[1] - 1))) * P,
+                     init_values=0.1 if "blocks.0.ls1.gamma" in sd else None)
+    else:
+        layers = tuple(len({k.split(".")[1] for k in sd if k.startswith(f"layer{s}.")}) for s in (1, 2, 3, 4))
+        block = "Bottleneck" if "layer1.0.conv3.weight" in sd else "BasicBlock"
+        shape = dict(layers=layers, block=block)
+        names = [n for n, c in ARCHS.items() if c.get("layers") == layers and c["block"].__name__ == block]
+        extra = {}
+    return shape, (names[0] if names else None), extra
+
+
+def load_backbone(init, arch=None, img_size=None, patch_size=None, drop_path_rate=0.0, init_values=None,
+                  what="--init"):
+    """A path, read_backbone's result, or "scratch" -> (backbone, its config {"arch", "img_size",
+    "patch_size", "init_values"}). From a checkpoint, arch / img_size / patch_size are what the caller
+    asks for (None: the checkpoint's): a different arch or patch size is an error, a different
+    img_size interpolates a ViT's position embeddings (bicubic, as BEiT / MAE fine-tuning).
+    "scratch": a freshly initialised `arch` (seed the RNG first for a repeatable one)."""
+    if isinstance(init, str) and init == "scratch":
+        config = dict(img_size=img_size, patch_size=patch_size, init_values=init_values)
+        return build_backbone(arch, drop_path_rate=drop_path_rate, **config), dict(config, arch=arch)
+    sd, meta, kind = read_backbone(init, what) if isinstance(init, str) else init
+    shape, name, extra = backbone_shape(sd)
+    path = init if isinstance(init, str) else "the checkpoint"
+    if name is None:
+        raise ValueError(f"{what} {path!r} ({kind}) holds a network {shape} that matches no arch in {list(ARCHS)}")
+    if arch is not None and arch != name:
+        raise ValueError(f"{what} {path!r} ({kind}) holds a {name} backbone {shape}, not a {arch}: drop --arch "
+                         f"(it is read from the checkpoint) or pass a {arch} checkpoint")
+    config = dict(patch_size=None, init_values=None)
+    if name.startswith("vit"):
+        if patch_size not in (None, extra["patch_size"]):
+            raise ValueError(f"--patch-size {patch_size}, but {what} {path!r} was trained with patch "
+                             f"{extra['patch_size']}")
+        config.update(patch_size=extra["patch_size"], img_size=img_size or meta.get("img_size") or extra["img_size"],
+                      init_values=meta.get("init_values", extra["init_values"]))
+        grid = config["img_size"] // config["patch_size"]
+        if sd["pos_embed"].shape[1] != grid * grid + 1:  # BEiT / MAE: interpolate to the new grid
+            sd = dict(sd, pos_embed=resize_pos_embed(sd["pos_embed"].float(), grid))
+    else:
+        config["img_size"] = img_size or meta.get("img_size") or 224
+    backbone = build_backbone(name, drop_path_rate=drop_path_rate, **config)
+    config["arch"] = name
+    missing, unexpected = backbone.load_state_dict(sd, strict=False)
+    if missing == ["norm.weight", "norm.bias"] and not unexpected:
+        pass  # MAE / BEiT fine-tuned ViTs replace the final norm by fc_norm; ours starts fresh
+    elif missing or unexpected:
+        raise ValueError(f"{what} {path!r} does not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return backbone, config

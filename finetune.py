@@ -2,7 +2,8 @@
 
 After pre-training the generator is thrown away and the enhancer's backbone is trained for the
 downstream task (CIM Sec. 4.1: ImageNet-1K top-1 after fine-tuning; ViT-B 83.3, ResNet-50 78.8).
-This file reads pre-training CHECKPOINTS, never pretrain.py's code: `--init` takes
+This file reads pre-training CHECKPOINTS, never pretrain.py's code: `--init` goes through
+enhancer.load_backbone and takes
 
     out/pretrain/checkpoint-latest.pth   a pre-training checkpoint (the enhancer's backbone is taken out)
     out/pretrain/backbone.pth            the exported backbone (what pretrain.py writes at the end)
@@ -184,116 +185,6 @@ def get_args_parser():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reading --init: every checkpoint kind people have, reduced to a backbone state dict + its shape
-# ----------------------------------------------------------------------------------------------------
-
-HEAD_KEYS = ("head.", "fc.", "fc_norm.", "head_drop.")  # timm / torchvision classifiers, dropped
-
-
-def read_init(path):
-    """--init file -> (backbone state dict under timm/torchvision names, what the file says about
-    it: {"arch", "img_size", "patch_size", "init_values"} where known, and what it was)."""
-    ckpt = training.load_checkpoint(path, "--init")
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"--init {path!r} holds a {type(ckpt).__name__}, not a state dict or checkpoint")
-    meta, kind = {}, "state dict"
-    if "model" in ckpt and isinstance(ckpt["model"], dict):  # ours, MAE's and BEiT's checkpoints
-        sd, kind = ckpt["model"], "checkpoint"
-        saved = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-        for k in ("arch", "img_size", "patch_size", "init_values"):
-            if k in ckpt or k in saved:
-                meta[k] = ckpt.get(k, saved.get(k))
-    elif "state_dict" in ckpt and isinstance(ckpt["state_dict"], dict):
-        sd = ckpt["state_dict"]
-    else:
-        sd = ckpt
-    sd = {k: v for k, v in sd.items() if torch.is_tensor(v)}
-    for prefix in ("module.", "_orig_mod."):
-        sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
-    if any(k.startswith("neck.backbone.") for k in sd):
-        raise ValueError(f"--init {path!r} is a segment.py checkpoint (a trained UperNet), not a backbone "
-                         f"to start from; to evaluate it again: segment.py --eval-only --output-dir "
-                         f"{os.path.dirname(path) or '.'}")
-    for prefix, what in (("enhancer.backbone.", "pre-training checkpoint"),
-                         ("backbone.", "enhancer/classifier checkpoint")):
-        if any(k.startswith(prefix) for k in sd):
-            sd, kind = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, what
-            break
-    sd = {k: v for k, v in sd.items() if not k.startswith(HEAD_KEYS)}
-    if not ("patch_embed.proj.weight" in sd or "conv1.weight" in sd):
-        raise ValueError(f"--init {path!r} holds no ViT (patch_embed.proj.weight) or ResNet (conv1.weight) "
-                         f"weights; its first keys: {list(sd)[:5]}")
-    return sd, meta, kind
-
-
-def describe(sd):
-    """Shape of the network a backbone state dict holds, and the ARCHS name it matches (or None)."""
-    if "patch_embed.proj.weight" in sd:
-        D, _, P, _ = sd["patch_embed.proj.weight"].shape
-        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-        shape = dict(embed_dim=D, depth=depth)
-        names = [n for n, c in enh.ARCHS.items()
-                 if c.get("embed_dim") == D and c.get("depth") == depth]
-        extra = dict(patch_size=P, img_size=int(round(math.sqrt(sd["pos_embed"].shape[1] - 1))) * P,
-                     init_values=0.1 if "blocks.0.ls1.gamma" in sd else None)
-    else:
-        layers = tuple(len({k.split(".")[1] for k in sd if k.startswith(f"layer{s}.")}) for s in (1, 2, 3, 4))
-        bottleneck = "layer1.0.conv3.weight" in sd
-        shape = dict(layers=layers, block="Bottleneck" if bottleneck else "BasicBlock")
-        names = [n for n, c in enh.ARCHS.items() if c.get("layers") == layers
-                 and c["block"].__name__ == shape["block"]]
-        extra = {}
-    return shape, (names[0] if names else None), extra
-
-
-def load_backbone(args, init=None):
-    """Build the backbone for --init/--arch/--img-size and load its weights. Sets args.arch,
-    args.img_size, args.patch_size from the checkpoint where the user left them unset. `init`: the
-    file already read by read_init (else it is read here)."""
-    if args.init == "scratch":
-        torch.manual_seed(args.seed)
-        return build(args)
-    sd, meta, kind = init or read_init(args.init)
-    shape, name, extra = describe(sd)
-    if name is None:
-        raise ValueError(f"--init {args.init!r} ({kind}) holds a network {shape} that matches no --arch "
-                         f"in {list(enh.ARCHS)}")
-    if args.arch is not None and args.arch != name:
-        raise ValueError(f"--init {args.init!r} ({kind}) holds a {name} backbone {shape}, but --arch is "
-                         f"{args.arch}: drop --arch (it is read from the checkpoint) or pass a {args.arch} "
-                         f"checkpoint")
-    args.arch = name
-    if name.startswith("vit"):
-        args.patch_size = args.patch_size or extra["patch_size"]
-        if args.patch_size != extra["patch_size"]:
-            raise ValueError(f"--patch-size {args.patch_size}, but --init {args.init!r} was trained with "
-                             f"patch {extra['patch_size']}")
-        pretrain_size = meta.get("img_size") or extra["img_size"]
-        args.img_size = args.img_size or pretrain_size
-        args.init_values = meta.get("init_values", extra["init_values"])
-        grid = args.img_size // args.patch_size
-        if sd["pos_embed"].shape[1] != grid * grid + 1:  # BEiT/MAE: interpolate to the new grid
-            sd["pos_embed"] = enh.resize_pos_embed(sd["pos_embed"].float(), grid)
-    else:
-        args.img_size = args.img_size or meta.get("img_size") or 224
-    backbone = build(args)
-    missing, unexpected = backbone.load_state_dict(sd, strict=False)
-    if missing == ["norm.weight", "norm.bias"] and not unexpected:
-        pass  # MAE/BEiT fine-tuned ViTs replace the final norm by fc_norm; ours starts fresh
-    elif missing or unexpected:
-        raise ValueError(f"--init {args.init!r} does not fit {args.arch}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    return backbone
-
-
-def build(args):
-    kw = dict(img_size=args.img_size, drop_path_rate=args.drop_path)
-    if args.arch.startswith("vit"):
-        kw.update(patch_size=args.patch_size, init_values=getattr(args, "init_values", None))
-    return enh.build_backbone(args.arch, **kw)
-
-
-# ----------------------------------------------------------------------------------------------------
 # The classifier: backbone + pooling + head (timm / torchvision names)
 # ----------------------------------------------------------------------------------------------------
 
@@ -358,49 +249,6 @@ def export_classifier(model):
             k = "fc." + k[len("head."):]
         sd[k] = v.detach().clone()
     return sd
-
-
-# ----------------------------------------------------------------------------------------------------
-# Layer-wise lr decay and weight-decay groups (segment.py uses these too)
-# ----------------------------------------------------------------------------------------------------
-
-def layer_id(name, num_layers):
-    """Depth of a parameter for layer decay (BEiT): ViT patch embedding, cls token and positions 0,
-    block k -> k+1; ResNet stem 0, stage s -> s; everything outside the backbone (heads, segment.py's
-    pyramid and decoder) num_layers + 1. Backbone parameters are the ones named `...backbone.<name>`."""
-    if "backbone." not in name:
-        return num_layers + 1  # heads, necks
-    name = name.split("backbone.", 1)[1]
-    if name in ("cls_token", "pos_embed", "mask_token") or name.startswith(("patch_embed.", "conv1.", "bn1.")):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    if name.startswith("layer") and name[5].isdigit():
-        return int(name[5])
-    return num_layers + 1
-
-
-def num_backbone_layers(backbone):
-    return len(backbone.blocks) if hasattr(backbone, "blocks") else backbone.num_stages
-
-
-def param_groups_lrd(model, weight_decay, layer_decay, num_layers, no_weight_decay=()):
-    """Optimiser groups with an "lr_scale" each: layer_decay ** (num_layers + 1 - layer_id). No weight
-    decay on 1-D tensors (norms, biases, layer scale) and on the names in `no_weight_decay` (position
-    embedding, cls token). One group per (layer, decay or not); frozen parameters are left out."""
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        decay = not (p.ndim <= 1 or name.endswith(".bias") or name in no_weight_decay)
-        lid = layer_id(name, num_layers)
-        key = (lid, decay)
-        if key not in groups:
-            groups[key] = {"params": [], "names": [], "weight_decay": weight_decay if decay else 0.0,
-                           "lr_scale": layer_decay ** (num_layers + 1 - lid)}
-        groups[key]["params"].append(p)
-        groups[key]["names"].append(name)
-    return [groups[k] for k in sorted(groups)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -564,7 +412,7 @@ def evaluate(model, loader, device, amp="none"):
 
 def resolve_args(args, init=None):
     """Recipe values for unset flags (per mode and backbone family), then every flag checked.
-    `init`: read_init's result for --init, when the caller has it already."""
+    `init`: enhancer.read_backbone's result for --init, when the caller has it already."""
     if args.init is None:
         raise ValueError("--init is required: a pre-training checkpoint, backbone.pth, a timm/torchvision "
                          "state dict, or 'scratch' for the random-init baseline")
@@ -574,7 +422,7 @@ def resolve_args(args, init=None):
         args.recipe = "builtin" if args.data is None else "imagenet"
     family = args.arch
     if family is None and args.init != "scratch":
-        family = describe((init or read_init(args.init))[0])[1] or "vit"
+        family = enh.backbone_shape((init or enh.read_backbone(args.init))[0])[1] or "vit"
     family = family or RECIPES[args.recipe]["vit"]["arch"]
     kind = "linear" if args.mode == "linear" else "resnet" if family.startswith("resnet") else "vit"
     recipe = dict(RECIPES[args.recipe][kind])
@@ -653,11 +501,15 @@ def knn_main(args, backbone, rank, world_size, device):
 
 def main(args):
     # the --init file is read once (a pre-training checkpoint also holds the generator and optimiser)
-    init = read_init(args.init) if args.init not in (None, "scratch") and os.path.isfile(args.init) else None
+    init = enh.read_backbone(args.init) if args.init not in (None, "scratch") and os.path.isfile(args.init) else None
     args = resolve_args(args, init)
     rank, world_size, device = training.init_distributed(args.device, args.dist_backend)
     os.makedirs(args.output_dir, exist_ok=True)
-    backbone = load_backbone(args, init)  # sets arch / img_size / patch_size from the checkpoint
+    torch.manual_seed(args.seed)  # a scratch backbone's init
+    backbone, net = enh.load_backbone(init or args.init, args.arch, args.img_size, args.patch_size, args.drop_path)
+    # the checkpoint decides the network: its values go into args, so checkpoints and resumes record them
+    args.arch, args.img_size, args.patch_size, args.init_values = (
+        net[k] for k in ("arch", "img_size", "patch_size", "init_values"))
     args.eval_size = args.eval_size or args.img_size
     if rank == 0:
         print(f"finetune.py: mode {args.mode}, recipe {args.recipe}, {args.arch} from {args.init}")
@@ -686,8 +538,8 @@ def main(args):
     # ---------------------------------------------------------------- model, optimiser, resume
     model = Classifier(backbone, args.nb_classes, args.pool, args.head_init_scale,
                        linear=args.mode == "linear").to(device)
-    groups = param_groups_lrd(model, args.weight_decay, args.layer_decay, num_backbone_layers(backbone),
-                              model.no_weight_decay())
+    groups = training.param_groups(model, args.weight_decay, model.no_weight_decay(), args.layer_decay,
+                                   training.num_backbone_layers(backbone))
     optimizer = build_optimizer(args, groups, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     ema = ModelEma(model, args.model_ema_decay) if args.model_ema else None

@@ -3,7 +3,6 @@
     python pretrain.py                         # built-in data on a CPU, ~5 minutes: trains the small
                                                # tokenizer first, pre-trains, prints a k-NN check
     python pretrain.py --explain               # one batch through one step, every tensor printed
-    python pretrain.py --bench 20              # time each phase of the step on synthetic tensors
     torchrun --nproc_per_node 8 pretrain.py --arch vit_b --objective revdet --data /path/imagenet \\
         --dalle-encoder encoder.pkl --dalle-decoder decoder.pkl --output-dir out/cim_vit_b
 
@@ -16,7 +15,6 @@ One step (paper Sec. 2, Fig. 1) reads top to bottom in `CIM.forward`:
     L = L_gen + lambda * L_enh; one optimiser over generator + enhancer (`train_step`)
 """
 import argparse
-import importlib
 from contextlib import nullcontext
 import json
 import os
@@ -61,15 +59,10 @@ RECIPES = {
 }
 PHOTOS_MAX_SIDE = 64  # --data of images this small (median longer side) gets the photos recipe
 TOKENIZER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Dense peak TFLOP/s by GPU name and precision, for --bench's MFU (vendor data sheets, SXM parts;
-# fp32 without TF32). Other cards: --peak-tflops.
-PEAK_TFLOPS = {"H200": {"bf16": 989, "fp16": 989, "none": 67}, "H100": {"bf16": 989, "fp16": 989, "none": 67},
-               "A100": {"bf16": 312, "fp16": 312, "none": 19.5}}
-
 # Flags a resumed run may change: where output goes, how often it is written, how the processes run.
 # Anything else would continue another experiment under the old run's name (see `resume`).
 RESUME_FREE_FLAGS = {"output_dir", "resume", "num_workers", "log_every", "sample_every", "save_every",
-                     "knn_k", "knn_every", "device", "dist_backend", "local_rank", "compile", "max_skips", "bench",
+                     "knn_k", "knn_every", "device", "dist_backend", "local_rank", "compile", "max_skips",
                      "explain", "allow_flag_changes", "min_tokenizer_perplexity"}
 
 
@@ -162,10 +155,6 @@ def get_args_parser():
     a("--device", default="auto", help="auto (cuda if available), cuda or cpu")
     a("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo)")
     a("--compile", action="store_true", help="torch.compile the generator, the enhancer and the tokenizer")
-    a("--bench", type=int, default=0, help="time N steps on synthetic tensors, per phase and whole, "
-      "count FLOPs per phase, exit")
-    a("--peak-tflops", type=float, default=None, help="--bench: the accelerator's peak TFLOP/s for MFU "
-      f"(default: a table for {', '.join(PEAK_TFLOPS)})")
     a("--explain", action="store_true", help="print every tensor of one step (a teaching aid), exit")
     a("--local-rank", "--local_rank", type=int, default=0,
       help="accepted for torch.distributed.launch; torchrun passes LOCAL_RANK in the environment")
@@ -186,7 +175,7 @@ def resolve_args(args):
                   "max_steps", "batch_size", "accum_iter", "lr", "blr", "temperature", "save_every",
                   "log_every", "sample_every"),
         non_negative=("enh_weight", "min_lr", "warmup_epochs", "weight_decay", "clip_grad", "max_skips",
-                      "knn_k", "knn_every", "num_workers", "bench", "color_jitter", "min_tokenizer_perplexity"),
+                      "knn_k", "knn_every", "num_workers", "color_jitter", "min_tokenizer_perplexity"),
         fraction=("drop_path",),
         open_fraction=("mask_ratio",))
     if not 0 < args.crop_min <= 1:
@@ -228,7 +217,7 @@ def build_tokenizer(args, device):
 
 def untrained_tokenizer(args, device):
     """A tokenizer of the kind and size this run would train (--tokenizer) or load (DALL-E's when the
-    recipe names none), with random weights: what --bench times and what --explain shows when no
+    recipe names none), with random weights: what bench.py times and what --explain shows when no
     trained one exists yet. A random k-means codebook costs what a fitted one does."""
     if args.tokenizer == "kmeans":
         cfg = dvae.DVAE_PRESETS["kmeans"]
@@ -327,7 +316,7 @@ class CIM(nn.Module):
     def forward(self, images, tok_images, mask, trace=no_trace):
         """images (B, 3, S, S) normalised; tok_images (B, 3, G*f, G*f), the same crops in [0, 1];
         mask (B, N) bool, True = masked. Returns (L, outputs). trace(name, tensor) is called with
-        every intermediate (--explain prints them, --bench times the phases between them)."""
+        every intermediate (--explain prints them, bench.py times the phases between them)."""
         encoder, decoder = self.tokenizer
         B, G = images.shape[0], self.generator.grid
         mask = mask.bool()  # a 0/1 integer mask would index by value, not select
@@ -371,6 +360,11 @@ class CIM(nn.Module):
                           corrupted=corrupted, out=out, loss_gen=loss_gen, acc_gen=acc_gen,
                           loss_enh=loss_enh)
 
+    def no_weight_decay(self):
+        """Position embeddings, cls / mask tokens and the relative position table of both networks."""
+        return {f"generator.{n}" for n in self.generator.no_weight_decay()} | \
+            {f"enhancer.{n}" for n in self.enhancer.no_weight_decay()}
+
     def check_grid(self, tokens, encoder):
         """The tokenizer view must be (S/P)*f px: a clear error instead of a shape crash."""
         G = self.generator.grid
@@ -409,18 +403,6 @@ def compile_in_place(model):
             m.compile()
 
 
-def param_groups(model, weight_decay):
-    """AdamW groups: no decay on 1-D tensors (norms, biases, layer scale, q/v bias) nor on position
-    embeddings, cls/mask tokens and the relative position table (BEiT/MAE convention)."""
-    skip = {f"generator.{n}" for n in model.generator.no_weight_decay()}
-    skip |= {f"enhancer.{n}" for n in model.enhancer.no_weight_decay()}
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 # ----------------------------------------------------------------------------------------------------
 # One training step (optimiser step over `accum_iter` micro-batches)
 # ----------------------------------------------------------------------------------------------------
@@ -445,7 +427,7 @@ def train_step(ddp_model, model, batches, optimizer, scaler, args, device, trace
             with training.autocast(device, args.amp):
                 loss, out = ddp_model(images, tok_images, mask, trace=trace)
             scaler.scale(loss / len(batches)).backward()
-        trace("backward", None)  # per micro-batch: --bench books each backward to its own phase
+        trace("backward", None)  # per micro-batch: bench.py books each backward to its own phase
         finite = finite * torch.isfinite(loss.detach())
     scaler.unscale_(optimizer)  # a no-op without fp16: gradients are then already unscaled
     # the norm is needed anyway (clipping, the log, the skip decision); max_norm=inf only measures it
@@ -513,8 +495,6 @@ def main(args):
                   f"decoder.pkl (recipe imagenet: 224 px, patch 16, 300 epochs; docs/pretrain.md)")
     training.print_args(args, rank)
     training.seed_everything(args.seed, rank)
-    if args.bench:
-        return benchmark(args, device)
 
     if args.explain and not (args.dvae or args.dalle_encoder) and (
             args.tokenizer is None or cached_tokenizer(args) is None):
@@ -557,7 +537,7 @@ def main(args):
 
     # ---------------------------------------------------------------- model, optimiser, resume
     model = build_model(args, *tokenizer).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+    optimizer = torch.optim.AdamW(training.param_groups(model, args.weight_decay, model.no_weight_decay()), lr=args.lr,
                                   betas=tuple(args.opt_betas), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     step, skipped = resume(args, model, optimizer, scaler, rank, world_size, device)
@@ -668,7 +648,7 @@ def resume(args, model, optimizer, scaler, rank, world_size, device):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Feedback: PNG grids, --explain, --bench (both run train_step and CIM.forward themselves)
+# Feedback: PNG grids and --explain (it runs train_step and CIM.forward themselves)
 # ----------------------------------------------------------------------------------------------------
 
 def patch_map(values, grid, size):
@@ -763,150 +743,6 @@ def save_explain(seen, vocab_size, args, path):
             enhancer_view(seen["enhancer output"], args.objective, G, S, B)]
     names = list(EXPLAIN_ROWS[:-1]) + ["6 p(replaced)" if args.objective == "revdet" else "6 restored x"]
     data.save_grid(rows, path, names)
-
-
-# trace events that end a phase of the step -> the phase they end (events between them add to the next)
-BENCH_PHASES = {"mask": "batch + mask", "tokens": "tokenize", "loss_gen": "generator fwd",
-                "replaced": "sample + mix", "corrupted": "decode + resize", "loss": "enhancer fwd",
-                "backward": "backward (both)", "optimizer": "clip + optimizer"}
-
-
-def benchmark(args, device):
-    """--bench N: N training steps on random tensors (no data loading; the given tokenizer, else an
-    untrained one of the size the run would use), through the same train_step and CIM.forward as training, with --compile honoured.
-    Per phase (synchronising at phase ends, bench only) and the un-instrumented whole step."""
-    grid = args.img_size // args.patch_size
-    encoder, decoder = build_tokenizer(args, device) if args.dvae or args.dalle_encoder else \
-        untrained_tokenizer(args, device)
-    model = build_model(args, encoder, decoder).to(device).train()
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-4,
-                                  betas=tuple(args.opt_betas), fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    B, S, T = args.batch_size, args.img_size, grid * encoder.downsample
-    batch = [(torch.randn(B, 3, S, S), torch.rand(B, 3, T, T)) for _ in range(args.accum_iter)]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times, mems, mark = {}, {}, [0.0]
-
-    def timer(name, value):
-        if name in BENCH_PHASES:
-            sync()
-            now = time.perf_counter()
-            phase = BENCH_PHASES[name]
-            times[phase] = times.get(phase, 0.0) + now - mark[0]
-            if device.type == "cuda":
-                mems[phase] = max(mems.get(phase, 0), torch.cuda.max_memory_allocated(device) / 2 ** 20)
-            mark[0] = now
-
-    def step(trace):
-        sync()
-        mark[0] = t = time.perf_counter()
-        train_step(model, model, batch, optimizer, scaler, args, device, trace)
-        sync()
-        return time.perf_counter() - t
-
-    flops = count_flops(lambda trace: train_step(model, model, batch, optimizer, scaler, args, device, trace))
-    if args.compile:  # FLOPs were counted in eager mode: the compiled graph does the same arithmetic
-        compile_in_place(model)
-    for _ in range(2):  # warm-up (and compilation), not counted
-        step(no_trace)
-    times.clear()
-    for _ in range(args.bench):
-        step(timer)
-    whole = sum(step(no_trace) for _ in range(args.bench)) / args.bench
-    phased = sum(times.values()) / args.bench
-    n = B * args.accum_iter
-    print(f"bench: {args.arch} {args.objective} {S}px batch {n} amp {args.amp} compile {args.compile} "
-          f"on {device}: whole step {1000 * whole:.1f} ms, {n / whole:.1f} img/s "
-          f"(instrumented: {1000 * phased:.1f} ms)")
-    total = sum(flops.values())
-    peak = args.peak_tflops or peak_tflops(device, args.amp)
-    report = {"img_per_s": n / whole, "step_ms": 1000 * whole, "gflop_per_image": total / n / 1e9,
-              "tflop_per_s": total / whole / 1e12, "mfu": total / whole / 1e12 / peak if peak else None}
-    print(f"  {'phase':<18} {'ms':>8}  {'share':>6}  {'GFLOP/img':>9}")
-    for phase in BENCH_PHASES.values():
-        ms = 1000 * times.get(phase, 0.0) / args.bench
-        report[phase] = ms
-        report[phase + " GFLOP"] = flops.get(phase, 0) / n / 1e9
-        print(f"  {phase:<18} {ms:8.2f}  {100 * ms / (1000 * phased):5.1f}%  {flops.get(phase, 0) / n / 1e9:9.3f}"
-              + (f"  peak {mems[phase]:.0f} MiB" if phase in mems else ""))
-    print(f"  {total / n / 1e9:.3f} GFLOP per image (FLOP = 2 MAC, counted), {report['tflop_per_s']:.2f} TFLOP/s"
-          + (f", MFU {100 * report['mfu']:.1f}% of {peak:g} TFLOP/s" if peak else ", MFU: no peak known "
-             "(--peak-tflops)"))
-    reference = bench_reference(args, device)
-    if reference:
-        report.update(reference)
-    return report
-
-
-def bench_reference(args, device, steps=10):
-    """Our enhancer backbone against the reference implementation, when it happens to be importable
-    (timm for ViTs, torchvision for ResNets; never a dependency): forward + backward of a summed
-    output on the same inputs, the two timed in turn, median of `steps`. Returns
-    {"ours_ms", "reference_ms", "speedup"} (speedup > 1: ours is faster) or None."""
-    B, S = args.batch_size, args.img_size
-    try:  # looked up by name: the project never depends on either library
-        if args.arch.startswith("vit"):
-            vit = importlib.import_module("timm.models.vision_transformer")
-            cfg = enh.ARCHS[args.arch]
-            theirs = vit.VisionTransformer(img_size=S, patch_size=args.patch_size, embed_dim=cfg["embed_dim"],
-                                           depth=cfg["depth"], num_heads=cfg["num_heads"], num_classes=0)
-        else:
-            models = importlib.import_module("torchvision.models")
-            theirs = getattr(models, args.arch)()  # its default (NCHW) layout
-    except (ImportError, AttributeError):
-        return None
-    ours = enh.build_backbone(args.arch, img_size=S, patch_size=args.patch_size).to(device)
-    fmt = torch.contiguous_format
-    if args.arch.startswith("resnet") and device.type == "cuda":  # as training runs it
-        ours.to(memory_format=torch.channels_last)
-        fmt = torch.channels_last
-    theirs = theirs.to(device)
-    x = torch.randn(B, 3, S, S, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def fwd_bwd(net, inp):
-        sync()
-        t = time.perf_counter()
-        with training.autocast(device, args.amp):
-            out = net(inp)
-        out.float().sum().backward()
-        sync()
-        return time.perf_counter() - t
-
-    for _ in range(2):  # warm-up
-        fwd_bwd(ours, x.contiguous(memory_format=fmt)), fwd_bwd(theirs, x)
-    times = [(fwd_bwd(ours, x.contiguous(memory_format=fmt)), fwd_bwd(theirs, x)) for _ in range(steps)]
-    ours_s = sorted(t[0] for t in times)[steps // 2]
-    theirs_s = sorted(t[1] for t in times)[steps // 2]
-    name = "timm" if args.arch.startswith("vit") else "torchvision"
-    print(f"  {args.arch} backbone fwd+bwd, batch {B}, {S}px: ours {1000 * ours_s:.1f} ms, {name} "
-          f"{1000 * theirs_s:.1f} ms: {theirs_s / ours_s:.2f}x")
-    return {"ours_ms": 1000 * ours_s, "reference_ms": 1000 * theirs_s, "speedup": theirs_s / ours_s}
-
-
-def count_flops(run_step):
-    """FLOPs of one training step per bench phase, from torch's FlopCounterMode (matmuls and
-    convolutions, forward and backward, FLOP = 2 x multiply-add); run_step(trace) runs the step."""
-    from torch.utils.flop_counter import FlopCounterMode
-    counter, flops, last = FlopCounterMode(display=False), {}, [0]
-
-    def mark(name, value):
-        if name in BENCH_PHASES:
-            total = counter.get_total_flops()
-            flops[BENCH_PHASES[name]] = flops.get(BENCH_PHASES[name], 0) + total - last[0]
-            last[0] = total
-
-    with counter:
-        run_step(mark)
-    return flops
-
-
-def peak_tflops(device, amp):
-    """The table's peak for this GPU and --amp, or None (CPUs, unknown cards)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((p[amp] for key, p in PEAK_TFLOPS.items() if key in name), None)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ without mmseg, following BEiT's semantic-segmentation setup:
     UperHead pyramid pooling (1, 2, 3, 6) on the last level + FPN fusion of all four, dropout 0.1
     FCNHead  auxiliary head on level 3, loss weight 0.4
 
-It reads pre-training checkpoints through finetune.py's `--init` loader (and uses its layer-decay
-groups); never pretrain.py's code. Data: the ADE20K layout (`--data ROOT`: images/{training,validation}
+It reads checkpoints, never another stage's code: `--init` goes through enhancer.load_backbone (every
+kind finetune.py reads) and layer decay through training.param_groups. Data: the ADE20K layout (`--data ROOT`: images/{training,validation}
 and annotations/...), any class count (`--nb-classes`) and image size, or with no --data the built-in
 shapes with their per-pixel masks (background + 8 shape classes).
 
@@ -34,7 +34,6 @@ from tqdm import tqdm
 
 import data
 import enhancer as enh
-import finetune
 import training
 
 # ----------------------------------------------------------------------------------------------------
@@ -425,11 +424,15 @@ def build_data(args):
 
 
 def build_model(args):
-    """Backbone from --init (finetune.py's loader: any checkpoint kind), built at the crop size with
+    """Backbone from --init (enhancer.load_backbone: any checkpoint kind), built at the crop size with
     its position embeddings interpolated to it (BEiT), + pyramid + heads."""
-    args.img_size = args.crop_size
-    # --eval-only: every weight comes from the trained run's checkpoint, not from --init
-    backbone = finetune.build(args) if args.eval_only else finetune.load_backbone(args)
+    torch.manual_seed(args.seed)  # a scratch backbone's init
+    if args.eval_only:  # every weight comes from the trained run's checkpoint, not from --init
+        backbone = enh.build_backbone(args.arch, img_size=args.crop_size, patch_size=args.patch_size,
+                                      drop_path_rate=args.drop_path, init_values=args.init_values)
+    else:  # the checkpoint decides the network: its values go into args, and so into checkpoints
+        backbone, net = enh.load_backbone(args.init, args.arch, args.crop_size, args.patch_size, args.drop_path)
+        args.arch, args.patch_size, args.init_values = net["arch"], net["patch_size"], net["init_values"]
     torch.manual_seed(args.seed)
     return Segmenter(backbone, args.nb_classes, args.channels, args.aux_channels, args.layers)
 
@@ -456,9 +459,9 @@ def main(args):
     os.makedirs(overlay_dir, exist_ok=True)
 
     backbone = model.neck.backbone
-    groups = finetune.param_groups_lrd(model, args.weight_decay, args.layer_decay,
-                                       finetune.num_backbone_layers(backbone),
-                                       {f"neck.backbone.{n}" for n in backbone.no_weight_decay()})
+    groups = training.param_groups(model, args.weight_decay,
+                                   {f"neck.backbone.{n}" for n in backbone.no_weight_decay()},
+                                   args.layer_decay, training.num_backbone_layers(backbone))
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     step, skipped = resume(args, model, optimizer, scaler, rank, world_size, device)

@@ -5,6 +5,7 @@ plumbing around its own step; it lives here once, written out plainly:
 
     init_distributed    torchrun's environment -> (rank, world_size, device); one CPU process without it
     autocast            one autocast context from the --amp flag (bf16 | fp16 | none)
+    param_groups        AdamW groups: no weight decay on norms, biases, positions, tokens; layer decay
     cosine_lr           per-iteration linear warm-up + cosine schedule (poly_lr: segmentation's)
     save_checkpoint     atomic write (tmp file, fsync, rename); load_checkpoint reads weights_only=True
     get/set/gather_rng  every RNG stream a bit-exact resume needs, for every rank
@@ -84,6 +85,52 @@ def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimiser groups: weight decay where it belongs, layer-wise lr decay (BEiT)
+# ----------------------------------------------------------------------------------------------------
+
+def layer_id(name, num_layers):
+    """Depth of a parameter for layer decay (BEiT): ViT patch embedding, cls token and positions 0,
+    block k -> k+1; ResNet stem 0, stage s -> s; everything outside the backbone (heads, segment.py's
+    pyramid and decoder) num_layers + 1. Backbone parameters are the ones named `...backbone.<name>`."""
+    if "backbone." not in name:
+        return num_layers + 1  # heads, necks
+    name = name.split("backbone.", 1)[1]
+    if name in ("cls_token", "pos_embed", "mask_token") or name.startswith(("patch_embed.", "conv1.", "bn1.")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    if name.startswith("layer") and name[5].isdigit():
+        return int(name[5])
+    return num_layers + 1
+
+
+def num_backbone_layers(backbone):
+    """Blocks of a ViT, stages of a ResNet: the L of layer decay."""
+    return len(backbone.blocks) if hasattr(backbone, "blocks") else backbone.num_stages
+
+
+def param_groups(model, weight_decay, no_weight_decay=(), layer_decay=None, num_layers=0):
+    """Optimiser groups, each with an "lr_scale" (a loop sets lr = schedule * lr_scale). No weight decay
+    on 1-D tensors (norms, biases, layer scale, q/v bias) nor on the names in `no_weight_decay`
+    (position embeddings, cls / mask tokens, the relative position table: BEiT / MAE). With
+    `layer_decay`, one group per (layer, decay or not) at layer_decay ** (num_layers + 1 - layer_id);
+    without, two groups at scale 1. Frozen parameters are left out."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = not (p.ndim <= 1 or name.endswith(".bias") or name in no_weight_decay)
+        lid = layer_id(name, num_layers) if layer_decay is not None else 0
+        key = (lid, not decay)  # within a layer the decayed group first
+        if key not in groups:
+            groups[key] = {"params": [], "names": [], "weight_decay": weight_decay if decay else 0.0,
+                           "lr_scale": 1.0 if layer_decay is None else layer_decay ** (num_layers + 1 - lid)}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
 
 
 # ----------------------------------------------------------------------------------------------------

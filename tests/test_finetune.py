@@ -79,8 +79,7 @@ def tiny_vit(depth=2, img=16):
 
 def test_layer_decay_gives_the_exact_lr_scale_of_every_parameter():
     model = finetune.Classifier(tiny_vit(depth=2), 5, pool="avg")
-    groups = finetune.param_groups_lrd(model, 0.05, 0.5, num_layers=2,
-                                       no_weight_decay=model.no_weight_decay())
+    groups = training.param_groups(model, 0.05, model.no_weight_decay(), layer_decay=0.5, num_layers=2)
     scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
     assert sorted(scale) == sorted(n for n, _ in model.named_parameters())  # each once
     for name, s in scale.items():
@@ -98,7 +97,7 @@ def test_layer_decay_gives_the_exact_lr_scale_of_every_parameter():
 
 def test_no_weight_decay_set_is_exact():
     model = finetune.Classifier(tiny_vit(depth=2), 5, pool="avg")
-    groups = finetune.param_groups_lrd(model, 0.05, 0.75, 2, model.no_weight_decay())
+    groups = training.param_groups(model, 0.05, model.no_weight_decay(), 0.75, 2)
     decayed = {n for g in groups if g["weight_decay"] == 0.05 for n in g["names"]}
     expected = {"backbone.patch_embed.proj.weight", "head.weight"}
     for b in (0, 1):
@@ -111,17 +110,17 @@ def test_no_weight_decay_set_is_exact():
 
 
 def test_resnet_layer_ids_follow_the_stages():
-    assert finetune.layer_id("backbone.conv1.weight", 4) == 0
-    assert finetune.layer_id("backbone.bn1.bias", 4) == 0
-    assert finetune.layer_id("backbone.layer3.1.conv2.weight", 4) == 3
-    assert finetune.layer_id("head.weight", 4) == 5
-    assert finetune.layer_id("backbone.blocks.11.mlp.fc1.weight", 12) == 12
+    assert training.layer_id("backbone.conv1.weight", 4) == 0
+    assert training.layer_id("backbone.bn1.bias", 4) == 0
+    assert training.layer_id("backbone.layer3.1.conv2.weight", 4) == 3
+    assert training.layer_id("head.weight", 4) == 5
+    assert training.layer_id("backbone.blocks.11.mlp.fc1.weight", 12) == 12
 
 
 def test_linear_probe_trains_only_the_head_through_a_bn_without_affine():
     model = finetune.Classifier(tiny_vit(), 3, linear=True)
     assert isinstance(model.fc_norm, nn.BatchNorm1d) and model.fc_norm.weight is None
-    groups = finetune.param_groups_lrd(model, 0.0, 1.0, 2, model.no_weight_decay())
+    groups = training.param_groups(model, 0.0, model.no_weight_decay(), 1.0, 2)
     assert sorted(n for g in groups for n in g["names"]) == ["head.bias", "head.weight"]
     model.train()
     assert not model.backbone.training and model.fc_norm.training
@@ -270,8 +269,11 @@ def test_ema_moves_towards_the_model():
 # ----------------------------------------------------------------------------------------------------
 
 def init_args(init, *extra):
+    """finetune.py's reading of --init: the resolved flags and the backbone with its config in them."""
     args = finetune.resolve_args(finetune.get_args_parser().parse_args(["--init", str(init), *extra]))
-    return args, finetune.load_backbone(args)
+    backbone, net = enh.load_backbone(str(init), args.arch, args.img_size, args.patch_size, args.drop_path)
+    args.arch, args.img_size, args.patch_size = net["arch"], net["img_size"], net["patch_size"]
+    return args, backbone
 
 
 def test_pretraining_checkpoint_and_export_give_the_same_backbone(pretrained):
@@ -316,10 +318,10 @@ def test_position_embeddings_are_interpolated_to_another_size(pretrained):
 
 @pytest.mark.parametrize("case, pattern", [
     ("missing", r"--init '.*nope.pth' does not exist"),
-    ("bytes", r"--init '.*junk.pth' could not be loaded"),
-    ("other_arch", r"holds a vit_mini backbone .* but --arch is vit_s"),
+    ("bytes", r"--init '.*junk.pth' is not a torch checkpoint of tensors"),
+    ("other_arch", r"holds a vit_mini backbone .*, not a vit_s: drop --arch"),
     ("no_weights", r"holds no ViT .* or ResNet"),
-    ("unknown_shape", r"matches no --arch"),
+    ("unknown_shape", r"matches no arch"),
 ])
 def test_bad_init_is_named(tmp_path, pretrained, case, pattern):
     extra = []
@@ -429,7 +431,9 @@ def test_knn_mode_counts_every_validation_image(tmp_path, folder, pretrained):
     # the collapse check is the effective rank of the training features the k-NN searched
     flags = tiny(folder, tmp_path, "--init", pretrained / "backbone.pth", "--mode", "knn")
     args = finetune.resolve_args(finetune.get_args_parser().parse_args(flags))
-    backbone = finetune.load_backbone(args).eval()
+    backbone, net = enh.load_backbone(args.init, args.arch, args.img_size, args.patch_size)
+    backbone.eval()
+    args.img_size = net["img_size"]
     train = data.build_dataset(str(folder), "train", data.EvalTransform(args.img_size, crop_pct=args.crop_pct))
     feats, _ = training.extract_features(backbone, data.build_eval_loader(train, 4, 0), torch.device("cpu"))
     assert result["feature_rank"] == pytest.approx(training.effective_rank(feats), rel=1e-4)

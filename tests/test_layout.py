@@ -10,7 +10,8 @@ import pytest
 
 from conftest import REPO
 
-PROJECT = {"data", "training", "dvae", "enhancer", "generator", "pretrain", "finetune", "segment", "study"}
+PROJECT = {"data", "training", "dvae", "enhancer", "generator", "pretrain", "bench", "finetune", "segment",
+           "study"}
 # project files each file may import (anywhere in the file, functions included)
 GRAPH = {
     "data": set(),
@@ -19,8 +20,9 @@ GRAPH = {
     "generator": {"enhancer"},
     "dvae": {"data", "training"},  # for its own tokenizer-training stage only
     "pretrain": {"data", "training", "dvae", "generator", "enhancer"},
+    "bench": {"pretrain", "training", "enhancer"},  # times pretrain.py's own step
     "finetune": {"data", "training", "enhancer"},
-    "segment": {"data", "training", "enhancer", "finetune"},
+    "segment": {"data", "training", "enhancer"},
     "study": {"pretrain"},  # runs the stage scripts as commands; reads pretrain.py's recipe rules
 }
 # outside the standard library
@@ -31,6 +33,7 @@ LIBRARIES = {
     "generator": {"torch"},
     "dvae": {"torch", "tqdm"},
     "pretrain": {"torch", "tqdm"},
+    "bench": {"torch"},  # timm / torchvision only looked up by name, when installed
     "finetune": {"torch", "numpy", "PIL", "tqdm"},
     "segment": {"torch", "numpy", "PIL", "tqdm"},
     "study": {"PIL", "torch"},  # the k-NN plot; the tokenizer checkpoint's step
@@ -82,6 +85,13 @@ model = enhancer.Enhancer(backbone, "revdet", 4, "window", 5)
 out, loss, _ = model(torch.randn(2, 3, 32, 32), None, torch.rand(2, 16) > 0.5)
 loss.backward()
 assert out.shape == (2, 16) and torch.isfinite(loss)
+# a pre-training checkpoint's backbone comes back out of the file with enhancer.py alone
+full = enhancer.build_backbone("vit_mini", img_size=32, patch_size=8)
+ckpt = {"model": {"enhancer.backbone." + k: v for k, v in full.state_dict().items()}, "args": {"img_size": 32}}
+torch.save(ckpt, sys.argv[1] + "/checkpoint.pth")
+loaded, config = enhancer.load_backbone(sys.argv[1] + "/checkpoint.pth")
+assert config == dict(arch="vit_mini", img_size=32, patch_size=8, init_values=None), config
+assert all(torch.equal(v, full.state_dict()[k]) for k, v in loaded.state_dict().items())
 if len(sys.argv) > 2:
     import generator
     g = generator.BEiTGenerator(32, 8, vocab_size=64, embed_dim=32, depth=1, num_heads=2)

@@ -18,7 +18,6 @@ from PIL import Image
 
 import data
 import enhancer as enh
-import finetune
 import segment
 import training
 from conftest import REPO, free_port, subprocess_env
@@ -130,7 +129,7 @@ def test_default_layers_spread_like_beit():
 def test_layer_decay_scales_the_backbone_only():
     bb = enh.build_backbone("vit_mini", img_size=32, patch_size=4)
     model = segment.Segmenter(bb, 5, channels=16, aux_channels=8)
-    groups = finetune.param_groups_lrd(model, 0.05, 0.5, 6, {"neck.backbone.pos_embed", "neck.backbone.cls_token"})
+    groups = training.param_groups(model, 0.05, {"neck.backbone.pos_embed", "neck.backbone.cls_token"}, 0.5, 6)
     scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
     assert scale["neck.backbone.patch_embed.proj.weight"] == 0.5 ** 7
     assert scale["neck.backbone.blocks.5.mlp.fc1.weight"] == 0.5

@@ -628,6 +628,8 @@ def get_args_parser():
     p.add_argument("--amp", default="none", choices=["bf16", "fp16", "none"],
                    help="autocast dtype; bf16 on Ampere+ GPUs. Tokens are always computed in fp32")
     p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0 = off)")
+    p.add_argument("--max-skips", type=int, default=20, help="stop after this many skipped steps (non-finite "
+                   "loss or gradients); fp16 overflows of the GradScaler are counted apart")
     p.add_argument("--seed", type=int, default=0, help="seeds data order, augmentation and noise")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--resume", default="",
@@ -702,7 +704,7 @@ COLLAPSE_PERPLEXITY = 16
 # Flags that may differ between a checkpoint and the run resuming it: where things go, how often
 # they are written, how the process runs. Anything else would continue another experiment.
 RESUME_FREE_FLAGS = {"output_dir", "resume", "num_workers", "log_every", "sample_every", "save_every",
-                     "device", "dist_backend", "local_rank", "allow_flag_changes"}
+                     "device", "dist_backend", "local_rank", "allow_flag_changes", "max_skips"}
 
 
 def check_args(args):
@@ -712,7 +714,8 @@ def check_args(args):
         positive=("group_count", "n_hid", "n_blk_per_group", "vocab_size", "n_init", "img_size", "lr",
                   "epochs", "max_steps", "batch_size", "save_every", "log_every", "sample_every",
                   "temp_start", "temp_end", "temp_anneal"),
-        non_negative=("min_lr", "warmup_steps", "weight_decay", "kl_weight", "clip_grad", "num_workers"),
+        non_negative=("min_lr", "warmup_steps", "weight_decay", "kl_weight", "clip_grad", "num_workers",
+                      "max_skips"),
         fraction=("kl_warmup",))
 
 
@@ -753,7 +756,7 @@ def main(args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.999),
                                   weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    step = 0
+    step, ckpt = 0, None
     resume = args.resume or os.path.join(args.output_dir, "checkpoint-latest.pth")
     if args.resume or os.path.isfile(resume):
         ckpt = training.load_checkpoint(resume, "--resume checkpoint")
@@ -767,6 +770,7 @@ def main(args):
         training.restore_rng_states(ckpt["rng"], rank, world_size, device, resume)
         if rank == 0:
             print(f"resumed from {resume} at step {step}")
+    skips = training.SkipCount("dvae.py", args.max_skips, args.output_dir, ckpt)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     log = training.JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0,
                            resumed_at=step if step else None)
@@ -778,7 +782,7 @@ def main(args):
                 {"encoder": model.encoder.state_dict(), "decoder": model.decoder.state_dict(),
                  "encoder_config": dvae_config(model.encoder), "decoder_config": dvae_config(model.decoder),
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                 "total_steps": total_steps, "args": vars(args), "rng": rng},
+                 "total_steps": total_steps, **skips.state(), "args": vars(args), "rng": rng},
                 os.path.join(args.output_dir, "checkpoint-latest.pth"))
 
     # ---------------------------------------------------------------- training loop
@@ -795,26 +799,20 @@ def main(args):
             x = x.to(device, non_blocking=True)
             with training.autocast(device, args.amp):
                 out = ddp(x, temperature, kl_weight, args.recon_loss, args.relaxation == "hard")
-            # every rank stops together, none is left waiting in a collective
-            if not training.all_ranks_true(torch.isfinite(out["loss"].detach()), device):
-                raise FloatingPointError(f"dvae.py: non-finite loss at step {step + 1}; try --amp none or a "
-                                         f"lower --lr, and resume from {args.output_dir}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(out["loss"]).backward()
-            if args.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
+            _, status = training.optimizer_step(model, optimizer, scaler, torch.isfinite(out["loss"].detach()),
+                                                args.clip_grad, device)
             step += 1
             seen += x.shape[0] * world_size
             bar.update(1)
-            if step % args.log_every == 0 or step == total_steps:
+            skips(status, step)  # stops the run past --max-skips
+            if status != "skipped" and (step % args.log_every == 0 or step == total_steps):
                 perplexity, usage = codebook_stats(out["codes"], cfg["vocab_size"])
                 rec = {"step": step, "epoch": epoch, "loss": out["loss"].item(),
                        "recon": out["recon"].item(), "kl": out["kl"].item(), "perplexity": perplexity,
                        "usage": usage, "temperature": temperature, "kl_weight": kl_weight, "lr": lr,
-                       "img_per_s": seen / (time.time() - t0)}
+                       "img_per_s": seen / (time.time() - t0), **skips.state()}
                 bar.set_postfix(recon=f"{rec['recon']:.4f}", ppl=f"{perplexity:.0f}", tau=f"{temperature:.2f}")
                 log.write(**rec)
             if rank == 0 and (step % args.sample_every == 0 or step == total_steps):

@@ -543,8 +543,7 @@ def main(args):
     optimizer = build_optimizer(args, groups, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     ema = ModelEma(model, args.model_ema_decay) if args.model_ema else None
-    state = resume(args, model, optimizer, scaler, ema, rank, world_size, device)
-    step, best = state["step"], state["best"]
+    step, best, skips = resume(args, model, optimizer, scaler, ema, rank, world_size, device)
     ddp_model = model
     if world_size > 1:
         ddp_model = nn.parallel.DistributedDataParallel(
@@ -561,7 +560,7 @@ def main(args):
             training.save_checkpoint(
                 {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict(), "ema": ema.module.state_dict() if ema else None,
-                 "step": step, "epoch": epoch, "best": best, "skipped": state["skipped"],
+                 "step": step, "epoch": epoch, "best": best, **skips.state(),
                  "args": vars(args), "rng": rng}, os.path.join(args.output_dir, path_name))
 
     # ---------------------------------------------------------------- training loop
@@ -579,20 +578,14 @@ def main(args):
                 g["lr"] = lr * g["lr_scale"]
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x, target = mixup(x, y)
-            loss, ok = train_step(ddp_model, model, x, target, optimizer, scaler, args, device)
+            loss, status = train_step(ddp_model, model, x, target, optimizer, scaler, args, device)
             step += 1
             seen += total_batch
             bar.update(1)
-            if ok:
+            if skips(status, step):  # stops the run past --max-skips
                 loss_sum, n_loss = loss_sum + loss, n_loss + 1
                 if ema is not None:
                     ema.update(model)
-            else:
-                state["skipped"] += 1
-                print(f"finetune.py: non-finite loss or gradients at step {step}, update skipped")
-                if state["skipped"] > args.max_skips:
-                    raise FloatingPointError(f"finetune.py: {state['skipped']} non-finite steps; lower "
-                                             f"--lr or use --amp bf16 / none")
             if step % args.log_every == 0 and n_loss:
                 bar.set_postfix(loss=f"{loss_sum / n_loss:.3f}", lr=f"{lr:.2e}")
             if step == total_steps or step % steps_per_epoch == 0:
@@ -605,7 +598,7 @@ def main(args):
         result = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": loss_sum / max(n_loss, 1),
                   "img_per_s": img_per_s, "val_top1": stats["top1"], "val_top5": stats["top5"],
                   "val_loss": stats["loss"], "n_val": stats["n"],
-                  "peak_mem_mb": training.peak_memory_mb(device)}
+                  "peak_mem_mb": training.peak_memory_mb(device), **skips.state()}
         if ema is not None:
             ema_stats = evaluate(ema.module, val_loader, device, args.amp)
             result.update(ema_top1=ema_stats["top1"], ema_top5=ema_stats["top5"])
@@ -628,28 +621,24 @@ def main(args):
 
 
 def train_step(ddp_model, model, x, target, optimizer, scaler, args, device):
-    """Forward, backward, clip, step; the update is skipped on every rank if any rank saw a
-    non-finite loss or gradient. Returns (loss, applied)."""
+    """Forward, loss, backward; the rest is every stage's training.optimizer_step (clip, one skip
+    decision on all ranks, update). Returns (loss, status: "ok", "skipped" or "overflow")."""
     optimizer.zero_grad(set_to_none=True)
     with training.autocast(device, args.amp):
         logits = ddp_model(x)
     loss = soft_target_loss(logits, target, args.loss, args.bce_target_thresh)
     scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad or float("inf"))  # frozen: no grad
-    if not training.all_ranks_true(torch.isfinite(loss.detach()) & torch.isfinite(norm), device):
-        optimizer.zero_grad(set_to_none=True)
-        scaler.update()
-        return float("nan"), False
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.item(), True
+    _, status = training.optimizer_step(model, optimizer, scaler, torch.isfinite(loss.detach()),
+                                        args.clip_grad, device)
+    return loss.item(), status
 
 
 def resume(args, model, optimizer, scaler, ema, rank, world_size, device):
+    """Returns (step, best top-1 so far, training.SkipCount)."""
     path, ckpt = training.find_resume_checkpoint(args)
+    skips = training.SkipCount("finetune.py", args.max_skips, args.output_dir, ckpt)
     if ckpt is None:
-        return {"step": 0, "best": -1.0, "skipped": 0}
+        return 0, -1.0, skips
     saved = ckpt.get("args", {})
     training.check_same_network(saved, args, ("arch", "mode", "img_size", "patch_size", "nb_classes", "pool"),
                                 path)
@@ -657,7 +646,7 @@ def resume(args, model, optimizer, scaler, ema, rank, world_size, device):
     training.restore_training_state(ckpt, model, optimizer, scaler, rank, world_size, device, path, changed)
     if ema is not None and ckpt.get("ema") is not None:
         ema.module.load_state_dict(ckpt["ema"])
-    return {"step": ckpt["step"], "best": ckpt["best"], "skipped": ckpt.get("skipped", 0)}
+    return ckpt["step"], ckpt["best"], skips
 
 
 if __name__ == "__main__":

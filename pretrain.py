@@ -409,7 +409,8 @@ def compile_in_place(model):
 
 def train_step(ddp_model, model, batches, optimizer, scaler, args, device, trace=no_trace):
     """One optimiser step over the micro-batches in `batches` (each (images, tok_images)).
-    Returns (outputs of the last micro-batch, whether the update was applied)."""
+    Returns (outputs of the last micro-batch, training.optimizer_step's status: "ok", "skipped"
+    (a non-finite loss or gradient: no update on any rank) or "overflow" (fp16))."""
     optimizer.zero_grad(set_to_none=True)
     finite = torch.ones((), device=device)
     for i, (images, tok_images) in enumerate(batches):
@@ -429,26 +430,9 @@ def train_step(ddp_model, model, batches, optimizer, scaler, args, device, trace
             scaler.scale(loss / len(batches)).backward()
         trace("backward", None)  # per micro-batch: bench.py books each backward to its own phase
         finite = finite * torch.isfinite(loss.detach())
-    scaler.unscale_(optimizer)  # a no-op without fp16: gradients are then already unscaled
-    # the norm is needed anyway (clipping, the log, the skip decision); max_norm=inf only measures it
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad or float("inf"))
-    if not scaler.is_enabled():
-        # under fp16 the GradScaler skips overflowing gradients itself (and lowers its scale); in
-        # bf16/fp32 a finite loss can still give non-finite gradients, and AdamW would step with NaN
-        finite = finite * torch.isfinite(grad_norm)
-    # One decision for all ranks (a NaN on any rank skips the update everywhere, so the replicas
-    # stay identical), taken after backward so every rank ran the same collectives. Skipping beats
-    # exiting: fp16 runs of the public MIM code die late in training on a single bad batch.
-    out = dict(out, loss=loss.detach(), grad_norm=grad_norm)
-    if not training.all_ranks_true(finite, device):
-        optimizer.zero_grad(set_to_none=True)
-        if scaler.is_enabled():
-            scaler.update(scaler.get_scale() / 2)  # back off as GradScaler does on overflow
-        return out, False
-    scaler.step(optimizer)
-    scaler.update()
+    grad_norm, status = training.optimizer_step(model, optimizer, scaler, finite, args.clip_grad, device)
     trace("optimizer", None)
-    return out, True
+    return dict(out, loss=loss.detach(), grad_norm=grad_norm), status
 
 
 def binary_auc(scores, labels):
@@ -537,10 +521,10 @@ def main(args):
 
     # ---------------------------------------------------------------- model, optimiser, resume
     model = build_model(args, *tokenizer).to(device)
-    optimizer = torch.optim.AdamW(training.param_groups(model, args.weight_decay, model.no_weight_decay()), lr=args.lr,
-                                  betas=tuple(args.opt_betas), fused=device.type == "cuda")
+    groups = training.param_groups(model, args.weight_decay, model.no_weight_decay())
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.opt_betas), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    step, skipped = resume(args, model, optimizer, scaler, rank, world_size, device)
+    step, skips = resume(args, model, optimizer, scaler, rank, world_size, device)
     if args.compile:
         compile_in_place(model)
     ddp_model = model
@@ -563,7 +547,7 @@ def main(args):
         if rank == 0:
             training.save_checkpoint(
                 {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict(), "step": step, "skipped": skipped, "args": vars(args),
+                 "scaler": scaler.state_dict(), "step": step, **skips.state(), "args": vars(args),
                  "rng": rng}, os.path.join(args.output_dir, "checkpoint-latest.pth"))
 
     # ---------------------------------------------------------------- training loop
@@ -589,25 +573,18 @@ def main(args):
             for g in optimizer.param_groups:
                 g["lr"] = lr
             micro = [next(batches)[0] for _ in range(args.accum_iter)]
-            out, ok = train_step(ddp_model, model, micro, optimizer, scaler, args, device)
+            out, status = train_step(ddp_model, model, micro, optimizer, scaler, args, device)
             step += 1
             seen += total_batch
             bar.update(1)
-            if not ok:
-                skipped += 1
-                print(f"pretrain.py: non-finite loss or gradients at step {step}, update skipped "
-                      f"({skipped} so far)")
-                if skipped > args.max_skips:
-                    raise FloatingPointError(f"pretrain.py: {skipped} non-finite steps, the last at step "
-                                             f"{step}; lower --lr, use --amp bf16 or none, or resume "
-                                             f"from {args.output_dir}/checkpoint-latest.pth")
-            elif step % args.log_every == 0 or step == total_steps:
+            skips(status, step)  # stops the run past --max-skips
+            if status != "skipped" and (step % args.log_every == 0 or step == total_steps):
                 rec = dict(step=step, epoch=epoch, lr=lr, **log_record(out, args),
                            img_per_s=seen / (time.time() - t0),
-                           peak_mem_mb=training.peak_memory_mb(device), skipped=skipped)
+                           peak_mem_mb=training.peak_memory_mb(device), **skips.state())
                 bar.set_postfix(gen=f"{rec['loss_gen']:.3f}", enh=f"{rec['loss_enh']:.3f}")
                 log.write(**rec)
-            if rank == 0 and ok and (step % args.sample_every == 0 or step == total_steps):
+            if rank == 0 and status != "skipped" and (step % args.sample_every == 0 or step == total_steps):
                 save_samples(out, micro[-1][0], args, os.path.join(args.output_dir, f"sample-{step:06d}.png"))
             if step % args.save_every == 0 or step == total_steps or step % steps_per_epoch == 0:
                 checkpoint()
@@ -629,10 +606,11 @@ def main(args):
 
 
 def resume(args, model, optimizer, scaler, rank, world_size, device):
-    """Restore everything a bit-exact continuation needs; returns (step, skipped)."""
+    """Restore everything a bit-exact continuation needs; returns (step, training.SkipCount)."""
     path, ckpt = training.find_resume_checkpoint(args)
+    skips = training.SkipCount("pretrain.py", args.max_skips, args.output_dir, ckpt)
     if ckpt is None:
-        return 0, 0
+        return 0, skips
     saved = ckpt.get("args", {})
     training.check_same_network(saved, args, ("arch", "objective", "img_size", "patch_size", "gen_dim",
                                               "gen_depth", "gen_heads"), path)
@@ -644,7 +622,7 @@ def resume(args, model, optimizer, scaler, rank, world_size, device):
     changed = training.check_resume_flags(saved, vars(args), RESUME_FREE_FLAGS, path,
                                           args.allow_flag_changes)
     training.restore_training_state(ckpt, model, optimizer, scaler, rank, world_size, device, path, changed)
-    return ckpt["step"], ckpt.get("skipped", 0)
+    return ckpt["step"], skips
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -705,7 +683,7 @@ def explain(ddp_model, model, loader, optimizer, scaler, args, device):
 
     hook = model.enhancer.backbone.register_forward_hook(
         lambda module, inputs, output: describe("enhancer backbone: features", output))
-    out, ok = train_step(ddp_model, model, batch, optimizer, scaler, args, device, trace=trace)
+    out, status = train_step(ddp_model, model, batch, optimizer, scaler, args, device, trace=trace)
     hook.remove()
     norm = lambda m: sum(p.grad.norm() ** 2 for p in m.parameters() if p.grad is not None) ** 0.5  # noqa: E731
     describe("grad norm after clipping, generator (L_gen only)", norm(model.generator))
@@ -713,7 +691,7 @@ def explain(ddp_model, model, loader, optimizer, scaler, args, device):
     path = os.path.join(args.output_dir, "explain.png")
     save_explain(seen, model.generator.vocab_size, args, path)
     print(f"the same step as pictures: {path} (a column per image; rows: docs/walkthrough.md)")
-    return {"loss": out["loss"].item(), "applied": ok, "figure": path}
+    return {"loss": out["loss"].item(), "applied": status == "ok", "figure": path}
 
 
 # the rows of explain.png, named after the numbered steps of CIM.forward that make them

@@ -464,7 +464,7 @@ def main(args):
                                    args.layer_decay, training.num_backbone_layers(backbone))
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    step, skipped = resume(args, model, optimizer, scaler, rank, world_size, device)
+    step, skips = resume(args, model, optimizer, scaler, rank, world_size, device)
     if args.eval_only:
         metrics = evaluate(model, val_loader, args, device, overlay_dir if rank == 0 else None)
         return report(metrics, step, args, rank, train_set, None)
@@ -481,7 +481,7 @@ def main(args):
         rng = training.gather_rng_states(device)
         if rank == 0:
             training.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                      "scaler": scaler.state_dict(), "step": step, "skipped": skipped,
+                                      "scaler": scaler.state_dict(), "step": step, **skips.state(),
                                       "args": vars(args), "rng": rng},
                                      os.path.join(args.output_dir, "checkpoint-latest.pth"))
 
@@ -496,19 +496,14 @@ def main(args):
             for g in optimizer.param_groups:
                 g["lr"] = lr * g["lr_scale"]
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss, main_loss, ok = train_step(ddp_model, model, x, y, optimizer, scaler, args, device)
+            loss, main_loss, status = train_step(ddp_model, model, x, y, optimizer, scaler, args, device)
             step += 1
             seen += args.batch_size * world_size
             bar.update(1)
-            if not ok:
-                skipped += 1
-                print(f"segment.py: non-finite loss or gradients at iteration {step}, update skipped")
-                if skipped > args.max_skips:
-                    raise FloatingPointError(f"segment.py: {skipped} non-finite iterations; lower --lr or "
-                                             f"use --amp bf16 / none")
-            elif step % args.log_every == 0 or step == args.iters:
-                log.write(step=step, lr=lr, loss=loss, loss_main=main_loss,
-                          img_per_s=seen / (time.time() - t0), peak_mem_mb=training.peak_memory_mb(device))
+            skips(status, step)  # stops the run past --max-skips
+            if status != "skipped" and (step % args.log_every == 0 or step == args.iters):
+                log.write(step=step, lr=lr, loss=loss, loss_main=main_loss, img_per_s=seen / (time.time() - t0),
+                          peak_mem_mb=training.peak_memory_mb(device), **skips.state())
                 bar.set_postfix(loss=f"{loss:.3f}")
             if step % args.eval_every == 0 or step == args.iters:
                 metrics = evaluate(model, val_loader, args, device, overlay_dir if rank == 0 else None)
@@ -546,21 +541,17 @@ def train_step(ddp_model, model, x, y, optimizer, scaler, args, device):
         out, aux = ddp_model(x)
     loss, main = segmentation_loss(out, aux, y, args.aux_weight)
     scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad or float("inf"))
-    if not training.all_ranks_true(torch.isfinite(loss.detach()) & torch.isfinite(norm), device):
-        optimizer.zero_grad(set_to_none=True)
-        scaler.update()
-        return float("nan"), float("nan"), False
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.item(), main.item(), True
+    _, status = training.optimizer_step(model, optimizer, scaler, torch.isfinite(loss.detach()),
+                                        args.clip_grad, device)
+    return loss.item(), main.item(), status
 
 
 def resume(args, model, optimizer, scaler, rank, world_size, device):
+    """Returns (step, training.SkipCount)."""
     path, ckpt = training.find_resume_checkpoint(args)
+    skips = training.SkipCount("segment.py", args.max_skips, args.output_dir, ckpt)
     if ckpt is None:
-        return 0, 0
+        return 0, skips
     saved = ckpt.get("args", {})
     training.check_same_network(saved, args, ("arch", "nb_classes", "crop_size", "patch_size", "channels",
                                               "aux_channels"), path)
@@ -569,7 +560,7 @@ def resume(args, model, optimizer, scaler, rank, world_size, device):
     changed = () if args.eval_only else training.check_resume_flags(saved, vars(args), RESUME_FREE_FLAGS,
                                                                      path, args.allow_flag_changes)
     training.restore_training_state(ckpt, model, optimizer, scaler, rank, world_size, device, path, changed)
-    return ckpt["step"], ckpt.get("skipped", 0)
+    return ckpt["step"], skips
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ plumbing around its own step; it lives here once, written out plainly:
     check_resume_flags  a resumed run must be the same command (or say that it changes flags)
     knn_classify        weighted k-NN on pooled features (Wu et al. 2018, as in DINO)
     all_gather_uneven   exact evaluation under DDP: every rank's part, no padding repeats
+    optimizer_step      the end of every step: unscale, clip, one skip decision on all ranks, update;
+                        SkipCount counts skipped steps against --max-skips (fp16 overflows apart)
 
 Needs torch alone (tqdm in the stage scripts). Nothing model-specific: models come in as arguments.
 """
@@ -78,6 +80,67 @@ def all_ranks_true(flag, device):
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MIN)
     return bool(flag.item())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The end of every stage's step: one update rule and one skip rule
+# ----------------------------------------------------------------------------------------------------
+
+def optimizer_step(model, optimizer, scaler, finite, clip_grad, device):
+    """What every stage does after its backward: unscale, the global grad norm (clipped at
+    `clip_grad`; measured anyway, for the log), one skip decision taken by all ranks together, the
+    update. `finite`: this rank's loss was finite (a 0-dim tensor). The rule, the same everywhere:
+
+        non-finite loss, or non-finite gradients in fp32 / bf16   no update on any rank: "skipped"
+        fp16 gradients that overflow the GradScaler's scale        the scaler skips the update and
+                                                                   halves its scale: "overflow"
+                                                                   (routine calibration)
+    The decision comes after backward, so every rank ran the same collectives, and a NaN on any rank
+    skips the update everywhere, so the replicas stay identical. Skipping beats exiting: fp16 runs of
+    the public MIM code die late in training on a single bad batch. Returns (grad_norm, status) with
+    status "ok", "skipped" or "overflow"."""
+    scaler.unscale_(optimizer)  # a no-op without fp16: the gradients are not scaled then
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad or float("inf"))
+    finite = torch.as_tensor(finite, dtype=torch.float32, device=device)
+    if not scaler.is_enabled():  # under fp16 the scaler checks the gradients itself
+        finite = finite * torch.isfinite(grad_norm)
+    if not all_ranks_true(finite, device):
+        optimizer.zero_grad(set_to_none=True)
+        if scaler.is_enabled():
+            scaler.update(scaler.get_scale() / 2)  # back off, as the GradScaler does on overflow
+        return grad_norm, "skipped"
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return grad_norm, "overflow" if scaler.get_scale() < scale else "ok"
+
+
+class SkipCount:
+    """The stages' accounting of optimizer_step's status: "skipped" steps count toward --max-skips
+    (past it the run stops, naming the step and the way out), fp16 "overflow" steps are counted
+    apart and never stop a run. Both numbers go into checkpoints and the log."""
+
+    def __init__(self, stage, max_skips, output_dir, ckpt=None):
+        """ckpt: the checkpoint a run resumes from (its counts carry on), or None."""
+        self.stage, self.max_skips, self.output_dir = stage, max_skips, output_dir
+        self.skipped, self.overflows = ((ckpt or {}).get(k, 0) for k in ("skipped", "overflows"))
+
+    def __call__(self, status, step):
+        if status == "overflow":
+            self.overflows += 1
+        elif status == "skipped":
+            self.skipped += 1
+            print(f"{self.stage}: non-finite loss or gradients at step {step}, update skipped "
+                  f"({self.skipped} so far)")
+            if self.skipped > self.max_skips:
+                raise FloatingPointError(
+                    f"{self.stage}: {self.skipped} non-finite steps, the last at step {step}, more than "
+                    f"--max-skips {self.max_skips}; lower --lr, use --amp bf16 or none, or resume from "
+                    f"{os.path.join(self.output_dir, 'checkpoint-latest.pth')}")
+        return status == "ok"
+
+    def state(self):
+        return {"skipped": self.skipped, "overflows": self.overflows}
 
 
 def peak_memory_mb(device):

@@ -346,7 +346,7 @@ def test_two_process_gloo_tokenizer_run_and_bf16(tmp_path):
     assert all(r["loss"] == r["loss"] and abs(r["loss"]) < 1e3 for r in steps)  # finite under bf16
 
 
-def test_non_finite_loss_stops_naming_the_step(tmp_path, monkeypatch):
+def test_non_finite_loss_is_skipped_and_counted_then_stops_past_max_skips(tmp_path, monkeypatch):
     real_forward = dvae.DVAE.forward
 
     def nan_at_second_step(self, *a, **kw):
@@ -358,8 +358,13 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, monkeypatch):
 
     nan_at_second_step.calls = 0
     monkeypatch.setattr(dvae.DVAE, "forward", nan_at_second_step)
-    with pytest.raises(FloatingPointError, match="non-finite loss at step 2"):  # 1-based, as in log.jsonl
-        dvae.main(dvae_args(tmp_path, "--max-steps", "3"))
+    # skipped and counted, as in every stage (tests/test_step.py); past --max-skips the run stops
+    with pytest.raises(FloatingPointError, match="1 non-finite steps, the last at step 2"):  # 1-based
+        dvae.main(dvae_args(tmp_path / "strict", "--max-steps", "3", "--max-skips", "0"))
+    nan_at_second_step.calls = 0
+    dvae.main(dvae_args(tmp_path / "lenient", "--max-steps", "3"))
+    ckpt = torch.load(tmp_path / "lenient" / "checkpoint-latest.pth", weights_only=True)
+    assert (ckpt["step"], ckpt["skipped"], ckpt["overflows"]) == (3, 1, 0)
 
 
 @pytest.mark.parametrize("extra, pattern", [

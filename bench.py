@@ -178,15 +178,15 @@ def get_args_parser():
     p = pretrain.get_args_parser()
     p.prog = "bench.py"
     p.description = "time and count one CIM pre-training step (pretrain.py's train_step) per phase"
-    p.add_argument("--steps", type=int, default=10, help="steps timed per measurement (after 2 warm-up steps)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the accelerator's peak TFLOP/s for the "
-                   f"MFU (default: a table for {', '.join(PEAK_TFLOPS)})")
+    p.add_argument("--steps", type=training.number(int, "> 0"), default=10,
+                   help="steps timed per measurement (after 2 warm-up steps)")
+    p.add_argument("--peak-tflops", type=training.number(float, "> 0"), default=None, help="the accelerator's "
+                   f"peak TFLOP/s for the MFU (default: a table for {', '.join(PEAK_TFLOPS)})")
     return p
 
 
 def main(args):
     args = pretrain.resolve_args(args)
-    training.check_flags(args, positive=("steps", "peak_tflops"))
     _, _, device = training.init_distributed(args.device, args.dist_backend)
     training.seed_everything(args.seed)
     report = benchmark(args, device)

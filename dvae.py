@@ -14,14 +14,13 @@ unpickler that maps the known class paths to inert records and refuses every oth
 loading them runs no code from the file and does not need the `dall_e` package (see
 `load_openai_dvae`).
 
-`python dvae.py` trains an own tokenizer (Gumbel-softmax, last section); the training helpers every
-stage shares (distributed init, AMP, schedule, atomic checkpoints, RNG state) live in the section
-before it.
+`python dvae.py` trains an own tokenizer (Gumbel-softmax, last section) or fits a k-means patch
+codebook; that training stage uses the loop parts every stage shares from training.py and the data
+from data.py, imported inside its functions.
 
-Needs torch alone (tqdm and data.py only when run as a training script). Shape letters as in the rest of the repo: B batch, V vocabulary, H/W image
+Needs torch alone (tqdm, data.py and training.py only when run as a training script). Shape letters as in the rest of the repo: B batch, V vocabulary, H/W image
 height/width, h/w token-grid height/width, f = the dVAE's down-sampling factor (8 for DALL-E).
 """
-import argparse
 import json
 import math
 import os
@@ -584,66 +583,70 @@ def codebook_stats(codes, vocab_size):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("dvae.py: train a DALL-E-architecture dVAE tokenizer", add_help=True)
-    p.add_argument("--data", default=None,
-                   help="image-folder root (ImageNet layout: DIR/train/<class>/*); omit to use the "
-                        "built-in procedural dataset")
-    p.add_argument("--output-dir", default="out/dvae", help="checkpoints, log.jsonl and PNG grids")
-    p.add_argument("--preset", default="small", choices=list(DVAE_PRESETS),
-                   help="small: CPU-sized dVAE for the built-in data; dalle: the official "
-                        "architecture (n_hid 256, 8192 codes) for real images; kmeans: a k-means "
-                        "codebook of pixel patches, fitted in seconds (small photos)")
-    for name in ("group_count", "n_hid", "n_blk_per_group", "vocab_size", "n_init", "img_size",
-                 "patch_size"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
-                       help=f"override the preset's {name}" + (" (kmeans only: f)" if name == "patch_size"
-                                                                else ""))
-    p.add_argument("--kmeans-iters", type=int, default=None,
-                   help=f"kmeans preset: Lloyd iterations ({KMEANS_ITERS})")
-    p.add_argument("--lr", type=float, default=None,
-                   help="peak AdamW learning rate, not scaled by batch (preset: small 1e-2, dalle 1e-3)")
-    p.add_argument("--epochs", type=int, default=4, help="passes over the training split")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many optimiser steps (schedules use it as their length)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per process per step")
-    p.add_argument("--min-lr", type=float, default=1e-5, help="final lr of the cosine schedule")
-    p.add_argument("--warmup-steps", type=int, default=100, help="linear lr warm-up steps")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--temp-start", type=float, default=1.0, help="Gumbel-softmax temperature at step 0")
-    p.add_argument("--temp-end", type=float, default=1 / 16,
-                   help="final temperature (DALL-E anneals 1 -> 1/16); lower = closer to hard codes")
-    p.add_argument("--temp-anneal", type=float, default=0.7,
-                   help="fraction of training over which the temperature decays exponentially")
-    p.add_argument("--kl-weight", type=float, default=None,
-                   help="weight of KL(q || uniform) after warm-up; larger spreads codebook usage "
-                        "(preset: small 1e-3, dalle 1e-2)")
-    p.add_argument("--kl-warmup", type=float, default=None,
-                   help="fraction of training over which the KL weight ramps up from 0 (preset: "
-                        "small 0.2, dalle 0: full weight from the first step)")
-    p.add_argument("--relaxation", default="soft", choices=["hard", "soft"],
-                   help="soft: DALL-E's relaxed one-hot mixture; hard: straight-through one-hot "
-                        "samples (the decoder sees what tokenize() gives it)")
-    p.add_argument("--recon-loss", default="mse", choices=["mse", "logit_laplace"],
-                   help="mse on [0,1] pixels (stable in short runs) or DALL-E's logit-Laplace NLL")
-    p.add_argument("--amp", default="none", choices=["bf16", "fp16", "none"],
-                   help="autocast dtype; bf16 on Ampere+ GPUs. Tokens are always computed in fp32")
-    p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0 = off)")
-    p.add_argument("--max-skips", type=int, default=20, help="stop after this many skipped steps (non-finite "
-                   "loss or gradients); fp16 overflows of the GradScaler are counted apart")
-    p.add_argument("--seed", type=int, default=0, help="seeds data order, augmentation and noise")
-    p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
-    p.add_argument("--resume", default="",
-                   help="checkpoint to resume; by default OUTPUT_DIR/checkpoint-latest.pth if present")
-    p.add_argument("--allow-flag-changes", action="store_true",
-                   help="resume even though flags differ from the checkpoint's (e.g. a longer "
-                        "--max-steps); without it a resume must repeat the command that wrote it")
-    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--log-every", type=int, default=20, help="JSON log line every N steps")
-    p.add_argument("--sample-every", type=int, default=500, help="reconstruction PNG every N steps")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
-    p.add_argument("--dist-backend", default=None, help="torch.distributed backend (default nccl/gloo)")
-    p.add_argument("--local-rank", "--local_rank", type=int, default=0,
-                   help="set by old torch.distributed.launch; torchrun uses LOCAL_RANK instead")
+    """The tokenizer-training stage's flags, each once: its type and range check (training.number) and
+    whether a resume may change it (free)."""
+    import training  # the training stage's import: the model code above needs torch alone
+    p = training.ArgumentParser(prog="dvae.py", description="train a DALL-E-architecture dVAE tokenizer "
+                                "(or fit a k-means patch codebook)")
+    a, free = p.add_argument, training.resume_free(p)
+    pos_int, pos_float = training.number(int, "> 0"), training.number(float, "> 0")
+    nonneg_int, nonneg_float = training.number(int, ">= 0"), training.number(float, ">= 0")
+    a("--data", default=None, help="image-folder root (ImageNet layout: DIR/train/<class>/*); omit to use "
+      "the built-in procedural dataset")
+    a("--preset", default="small", choices=list(DVAE_PRESETS),
+      help="small: CPU-sized dVAE for the built-in data; dalle: the official architecture (n_hid 256, "
+           "8192 codes) for real images; kmeans: a k-means codebook of pixel patches, fitted in seconds "
+           "(small photos)")
+    for name in ("group_count", "n_hid", "n_blk_per_group", "vocab_size", "n_init", "img_size", "patch_size"):
+        a("--" + name.replace("_", "-"), type=pos_int, default=None,
+          help=f"override the preset's {name}" + (" (kmeans only: f)" if name == "patch_size" else ""))
+    a("--kmeans-iters", type=pos_int, default=None, help=f"kmeans preset: Lloyd iterations ({KMEANS_ITERS})")
+    a("--lr", type=pos_float, default=None,
+      help="peak AdamW learning rate, not scaled by batch (preset: small 1e-2, dalle 1e-3)")
+    a("--epochs", type=pos_int, default=4, help="passes over the training split")
+    a("--max-steps", type=pos_int, default=None,
+      help="stop after this many optimiser steps (schedules use it as their length)")
+    a("--batch-size", type=pos_int, default=64, help="images per process per step")
+    a("--min-lr", type=nonneg_float, default=1e-5, help="final lr of the cosine schedule")
+    a("--warmup-steps", type=nonneg_int, default=100, help="linear lr warm-up steps")
+    a("--weight-decay", type=nonneg_float, default=0.0, help="AdamW weight decay")
+    a("--temp-start", type=pos_float, default=1.0, help="Gumbel-softmax temperature at step 0")
+    a("--temp-end", type=pos_float, default=1 / 16,
+      help="final temperature (DALL-E anneals 1 -> 1/16); lower = closer to hard codes")
+    a("--temp-anneal", type=pos_float, default=0.7,
+      help="fraction of training over which the temperature decays exponentially")
+    a("--kl-weight", type=nonneg_float, default=None,
+      help="weight of KL(q || uniform) after warm-up; larger spreads codebook usage (preset: small 1e-3, "
+           "dalle 1e-2)")
+    a("--kl-warmup", type=training.number(float, "in [0, 1)"), default=None,
+      help="fraction of training over which the KL weight ramps up from 0 (preset: small 0.2, dalle 0: "
+           "full weight from the first step)")
+    a("--relaxation", default="soft", choices=["hard", "soft"],
+      help="soft: DALL-E's relaxed one-hot mixture; hard: straight-through one-hot samples (the decoder "
+           "sees what tokenize() gives it)")
+    a("--recon-loss", default="mse", choices=["mse", "logit_laplace"],
+      help="mse on [0,1] pixels (stable in short runs) or DALL-E's logit-Laplace NLL")
+    a("--amp", default="none", choices=["bf16", "fp16", "none"],
+      help="autocast dtype; bf16 on Ampere+ GPUs. Tokens are always computed in fp32")
+    a("--clip-grad", type=nonneg_float, default=1.0, help="max gradient norm (0 = off)")
+    free("--max-skips", type=nonneg_int, default=20, help="stop after this many skipped steps (non-finite "
+         "loss or gradients); fp16 overflows of the GradScaler are counted apart")
+    a("--seed", type=int, default=0, help="seeds data order, augmentation and noise")
+    # where output goes, how often, how the processes run: a resumed run may change these
+    free("--output-dir", default="out/dvae", help="checkpoints, log.jsonl and PNG grids")
+    free("--num-workers", type=nonneg_int, default=2, help="DataLoader worker processes")
+    free("--resume", default="", help="checkpoint to resume; by default OUTPUT_DIR/checkpoint-latest.pth if "
+         "present")
+    free("--allow-flag-changes", action="store_true",
+         help="resume even though flags differ from the checkpoint's (e.g. a longer --max-steps); without "
+              "it a resume must repeat the command that wrote it")
+    free("--save-every", type=pos_int, default=200, help="checkpoint every N steps (and at the end)")
+    free("--log-every", type=pos_int, default=20, help="JSON log line every N steps")
+    free("--sample-every", type=pos_int, default=500, help="reconstruction PNG every N steps")
+    free("--device", default="auto", help="auto (cuda if available), cuda or cpu")
+    free("--dist-backend", default=None, help="torch.distributed backend (default nccl/gloo)")
+    free("--local-rank", "--local_rank", type=int, default=0,
+         help="set by old torch.distributed.launch; torchrun uses LOCAL_RANK instead")
     return p
 
 
@@ -701,30 +704,11 @@ def evaluate_tokenizer(enc, dec, loader, device, max_batches=8):
 # Below this validation perplexity the run ends with a warning (pretrain.py's default floor, too)
 COLLAPSE_PERPLEXITY = 16
 
-# Flags that may differ between a checkpoint and the run resuming it: where things go, how often
-# they are written, how the process runs. Anything else would continue another experiment.
-RESUME_FREE_FLAGS = {"output_dir", "resume", "num_workers", "log_every", "sample_every", "save_every",
-                     "device", "dist_backend", "local_rank", "allow_flag_changes", "max_skips"}
-
-
-def check_args(args):
-    import training
-    training.check_flags(
-        args,
-        positive=("group_count", "n_hid", "n_blk_per_group", "vocab_size", "n_init", "img_size", "lr",
-                  "epochs", "max_steps", "batch_size", "save_every", "log_every", "sample_every",
-                  "temp_start", "temp_end", "temp_anneal"),
-        non_negative=("min_lr", "warmup_steps", "weight_decay", "kl_weight", "clip_grad", "num_workers",
-                      "max_skips"),
-        fraction=("kl_warmup",))
-
-
 def main(args):
     import data  # the training stage's imports stay here: the model code above needs torch alone
     import training
     from tqdm import tqdm
 
-    check_args(args)
     owns_group = not torch.distributed.is_initialized()  # pretrain.py may call us inside its group
     rank, world_size, device = training.init_distributed(args.device, args.dist_backend)
     training.seed_everything(args.seed, rank)
@@ -760,7 +744,7 @@ def main(args):
     resume = args.resume or os.path.join(args.output_dir, "checkpoint-latest.pth")
     if args.resume or os.path.isfile(resume):
         ckpt = training.load_checkpoint(resume, "--resume checkpoint")
-        training.check_resume_flags(ckpt["args"], vars(args), RESUME_FREE_FLAGS, resume,
+        training.check_resume_flags(ckpt["args"], vars(args), get_args_parser().resume_free, resume,
                                     args.allow_flag_changes)
         model.encoder.load_state_dict(ckpt["encoder"])
         model.decoder.load_state_dict(ckpt["decoder"])
@@ -855,7 +839,7 @@ def fit_codebook(args, cfg, rank, device):
     val_set = data.build_dataset(args.data, "val", tf, seed=args.seed)
     path = args.resume or os.path.join(args.output_dir, "checkpoint-latest.pth")
     ckpt = training.load_checkpoint(path, "--resume checkpoint") if args.resume or os.path.isfile(path) else None
-    if ckpt is not None and training.check_resume_flags(ckpt["args"], vars(args), RESUME_FREE_FLAGS, path,
+    if ckpt is not None and training.check_resume_flags(ckpt["args"], vars(args), get_args_parser().resume_free, path,
                                                         args.allow_flag_changes):
         ckpt = None  # --allow-flag-changes: fit again with the new flags (seconds)
     if ckpt is not None:

@@ -27,7 +27,6 @@ Evaluation: resize + center crop (--crop-pct), top-1 / top-5, each validation im
 under DDP (data.EvalSampler). Per-epoch JSON log, checkpoint-latest.pth (resume: rerun the command),
 checkpoint-best.pth, and at the end classifier.pth under timm / torchvision names.
 """
-import argparse
 import copy
 import json
 import math
@@ -45,71 +44,58 @@ import enhancer as enh
 import training
 
 # ----------------------------------------------------------------------------------------------------
-# Recipes: the values of flags left unset, per recipe and per kind of run. "builtin" runs on a laptop
-# CPU in minutes; "imagenet" is the published setting (BEiT-B for ViTs, as CIM follows BEiT; "ResNet
-# strikes back" A2-style for ResNets, as DESIGN.md; MAE's linear probe).
+# Recipes: the values of flags left unset, per recipe and per kind of run (ViT fine-tuning, ResNet
+# fine-tuning, linear probe). Each is a published recipe or another one plus its differences, so a
+# new flag is one line in BEIT_B. "imagenet" is the paper's scale, "builtin" runs on a CPU in minutes.
 # ----------------------------------------------------------------------------------------------------
 
+# BEiT-B fine-tuning (CIM follows BEiT): batch 1024, lr 4e-3 (blr 1e-3), 100 epochs, 20 warm-up, layer
+# decay 0.65, drop path 0.1, mixup 0.8 / cutmix 1.0, label smoothing 0.1, RandAugment m9 mstd 0.5,
+# random erasing 0.25, eval resize 256 -> crop 224
+BEIT_B = dict(arch="vit_b", img_size=224, patch_size=16, epochs=100, batch_size=128, blr=1e-3, min_lr=1e-6,
+              warmup_epochs=20, weight_decay=0.05, layer_decay=0.65, drop_path=0.1, smoothing=0.1,
+              mixup=0.8, cutmix=1.0, aa="m9-mstd0.5", reprob=0.25, color_jitter=0.4, crop_min=0.08,
+              crop_pct=0.875, opt="adamw", loss="ce", head_init_scale=0.001, clip_grad=None, num_workers=10)
+# "ResNet strikes back" A2 style: LAMB lr 5e-3 at batch 2048, wd 0.02, 300 epochs, 5 warm-up, BCE,
+# mixup 0.1 / cutmix 1.0, RandAugment m7, drop path 0.05, test crop 0.95
+RSB_A2 = dict(BEIT_B, arch="resnet50", patch_size=None, epochs=300, batch_size=256, blr=5e-3 * 256 / 2048,
+              warmup_epochs=5, weight_decay=0.02, layer_decay=1.0, drop_path=0.05, smoothing=0.0, mixup=0.1,
+              aa="m7-mstd0.5", reprob=0.0, color_jitter=0.0, crop_pct=0.95, opt="lamb", loss="bce",
+              head_init_scale=1.0)
+# MAE's linear probe: blr 0.1, 90 epochs, 10 warm-up, no weight decay, crop + flip only. MAE uses LARS at
+# batch 16384; here SGD with momentum 0.9 (LARS without the trust ratio)
+MAE_LINEAR = dict(BEIT_B, epochs=90, batch_size=512, blr=0.1, min_lr=0.0, warmup_epochs=10, weight_decay=0.0,
+                  layer_decay=1.0, drop_path=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, aa="none",
+                  reprob=0.0, color_jitter=0.0, opt="sgd", head_init_scale=1.0)
+# 32 px built-in data, CPU minutes. Mixup, cutmix, RandAugment and erasing kept both inits at chance
+# over so short a run (docs/finetune.md), so they are off
+CPU = dict(img_size=32, warmup_epochs=1, crop_min=0.35, crop_pct=1.0, mixup=0.0, cutmix=0.0, aa="none",
+           reprob=0.0, num_workers=1)
 RECIPES = {
-    "builtin": {
-        # 2 epochs of the built-in data: CPU minutes. The regularisers of the ImageNet recipe (mixup,
-        # cutmix, RandAugment, erasing) kept both inits at chance over so short a run (docs/finetune.md), so
-        # they are off here; the rest is the BEiT recipe scaled down.
-        "vit": dict(epochs=2, batch_size=64, blr=2e-3, min_lr=1e-6, warmup_epochs=1, weight_decay=0.05,
-                    layer_decay=0.75, drop_path=0.1, smoothing=0.1, mixup=0.0, cutmix=0.0, aa="none",
-                    reprob=0.0, color_jitter=0.4, crop_min=0.35, crop_pct=1.0, opt="adamw",
-                    loss="ce", head_init_scale=0.001, clip_grad=None, img_size=32, arch="vit_mini",
-                    patch_size=4, num_workers=1),
-        "resnet": dict(epochs=2, batch_size=64, blr=2e-3, min_lr=1e-6, warmup_epochs=1, weight_decay=0.02,
-                       layer_decay=1.0, drop_path=0.05, smoothing=0.0, mixup=0.0, cutmix=0.0,
-                       aa="none", reprob=0.0, color_jitter=0.4, crop_min=0.35, crop_pct=1.0,
-                       opt="lamb", loss="bce", head_init_scale=1.0, clip_grad=None, img_size=32,
-                       arch="resnet18", patch_size=None, num_workers=1),
-        "linear": dict(epochs=3, batch_size=256, blr=0.1, min_lr=0.0, warmup_epochs=1, weight_decay=0.0,
-                       layer_decay=1.0, drop_path=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, aa="none",
-                       reprob=0.0, color_jitter=0.0, crop_min=0.35, crop_pct=1.0, opt="sgd", loss="ce",
-                       head_init_scale=1.0, clip_grad=None, img_size=32, arch="vit_mini", patch_size=4,
-                       num_workers=1),
-    },
-    "imagenet": {
-        # BEiT-B: batch 1024, lr 4e-3 (blr 1e-3), 100 epochs, 20 warm-up, layer decay 0.65
-        "vit": dict(epochs=100, batch_size=128, blr=1e-3, min_lr=1e-6, warmup_epochs=20, weight_decay=0.05,
-                    layer_decay=0.65, drop_path=0.1, smoothing=0.1, mixup=0.8, cutmix=1.0, aa="m9-mstd0.5",
-                    reprob=0.25, color_jitter=0.4, crop_min=0.08, crop_pct=0.875, opt="adamw",
-                    loss="ce", head_init_scale=0.001, clip_grad=None, img_size=224, arch="vit_b",
-                    patch_size=16, num_workers=10),
-        # A2-style: LAMB lr 5e-3 at batch 2048, wd 0.02, 300 epochs, 5 warm-up, mixup 0.1 / cutmix 1.0,
-        # RandAugment m7, BCE, drop path 0.05, test crop 0.95
-        "resnet": dict(epochs=300, batch_size=256, blr=5e-3 * 256 / 2048, min_lr=1e-6, warmup_epochs=5,
-                       weight_decay=0.02, layer_decay=1.0, drop_path=0.05, smoothing=0.0, mixup=0.1,
-                       cutmix=1.0, aa="m7-mstd0.5", reprob=0.0, color_jitter=0.0, crop_min=0.08,
-                       crop_pct=0.95, opt="lamb", loss="bce", head_init_scale=1.0, clip_grad=None,
-                       img_size=224, arch="resnet50", patch_size=None, num_workers=10),
-        # MAE linear probe: LARS, batch 16384, blr 0.1, 90 epochs, 10 warm-up, no weight decay. Here
-        # SGD with momentum 0.9 (LARS without the trust ratio; MAE's lr per 256 images carries over)
-        "linear": dict(epochs=90, batch_size=512, blr=0.1, min_lr=0.0, warmup_epochs=10, weight_decay=0.0,
-                       layer_decay=1.0, drop_path=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, aa="none",
-                       reprob=0.0, color_jitter=0.0, crop_min=0.08, crop_pct=0.875, opt="sgd", loss="ce",
-                       head_init_scale=1.0, clip_grad=None, img_size=224, arch="vit_b", patch_size=16,
-                       num_workers=10),
-    },
+    "builtin": {"vit": dict(BEIT_B, **CPU, arch="vit_mini", patch_size=4, epochs=2, batch_size=64, blr=2e-3,
+                            layer_decay=0.75),
+                "resnet": dict(RSB_A2, **CPU, arch="resnet18", epochs=2, batch_size=64, blr=2e-3,
+                               color_jitter=0.4),
+                "linear": dict(MAE_LINEAR, **CPU, arch="vit_mini", patch_size=4, epochs=3, batch_size=256)},
+    "imagenet": {"vit": BEIT_B, "resnet": RSB_A2, "linear": MAE_LINEAR},
 }
 MODES = ("finetune", "linear", "knn")
 
-# Flags a resumed run may change (see training.check_resume_flags).
-RESUME_FREE_FLAGS = {"output_dir", "resume", "num_workers", "log_every", "save_every", "device",
-                     "dist_backend", "local_rank", "allow_flag_changes", "eval_batch_size"}
-
-
 def get_args_parser():
-    p = argparse.ArgumentParser("finetune.py: fine-tuning, linear probe and k-NN of a CIM enhancer")
-    a = p.add_argument
+    """Every flag once: its type and range check (training.number), whether a resume may change it
+    (free), and for [recipe] flags the default of every recipe and kind, listed in --help."""
+    p = training.ArgumentParser(prog="finetune.py",
+                                description="fine-tuning, linear probe and k-NN of a CIM enhancer")
+    a, free = p.add_argument, training.resume_free(p)
+    pos_int, pos_float = training.number(int, "> 0"), training.number(float, "> 0")
+    nonneg_int, nonneg_float = training.number(int, ">= 0"), training.number(float, ">= 0")
+    fraction, unit = training.number(float, "in [0, 1)"), training.number(float, "in (0, 1]")
 
-    def r(name, help, **kw):  # default from the recipe: --help shows every recipe's value
+    def r(name, help, resume_free=False, **kw):  # default from the recipe: --help shows every recipe's
         key = name[2:].replace("-", "_")
         values = "; ".join(f"{k} " + ", ".join(f"{kind} {v[key]}" for kind, v in RECIPES[k].items())
                            for k in RECIPES)
-        a(name, default=None, help=f"{help} [recipe: {values}]", **kw)
+        (free if resume_free else a)(name, default=None, help=f"{help} [recipe: {values}]", **kw)
 
     a("--mode", default="finetune", choices=MODES,
       help="finetune: all weights; linear: frozen backbone + BN + linear head; knn: weighted k-NN")
@@ -118,69 +104,71 @@ def get_args_parser():
            "with --data (BEiT-B for ViTs, 'ResNet strikes back' A2-style for ResNets, MAE's linear probe)")
     a("--init", default=None, help="pre-training checkpoint, exported backbone.pth, timm/torchvision "
       "state dict, or 'scratch' (required: say which)")
-    r("--arch", f"backbone, one of {list(enh.ARCHS)}; taken from --init when it is a checkpoint")
+    r("--arch", f"backbone, one of {list(enh.ARCHS)}; taken from --init when it is a checkpoint",
+      choices=list(enh.ARCHS))
     r("--img-size", "training input size; default: the checkpoint's pre-training size (position "
-      "embeddings are interpolated when it differs)", type=int)
-    a("--eval-size", type=int, default=None, help="test input size (default --img-size; the 'train "
+      "embeddings are interpolated when it differs)", type=pos_int)
+    a("--eval-size", type=pos_int, default=None, help="test input size (default --img-size; the 'train "
       "low, test high' option of ResNet recipes: e.g. --img-size 160 --eval-size 224)")
-    r("--patch-size", "ViT patch size for --init scratch (else the checkpoint's)", type=int)
-    a("--nb-classes", type=int, default=None, help="classes; default and check: the data's class folders")
+    r("--patch-size", "ViT patch size for --init scratch (else the checkpoint's)", type=pos_int)
+    a("--nb-classes", type=pos_int, default=None, help="classes; default and check: the data's class folders")
     a("--pool", default="avg", choices=["avg", "cls"],
       help="ViT head input: avg = mean of patch tokens + LayerNorm fc_norm (BEiT/MAE fine-tuning), "
            "cls = the final-normed cls token")
-    r("--drop-path", "stochastic depth rate (linear over blocks)", type=float)
-    r("--head-init-scale", "scale of the head's initial weights (BEiT: 0.001)", type=float)
+    r("--drop-path", "stochastic depth rate (linear over blocks)", type=fraction)
+    r("--head-init-scale", "scale of the head's initial weights (BEiT: 0.001)", type=nonneg_float)
     # data and augmentation
     a("--data", default=None, help="ImageNet-layout root (DIR/train/<class>/*, DIR/val/<class>/*); omit "
       "to use the built-in procedural dataset")
-    r("--crop-min", "random-resized-crop min scale", type=float)
+    r("--crop-min", "random-resized-crop min scale", type=unit)
     r("--crop-pct", "eval: resize the shorter side to size / crop_pct, center-crop size (0.875: 256 "
-      "-> 224)", type=float)
+      "-> 224)", type=unit)
     r("--aa", "RandAugment 'mM-mstdS' (magnitude M, its per-op std S), or none", type=str)
-    r("--color-jitter", "colour jitter strength, used only with --aa none (as timm)", type=float)
-    r("--reprob", "random erasing probability", type=float)
-    r("--mixup", "mixup Beta(alpha, alpha) (0 = off)", type=float)
-    r("--cutmix", "cutmix Beta(alpha, alpha) (0 = off)", type=float)
-    a("--mixup-switch-prob", type=float, default=0.5, help="with both on: chance a batch uses cutmix")
-    a("--mixup-prob", type=float, default=1.0, help="chance a batch is mixed at all")
-    r("--smoothing", "label smoothing", type=float)
+    r("--color-jitter", "colour jitter strength, used only with --aa none (as timm)", type=nonneg_float)
+    r("--reprob", "random erasing probability", type=fraction)
+    r("--mixup", "mixup Beta(alpha, alpha) (0 = off)", type=nonneg_float)
+    r("--cutmix", "cutmix Beta(alpha, alpha) (0 = off)", type=nonneg_float)
+    a("--mixup-switch-prob", type=unit, default=0.5, help="with both on: chance a batch uses cutmix")
+    a("--mixup-prob", type=unit, default=1.0, help="chance a batch is mixed at all")
+    r("--smoothing", "label smoothing", type=fraction)
     r("--loss", "ce: soft-target cross-entropy; bce: binary cross-entropy per class (RSB)",
       choices=["ce", "bce"])
-    a("--bce-target-thresh", type=float, default=None, help="bce: targets above this become 1 (RSB 0.2)")
+    a("--bce-target-thresh", type=fraction, default=None, help="bce: targets above this become 1 (RSB 0.2)")
     # optimisation
     r("--opt", "adamw, lamb (written out below) or sgd (momentum 0.9)", choices=["adamw", "lamb", "sgd"])
-    r("--epochs", "training epochs", type=int)
-    a("--max-steps", type=int, default=None, help="stop after this many steps (tests); schedules span them")
-    r("--batch-size", "images per process per step", type=int)
-    a("--lr", type=float, default=None, help="absolute peak lr; default blr * total_batch / 256")
-    r("--blr", "base lr per 256 images", type=float)
-    r("--min-lr", "final lr of the cosine schedule", type=float)
-    r("--warmup-epochs", "linear warm-up length", type=float)
+    r("--epochs", "training epochs", type=pos_int)
+    a("--max-steps", type=pos_int, default=None, help="stop after this many steps (tests); schedules span them")
+    r("--batch-size", "images per process per step", type=pos_int)
+    a("--lr", type=pos_float, default=None, help="absolute peak lr; default blr * total_batch / 256")
+    r("--blr", "base lr per 256 images", type=pos_float)
+    r("--min-lr", "final lr of the cosine schedule", type=nonneg_float)
+    r("--warmup-epochs", "linear warm-up length", type=nonneg_float)
     r("--weight-decay", "weight decay (none on 1-D params, biases, position embedding, cls token)",
-      type=float)
+      type=nonneg_float)
     r("--layer-decay", "layer-wise lr decay: block i of L trains at lr * decay^(L+1-i), patch "
-      "embedding at decay^(L+1), head at 1 (1.0 = off)", type=float)
-    r("--clip-grad", "max global grad norm (None = off)", type=float)
+      "embedding at decay^(L+1), head at 1 (1.0 = off)", type=unit)
+    r("--clip-grad", "max global grad norm (None = off)", type=nonneg_float)
     a("--model-ema", action="store_true", help="keep an exponential moving average of the weights; "
       "evaluated next to the model every epoch")
-    a("--model-ema-decay", type=float, default=0.9999, help="EMA decay per step")
+    a("--model-ema-decay", type=training.number(float, "in (0, 1)"), default=0.9999, help="EMA decay per step")
     a("--amp", default="none", choices=["bf16", "fp16", "none"], help="autocast dtype")
-    a("--max-skips", type=int, default=20, help="stop after this many skipped (non-finite) steps")
+    free("--max-skips", type=nonneg_int, default=20, help="stop after this many skipped (non-finite) steps; "
+         "fp16 overflows are counted apart")
     # k-NN
-    a("--knn-k", type=int, default=20, help="k-NN neighbours (DINO: 20)")
-    a("--knn-t", type=float, default=0.07, help="k-NN temperature of the exp(sim / T) vote weights")
-    # runtime
-    a("--output-dir", default="out/finetune", help="checkpoints and log.jsonl")
-    a("--resume", default="", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint-latest.pth)")
-    a("--allow-flag-changes", action="store_true", help="resume although flags differ from the checkpoint's")
-    a("--save-every", type=int, default=1000, help="also checkpoint every N steps (epochs always)")
-    a("--log-every", type=int, default=50, help="progress-bar loss every N steps")
-    r("--num-workers", "DataLoader workers per process", type=int)
-    a("--eval-batch-size", type=int, default=256, help="images per process in evaluation")
+    a("--knn-k", type=pos_int, default=20, help="k-NN neighbours (DINO: 20)")
+    a("--knn-t", type=pos_float, default=0.07, help="k-NN temperature of the exp(sim / T) vote weights")
     a("--seed", type=int, default=0, help="seed for data order, augmentation, mixing, head init")
-    a("--device", default="auto", help="auto (cuda if available), cuda or cpu")
-    a("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo)")
-    a("--local-rank", "--local_rank", type=int, default=0, help="accepted for torch.distributed.launch")
+    # where output goes, how often, how the processes run: a resumed run may change these
+    free("--output-dir", default="out/finetune", help="checkpoints and log.jsonl")
+    free("--resume", default="", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint-latest.pth)")
+    free("--allow-flag-changes", action="store_true", help="resume although flags differ from the checkpoint's")
+    free("--save-every", type=pos_int, default=1000, help="also checkpoint every N steps (epochs always)")
+    free("--log-every", type=pos_int, default=50, help="progress-bar loss every N steps")
+    r("--num-workers", "DataLoader workers per process", type=nonneg_int, resume_free=True)
+    free("--eval-batch-size", type=pos_int, default=256, help="images per process in evaluation")
+    free("--device", default="auto", help="auto (cuda if available), cuda or cpu")
+    free("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo)")
+    free("--local-rank", "--local_rank", type=int, default=0, help="accepted for torch.distributed.launch")
     return p
 
 
@@ -367,8 +355,9 @@ def soft_target_loss(logits, target, kind="ce", bce_thresh=None):
 # ----------------------------------------------------------------------------------------------------
 
 class ModelEma:
-    """ema = decay * ema + (1 - decay) * model after every step, buffers (BatchNorm statistics)
-    copied as they are."""
+    """ema = decay * ema + (1 - decay) * model after every step, for every floating-point entry of
+    the state dict, BatchNorm running statistics included (averaged like the weights, as timm's
+    ModelEmaV2); integer buffers (BatchNorm's batch counter) are copied."""
 
     def __init__(self, model, decay):
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
@@ -411,8 +400,9 @@ def evaluate(model, loader, device, amp="none"):
 # ----------------------------------------------------------------------------------------------------
 
 def resolve_args(args, init=None):
-    """Recipe values for unset flags (per mode and backbone family), then every flag checked.
-    `init`: enhancer.read_backbone's result for --init, when the caller has it already."""
+    """Recipe values for unset flags (per mode and backbone family); the checks that involve more than
+    the flag itself (each flag's range is checked as it is parsed: training.number). `init`:
+    enhancer.read_backbone's result for --init, when the caller has it already."""
     if args.init is None:
         raise ValueError("--init is required: a pre-training checkpoint, backbone.pth, a timm/torchvision "
                          "state dict, or 'scratch' for the random-init baseline")
@@ -434,19 +424,6 @@ def resolve_args(args, init=None):
     for k, v in recipe.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    training.check_flags(args, positive=("epochs", "max_steps", "batch_size", "lr", "blr", "img_size",
-                                         "eval_size", "nb_classes", "knn_k", "knn_t", "save_every",
-                                         "log_every", "eval_batch_size"),
-                         non_negative=("min_lr", "warmup_epochs", "weight_decay", "mixup", "cutmix",
-                                       "clip_grad", "num_workers", "max_skips", "color_jitter"),
-                         fraction=("drop_path", "smoothing", "reprob"),
-                         open_fraction=())
-    if not 0 < args.layer_decay <= 1:
-        raise ValueError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
-    if not 0 < args.crop_min <= 1 or not 0 < args.crop_pct <= 1:
-        raise ValueError(f"--crop-min and --crop-pct must be in (0, 1], got {args.crop_min}, {args.crop_pct}")
-    if args.arch is not None and args.arch not in enh.ARCHS:
-        raise ValueError(f"--arch {args.arch!r} is unknown; choose one of {list(enh.ARCHS)}")
     parse_aa(args.aa)
     return args
 
@@ -642,7 +619,8 @@ def resume(args, model, optimizer, scaler, ema, rank, world_size, device):
     saved = ckpt.get("args", {})
     training.check_same_network(saved, args, ("arch", "mode", "img_size", "patch_size", "nb_classes", "pool"),
                                 path)
-    changed = training.check_resume_flags(saved, vars(args), RESUME_FREE_FLAGS, path, args.allow_flag_changes)
+    changed = training.check_resume_flags(saved, vars(args), get_args_parser().resume_free, path,
+                                          args.allow_flag_changes)
     training.restore_training_state(ckpt, model, optimizer, scaler, rank, world_size, device, path, changed)
     if ema is not None and ckpt.get("ema") is not None:
         ema.module.load_state_dict(ckpt["ema"])

@@ -14,7 +14,6 @@ One step (paper Sec. 2, Fig. 1) reads top to bottom in `CIM.forward`:
     enhancer(x~): RevDet (was this token replaced?) or ResPix (original pixels, window-normalised)
     L = L_gen + lambda * L_enh; one optimiser over generator + enhancer (`train_step`)
 """
-import argparse
 from contextlib import nullcontext
 import json
 import os
@@ -59,226 +58,7 @@ RECIPES = {
 }
 PHOTOS_MAX_SIDE = 64  # --data of images this small (median longer side) gets the photos recipe
 TOKENIZER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Flags a resumed run may change: where output goes, how often it is written, how the processes run.
-# Anything else would continue another experiment under the old run's name (see `resume`).
-RESUME_FREE_FLAGS = {"output_dir", "resume", "num_workers", "log_every", "sample_every", "save_every",
-                     "knn_k", "knn_every", "device", "dist_backend", "local_rank", "compile", "max_skips",
-                     "explain", "allow_flag_changes", "min_tokenizer_perplexity"}
 
-
-def get_args_parser():
-    p = argparse.ArgumentParser("pretrain.py: CIM pre-training (generator + enhancer)")
-    a = p.add_argument
-
-    def r(name, help, **kw):  # a flag whose default comes from the recipe; --help shows both
-        key = name[2:].replace("-", "_")
-        values = ", ".join(f"{k} {v}" for k, v in ((k, RECIPES[k][key]) for k in RECIPES))
-        a(name, default=None, help=f"{help} [recipe: {values}]", **kw)
-
-    a("--recipe", default=None, choices=list(RECIPES),
-      help="defaults of every flag marked [recipe]: builtin (CPU minutes; the default without --data), "
-           f"photos (the default for --data of images up to {PHOTOS_MAX_SIDE} px) or imagenet (the "
-           "paper's ViT-B setting; the default for --data of larger images)")
-    # what to train
-    r("--arch", f"enhancer backbone, one of {list(enh.ARCHS)}")
-    a("--objective", default="revdet", choices=["revdet", "respix"],
-      help="revdet: per-token 'was it replaced?' (BCE); respix: regress all original pixels")
-    r("--img-size", "input size S", type=int)
-    r("--patch-size", "ViT patch P; the token grid is S/P", type=int)
-    a("--enh-weight", type=float, default=1.0, help="lambda in L = L_gen + lambda * L_enh")
-    r("--drop-path", "enhancer stochastic depth", type=float)
-    a("--init-values", type=float, default=None, help="enhancer layer scale init (off by default)")
-    # generator
-    r("--gen-dim", "generator width", type=int)
-    r("--gen-depth", "generator blocks; the paper finds 4-6 best", type=int)
-    r("--gen-heads", "generator attention heads", type=int)
-    a("--mask-type", default="random", choices=["random", "block"],
-      help="random: exact round(r*N) patches per image (CIM's choice); block: BEiT blockwise")
-    r("--mask-ratio", "fraction of patches the generator re-draws (the paper: 0.5)", type=float)
-    a("--sample", default="softmax", choices=["softmax", "argmax"],
-      help="how replacement tokens are drawn; softmax sampling beats argmax in the paper")
-    r("--temperature", "softmax temperature T for sampling", type=float)
-    # enhancer targets
-    a("--norm-pix", default="window", choices=["none", "patch", "window"],
-      help="ResPix target normalisation; window (per-pixel k x k statistics) is the paper's best")
-    r("--norm-window", "odd window size k for --norm-pix window", type=int)
-    # tokenizer
-    a("--dvae", default="", help="own tokenizer checkpoint from `python dvae.py`")
-    a("--dalle-encoder", default="", help="OpenAI DALL-E encoder.pkl (official weights)")
-    a("--dalle-decoder", default="", help="OpenAI DALL-E decoder.pkl (official weights)")
-    r("--tokenizer", "dvae.py preset trained on the data first (and cached in OUTPUT_DIR/tokenizer) "
-      "when no --dvae/--dalle-* is given: small (a dVAE) or kmeans (a patch codebook, seconds)",
-      choices=["small", "kmeans"])
-    a("--min-tokenizer-perplexity", type=float, default=16.0,
-      help="stop at start if the tokenizer's code perplexity on 512 training images is below this: "
-           "a collapsed codebook makes every corruption trivial (0 = skip the check)")
-    # data
-    a("--data", default=None, help="ImageNet-layout root (DIR/train/<class>/*, DIR/val/...); omit to "
-      "use the built-in procedural dataset")
-    r("--crop-min", "random-resized-crop min scale", type=float)
-    r("--color-jitter", "colour jitter strength (0 = off)", type=float)
-    r("--num-workers", "DataLoader workers per process", type=int)
-    # optimisation
-    r("--epochs", "training epochs (300 in the paper)", type=int)
-    a("--max-steps", type=int, default=None, help="stop after this many optimiser steps (tests, "
-      "benchmarks); schedules then span this many steps")
-    r("--batch-size", "images per process per micro-step", type=int)
-    a("--accum-iter", type=int, default=1, help="micro-steps per optimiser step (gradient accumulation)")
-    a("--lr", type=float, default=None, help="absolute peak lr; default blr * total_batch / 256")
-    r("--blr", "base lr per 256 images (BEiT: 1.5e-3 at batch 2048)", type=float)
-    r("--min-lr", "final lr of the cosine schedule (None: constant at the peak lr)", type=float)
-    r("--warmup-epochs", "linear warm-up length", type=float)
-    r("--weight-decay", "AdamW weight decay (not on norms, biases, position embeddings, special "
-      "tokens)", type=float)
-    r("--opt-betas", "AdamW betas", type=float, nargs=2)
-    a("--clip-grad", type=float, default=3.0, help="max global grad norm (BEiT: 3.0; 0 = off)")
-    a("--tokenizer-dtype", default="auto", choices=["auto", *TOKENIZER_DTYPES],
-      help="precision of the frozen dVAE's convolutions: auto = the --amp dtype (fp32 without AMP); "
-           "a half type runs all but the logit / one-hot layers in it, channels-last on CUDA, as "
-           "OpenAI's dall_e (token agreement with fp32: docs/tokenizer.md)")
-    a("--amp", default="none", choices=["bf16", "fp16", "none"],
-      help="autocast dtype; bf16 on A100/H100 (fp16 needs the GradScaler and NaNs more often)")
-    a("--max-skips", type=int, default=20, help="stop after this many skipped steps (non-finite loss "
-      "or gradients); a few over 300 epochs are normal")
-    # runtime
-    a("--output-dir", default="out/pretrain", help="checkpoints, log.jsonl, PNG grids, backbone")
-    a("--resume", default="", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint-latest.pth)")
-    a("--allow-flag-changes", action="store_true", help="resume even though flags differ from the "
-      "checkpoint's; without it a resume must repeat the command that wrote the checkpoint")
-    a("--save-every", type=int, default=500, help="also checkpoint every N optimiser steps")
-    a("--log-every", type=int, default=20, help="JSON log line every N optimiser steps")
-    a("--sample-every", type=int, default=500, help="PNG grid every N optimiser steps")
-    r("--knn-k", "neighbours for the final k-NN check (0 = skip it)", type=int)
-    a("--knn-every", type=int, default=0, help="also log the enhancer's k-NN accuracy at step 0 and every "
-      "N optimiser steps (0 = only at the end); the curve of k-NN against steps")
-    a("--seed", type=int, default=0, help="seed for data order, augmentation, masks and sampling")
-    a("--device", default="auto", help="auto (cuda if available), cuda or cpu")
-    a("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo)")
-    a("--compile", action="store_true", help="torch.compile the generator, the enhancer and the tokenizer")
-    a("--explain", action="store_true", help="print every tensor of one step (a teaching aid), exit")
-    a("--local-rank", "--local_rank", type=int, default=0,
-      help="accepted for torch.distributed.launch; torchrun passes LOCAL_RANK in the environment")
-    return p
-
-
-def resolve_args(args):
-    """Fill unset flags from the recipe (see --recipe) and check every flag before any work is done."""
-    if args.recipe is None:
-        args.recipe = "builtin" if args.data is None else "photos" if data.typical_image_side(
-            os.path.join(args.data, "train")) <= PHOTOS_MAX_SIDE else "imagenet"
-    for k, v in RECIPES[args.recipe].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    training.check_flags(
-        args,
-        positive=("img_size", "patch_size", "gen_dim", "gen_depth", "gen_heads", "norm_window", "epochs",
-                  "max_steps", "batch_size", "accum_iter", "lr", "blr", "temperature", "save_every",
-                  "log_every", "sample_every"),
-        non_negative=("enh_weight", "min_lr", "warmup_epochs", "weight_decay", "clip_grad", "max_skips",
-                      "knn_k", "knn_every", "num_workers", "color_jitter", "min_tokenizer_perplexity"),
-        fraction=("drop_path",),
-        open_fraction=("mask_ratio",))
-    if not 0 < args.crop_min <= 1:
-        raise ValueError(f"--crop-min must be in (0, 1], got {args.crop_min}")
-    if not all(0 <= b < 1 for b in args.opt_betas):
-        raise ValueError(f"--opt-betas must be two numbers in [0, 1), got {args.opt_betas}")
-    if args.arch not in enh.ARCHS:
-        raise ValueError(f"--arch {args.arch!r} is unknown; choose one of {list(enh.ARCHS)}")
-    if args.img_size % args.patch_size:
-        raise ValueError(f"--img-size {args.img_size} is not a multiple of --patch-size {args.patch_size}")
-    if bool(args.dalle_encoder) != bool(args.dalle_decoder):
-        raise ValueError("pass both --dalle-encoder and --dalle-decoder (the official tokenizer has two "
-                         "files)")
-    if args.dvae and args.dalle_encoder:
-        raise ValueError("pass either --dvae or --dalle-encoder/--dalle-decoder, not both")
-    return args
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tokenizer: frozen dVAE (own checkpoint, OpenAI weights, or trained here on the built-in data)
-# ----------------------------------------------------------------------------------------------------
-
-def build_tokenizer(args, device):
-    """Returns a frozen (encoder, decoder) on `device`."""
-    if args.dalle_encoder:
-        encoder, decoder = dvae.load_openai_dvae(args.dalle_encoder, args.dalle_decoder)
-    elif args.dvae:
-        encoder, decoder = dvae.load_tokenizer(args.dvae)
-    elif args.tokenizer:
-        encoder, decoder = train_own_tokenizer(args)
-    else:
-        raise ValueError(f"recipe {args.recipe} needs a tokenizer: pass --dalle-encoder encoder.pkl "
-                         f"--dalle-decoder decoder.pkl (OpenAI's DALL-E weights), --dvae CKPT (trained "
-                         f"with `python dvae.py --data DIR --preset dalle`), or --tokenizer kmeans|small "
-                         f"to fit one here first")
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # as dall_e on GPUs
-    return tuple(m.to(device, memory_format=fmt).eval().requires_grad_(False) for m in (encoder, decoder))
-
-
-def untrained_tokenizer(args, device):
-    """A tokenizer of the kind and size this run would train (--tokenizer) or load (DALL-E's when the
-    recipe names none), with random weights: what bench.py times and what --explain shows when no
-    trained one exists yet. A random k-means codebook costs what a fitted one does."""
-    if args.tokenizer == "kmeans":
-        cfg = dvae.DVAE_PRESETS["kmeans"]
-        codebook = torch.rand(cfg["vocab_size"], 3 * cfg["patch_size"] ** 2)
-        parts = dvae.build_patch_tokenizer(codebook, cfg["patch_size"])
-    else:
-        parts = dvae.build_from_config(dvae.DVAE_PRESETS[args.tokenizer or "dalle"])
-    return tuple(m.to(device).eval().requires_grad_(False) for m in parts)
-
-
-def cached_tokenizer(args):
-    """OUTPUT_DIR/tokenizer/checkpoint-latest.pth when an earlier run finished training it, else None."""
-    ckpt = os.path.join(args.output_dir, "tokenizer", "checkpoint-latest.pth")
-    if not os.path.isfile(ckpt):
-        return None
-    cached = training.load_checkpoint(ckpt)
-    return ckpt if cached["step"] >= cached["total_steps"] else None
-
-
-def train_own_tokenizer(args):
-    """No tokenizer given: train dvae.py's --tokenizer preset on the same data (every rank joins under
-    torchrun), cached in OUTPUT_DIR/tokenizer so later runs and resumes reuse it."""
-    out = os.path.join(args.output_dir, "tokenizer")
-    ckpt = os.path.join(out, "checkpoint-latest.pth")
-    grid = args.img_size // args.patch_size
-    targs = dvae.get_args_parser().parse_args(
-        ["--output-dir", out, "--preset", args.tokenizer,
-         "--img-size", str(grid * dvae.preset_downsample(args.tokenizer)), "--seed", str(args.seed),
-         "--device", args.device, "--num-workers", str(args.num_workers)]
-        + (["--data", args.data] if args.data is not None else []))
-    if cached_tokenizer(args) is None:  # absent or interrupted: (re)train
-        print(f"pretrain.py: no tokenizer given: fitting dvae.py --preset {args.tokenizer} on "
-              f"{args.data or 'the built-in data'} first (cached in {out}; pass --dvae to use another)")
-        dvae.main(targs)
-    return dvae.load_tokenizer(ckpt)
-
-
-@torch.no_grad()
-def check_tokenizer_usage(encoder, dataset, device, floor, n=512, what="the tokenizer"):
-    """Code perplexity and usage of the tokenizer on n training images spread over the dataset.
-
-    A collapsed codebook (a few codes for every patch) gives the generator nothing to predict and the
-    enhancer nothing to find: training goes on with 100% RevDet accuracy and learns nothing. Stop
-    before that, naming the cause. Deterministic (fixed indices, per-sample augmentation seeds), so
-    every rank decides alike without a collective."""
-    indices = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).long().tolist()
-    codes = []
-    for chunk in torch.tensor(indices).split(64):
-        tok_images = torch.stack([dataset[i][0][1] for i in chunk.tolist()]).to(device)
-        codes.append(dvae.tokenize(encoder, tok_images).cpu())
-    perplexity, usage = dvae.codebook_stats(torch.cat(codes), encoder.vocab_size)
-    stats = {"tokenizer_perplexity": perplexity, "tokenizer_usage": usage}
-    print(f"pretrain.py: {what} uses {100 * usage:.1f}% of its {encoder.vocab_size} codes on "
-          f"{len(indices)} training images, perplexity {perplexity:.1f}")
-    if perplexity < floor:
-        raise ValueError(f"{what} has collapsed: code perplexity {perplexity:.1f} (of "
-                         f"{encoder.vocab_size} codes, {100 * usage:.1f}% in use) on {len(indices)} "
-                         f"training images, below --min-tokenizer-perplexity {floor:g}. Retrain it "
-                         f"(dvae.py: more steps, a larger --kl-weight) or pass "
-                         f"--min-tokenizer-perplexity 0 to train on it anyway")
-    return stats
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -619,10 +399,221 @@ def resume(args, model, optimizer, scaler, rank, world_size, device):
         raise ValueError(f"--resume {path!r} holds a generator for a {saved_vocab}-code tokenizer, this "
                          f"run's tokenizer has {model.generator.vocab_size} codes: pass the tokenizer it "
                          f"was trained with (--dvae or --dalle-encoder/--dalle-decoder)")
-    changed = training.check_resume_flags(saved, vars(args), RESUME_FREE_FLAGS, path,
+    changed = training.check_resume_flags(saved, vars(args), get_args_parser().resume_free, path,
                                           args.allow_flag_changes)
     training.restore_training_state(ckpt, model, optimizer, scaler, rank, world_size, device, path, changed)
     return ckpt["step"], skips
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flags: each once, with its check and recipe default
+# ----------------------------------------------------------------------------------------------------
+
+def get_args_parser():
+    """Every flag once: its type and range check (training.number), whether a resume may change it
+    (free), and for [recipe] flags the default each recipe gives, listed in --help."""
+    p = training.ArgumentParser(prog="pretrain.py", description="CIM pre-training (generator + enhancer)")
+    a, free = p.add_argument, training.resume_free(p)
+    pos_int, pos_float = training.number(int, "> 0"), training.number(float, "> 0")
+    nonneg_int, nonneg_float = training.number(int, ">= 0"), training.number(float, ">= 0")
+
+    def r(name, help, resume_free=False, **kw):  # default from the recipe; --help shows every recipe's
+        key = name[2:].replace("-", "_")
+        values = ", ".join(f"{k} {v}" for k, v in ((k, RECIPES[k][key]) for k in RECIPES))
+        (free if resume_free else a)(name, default=None, help=f"{help} [recipe: {values}]", **kw)
+
+    a("--recipe", default=None, choices=list(RECIPES),
+      help="defaults of every flag marked [recipe]: builtin (CPU minutes; the default without --data), "
+           f"photos (the default for --data of images up to {PHOTOS_MAX_SIDE} px) or imagenet (the "
+           "paper's ViT-B setting; the default for --data of larger images)")
+    # what to train
+    r("--arch", f"enhancer backbone, one of {list(enh.ARCHS)}", choices=list(enh.ARCHS))
+    a("--objective", default="revdet", choices=["revdet", "respix"],
+      help="revdet: per-token 'was it replaced?' (BCE); respix: regress all original pixels")
+    r("--img-size", "input size S", type=pos_int)
+    r("--patch-size", "ViT patch P; the token grid is S/P", type=pos_int)
+    a("--enh-weight", type=nonneg_float, default=1.0, help="lambda in L = L_gen + lambda * L_enh")
+    r("--drop-path", "enhancer stochastic depth", type=training.number(float, "in [0, 1)"))
+    a("--init-values", type=pos_float, default=None, help="enhancer layer scale init (off by default)")
+    # generator
+    r("--gen-dim", "generator width", type=pos_int)
+    r("--gen-depth", "generator blocks; the paper finds 4-6 best", type=pos_int)
+    r("--gen-heads", "generator attention heads", type=pos_int)
+    a("--mask-type", default="random", choices=["random", "block"],
+      help="random: exact round(r*N) patches per image (CIM's choice); block: BEiT blockwise")
+    r("--mask-ratio", "fraction of patches the generator re-draws (the paper: 0.5)",
+      type=training.number(float, "in (0, 1)"))
+    a("--sample", default="softmax", choices=["softmax", "argmax"],
+      help="how replacement tokens are drawn; softmax sampling beats argmax in the paper")
+    r("--temperature", "softmax temperature T for sampling", type=pos_float)
+    # enhancer targets
+    a("--norm-pix", default="window", choices=["none", "patch", "window"],
+      help="ResPix target normalisation; window (per-pixel k x k statistics) is the paper's best")
+    r("--norm-window", "odd window size k for --norm-pix window", type=pos_int)
+    # tokenizer
+    a("--dvae", default="", help="own tokenizer checkpoint from `python dvae.py`")
+    a("--dalle-encoder", default="", help="OpenAI DALL-E encoder.pkl (official weights)")
+    a("--dalle-decoder", default="", help="OpenAI DALL-E decoder.pkl (official weights)")
+    r("--tokenizer", "dvae.py preset trained on the data first (and cached in OUTPUT_DIR/tokenizer) "
+      "when no --dvae/--dalle-* is given: small (a dVAE) or kmeans (a patch codebook, seconds)",
+      choices=["small", "kmeans"])
+    free("--min-tokenizer-perplexity", type=nonneg_float, default=16.0,
+         help="stop at start if the tokenizer's code perplexity on 512 training images is below this: "
+              "a collapsed codebook makes every corruption trivial (0 = skip the check)")
+    a("--tokenizer-dtype", default="auto", choices=["auto", *TOKENIZER_DTYPES],
+      help="precision of the frozen dVAE's convolutions: auto = the --amp dtype (fp32 without AMP); "
+           "a half type runs all but the logit / one-hot layers in it, channels-last on CUDA, as "
+           "OpenAI's dall_e (token agreement with fp32: docs/tokenizer.md)")
+    # data
+    a("--data", default=None, help="ImageNet-layout root (DIR/train/<class>/*, DIR/val/...); omit to "
+      "use the built-in procedural dataset")
+    r("--crop-min", "random-resized-crop min scale", type=training.number(float, "in (0, 1]"))
+    r("--color-jitter", "colour jitter strength (0 = off)", type=nonneg_float)
+    # optimisation
+    r("--epochs", "training epochs (300 in the paper)", type=pos_int)
+    a("--max-steps", type=pos_int, default=None, help="stop after this many optimiser steps (tests, "
+      "benchmarks); schedules then span this many steps")
+    r("--batch-size", "images per process per micro-step", type=pos_int)
+    a("--accum-iter", type=pos_int, default=1, help="micro-steps per optimiser step (gradient accumulation)")
+    a("--lr", type=pos_float, default=None, help="absolute peak lr; default blr * total_batch / 256")
+    r("--blr", "base lr per 256 images (BEiT: 1.5e-3 at batch 2048)", type=pos_float)
+    r("--min-lr", "final lr of the cosine schedule (None: constant at the peak lr)", type=nonneg_float)
+    r("--warmup-epochs", "linear warm-up length", type=nonneg_float)
+    r("--weight-decay", "AdamW weight decay (not on norms, biases, position embeddings, special "
+      "tokens)", type=nonneg_float)
+    r("--opt-betas", "AdamW betas", type=training.number(float, "in [0, 1)"), nargs=2)
+    a("--clip-grad", type=nonneg_float, default=3.0, help="max global grad norm (BEiT: 3.0; 0 = off)")
+    a("--amp", default="none", choices=["bf16", "fp16", "none"],
+      help="autocast dtype; bf16 on A100/H100 (fp16 needs the GradScaler and NaNs more often)")
+    free("--max-skips", type=nonneg_int, default=20, help="stop after this many skipped steps (non-finite "
+         "loss or gradients; fp16 overflows are counted apart); a few over 300 epochs are normal")
+    a("--seed", type=int, default=0, help="seed for data order, augmentation, masks and sampling")
+    # where output goes, how often, how the processes run: a resumed run may change these
+    free("--output-dir", default="out/pretrain", help="checkpoints, log.jsonl, PNG grids, backbone")
+    free("--resume", default="", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint-latest.pth)")
+    free("--allow-flag-changes", action="store_true", help="resume even though flags differ from the "
+         "checkpoint's; without it a resume must repeat the command that wrote the checkpoint")
+    free("--save-every", type=pos_int, default=500, help="also checkpoint every N optimiser steps")
+    free("--log-every", type=pos_int, default=20, help="JSON log line every N optimiser steps")
+    free("--sample-every", type=pos_int, default=500, help="PNG grid every N optimiser steps")
+    r("--num-workers", "DataLoader workers per process", type=nonneg_int, resume_free=True)
+    r("--knn-k", "neighbours for the final k-NN check (0 = skip it)", type=nonneg_int, resume_free=True)
+    free("--knn-every", type=nonneg_int, default=0, help="also log the enhancer's k-NN accuracy at step 0 "
+         "and every N optimiser steps (0 = only at the end); the curve of k-NN against steps")
+    free("--device", default="auto", help="auto (cuda if available), cuda or cpu")
+    free("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo)")
+    free("--compile", action="store_true", help="torch.compile the generator, the enhancer and the tokenizer")
+    free("--explain", action="store_true", help="print every tensor of one step and draw it (a teaching "
+         "aid), exit")
+    free("--local-rank", "--local_rank", type=int, default=0,
+         help="accepted for torch.distributed.launch; torchrun passes LOCAL_RANK in the environment")
+    return p
+
+
+def resolve_args(args):
+    """Fill unset flags from the recipe (see --recipe); the checks that involve more than one flag.
+    (Each flag's own range is checked as it is parsed: training.number.)"""
+    if args.recipe is None:
+        args.recipe = "builtin" if args.data is None else "photos" if data.typical_image_side(
+            os.path.join(args.data, "train")) <= PHOTOS_MAX_SIDE else "imagenet"
+    for k, v in RECIPES[args.recipe].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.img_size % args.patch_size:
+        raise ValueError(f"--img-size {args.img_size} is not a multiple of --patch-size {args.patch_size}")
+    if bool(args.dalle_encoder) != bool(args.dalle_decoder):
+        raise ValueError("pass both --dalle-encoder and --dalle-decoder (the official tokenizer has two "
+                         "files)")
+    if args.dvae and args.dalle_encoder:
+        raise ValueError("pass either --dvae or --dalle-encoder/--dalle-decoder, not both")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer: frozen dVAE (own checkpoint, OpenAI weights, or trained here on the built-in data)
+# ----------------------------------------------------------------------------------------------------
+
+def build_tokenizer(args, device):
+    """Returns a frozen (encoder, decoder) on `device`."""
+    if args.dalle_encoder:
+        encoder, decoder = dvae.load_openai_dvae(args.dalle_encoder, args.dalle_decoder)
+    elif args.dvae:
+        encoder, decoder = dvae.load_tokenizer(args.dvae)
+    elif args.tokenizer:
+        encoder, decoder = train_own_tokenizer(args)
+    else:
+        raise ValueError(f"recipe {args.recipe} needs a tokenizer: pass --dalle-encoder encoder.pkl "
+                         f"--dalle-decoder decoder.pkl (OpenAI's DALL-E weights), --dvae CKPT (trained "
+                         f"with `python dvae.py --data DIR --preset dalle`), or --tokenizer kmeans|small "
+                         f"to fit one here first")
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # as dall_e on GPUs
+    return tuple(m.to(device, memory_format=fmt).eval().requires_grad_(False) for m in (encoder, decoder))
+
+
+def untrained_tokenizer(args, device):
+    """A tokenizer of the kind and size this run would train (--tokenizer) or load (DALL-E's when the
+    recipe names none), with random weights: what bench.py times and what --explain shows when no
+    trained one exists yet. A random k-means codebook costs what a fitted one does."""
+    if args.tokenizer == "kmeans":
+        cfg = dvae.DVAE_PRESETS["kmeans"]
+        codebook = torch.rand(cfg["vocab_size"], 3 * cfg["patch_size"] ** 2)
+        parts = dvae.build_patch_tokenizer(codebook, cfg["patch_size"])
+    else:
+        parts = dvae.build_from_config(dvae.DVAE_PRESETS[args.tokenizer or "dalle"])
+    return tuple(m.to(device).eval().requires_grad_(False) for m in parts)
+
+
+def cached_tokenizer(args):
+    """OUTPUT_DIR/tokenizer/checkpoint-latest.pth when an earlier run finished training it, else None."""
+    ckpt = os.path.join(args.output_dir, "tokenizer", "checkpoint-latest.pth")
+    if not os.path.isfile(ckpt):
+        return None
+    cached = training.load_checkpoint(ckpt)
+    return ckpt if cached["step"] >= cached["total_steps"] else None
+
+
+def train_own_tokenizer(args):
+    """No tokenizer given: train dvae.py's --tokenizer preset on the same data (every rank joins under
+    torchrun), cached in OUTPUT_DIR/tokenizer so later runs and resumes reuse it."""
+    out = os.path.join(args.output_dir, "tokenizer")
+    ckpt = os.path.join(out, "checkpoint-latest.pth")
+    grid = args.img_size // args.patch_size
+    targs = dvae.get_args_parser().parse_args(
+        ["--output-dir", out, "--preset", args.tokenizer,
+         "--img-size", str(grid * dvae.preset_downsample(args.tokenizer)), "--seed", str(args.seed),
+         "--device", args.device, "--num-workers", str(args.num_workers)]
+        + (["--data", args.data] if args.data is not None else []))
+    if cached_tokenizer(args) is None:  # absent or interrupted: (re)train
+        print(f"pretrain.py: no tokenizer given: fitting dvae.py --preset {args.tokenizer} on "
+              f"{args.data or 'the built-in data'} first (cached in {out}; pass --dvae to use another)")
+        dvae.main(targs)
+    return dvae.load_tokenizer(ckpt)
+
+
+@torch.no_grad()
+def check_tokenizer_usage(encoder, dataset, device, floor, n=512, what="the tokenizer"):
+    """Code perplexity and usage of the tokenizer on n training images spread over the dataset.
+
+    A collapsed codebook (a few codes for every patch) gives the generator nothing to predict and the
+    enhancer nothing to find: training goes on with 100% RevDet accuracy and learns nothing. Stop
+    before that, naming the cause. Deterministic (fixed indices, per-sample augmentation seeds), so
+    every rank decides alike without a collective."""
+    indices = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).long().tolist()
+    codes = []
+    for chunk in torch.tensor(indices).split(64):
+        tok_images = torch.stack([dataset[i][0][1] for i in chunk.tolist()]).to(device)
+        codes.append(dvae.tokenize(encoder, tok_images).cpu())
+    perplexity, usage = dvae.codebook_stats(torch.cat(codes), encoder.vocab_size)
+    stats = {"tokenizer_perplexity": perplexity, "tokenizer_usage": usage}
+    print(f"pretrain.py: {what} uses {100 * usage:.1f}% of its {encoder.vocab_size} codes on "
+          f"{len(indices)} training images, perplexity {perplexity:.1f}")
+    if perplexity < floor:
+        raise ValueError(f"{what} has collapsed: code perplexity {perplexity:.1f} (of "
+                         f"{encoder.vocab_size} codes, {100 * usage:.1f}% in use) on {len(indices)} "
+                         f"training images, below --min-tokenizer-perplexity {floor:g}. Retrain it "
+                         f"(dvae.py: more steps, a larger --kl-weight) or pass "
+                         f"--min-tokenizer-perplexity 0 to train on it anyway")
+    return stats
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ shapes with their per-pixel masks (background + 8 shape classes).
     torchrun --nproc_per_node 8 segment.py --data /path/ADEChallengeData2016 --nb-classes 150 \\
         --init cim_vit_b.pth --batch-size 2 --amp bf16 --output-dir out/seg_vit_b   # 160k iters, batch 16
 """
-import argparse
 import json
 import os
 import time
@@ -53,75 +52,79 @@ RECIPES = {
                      warmup_iters=1500, channels=768, aux_channels=256, drop_path=0.1, stride=341,
                      num_workers=4, eval_every=16000, cat_max_ratio=0.75, eval_batch_size=1),
 }
-# Flags a resumed run may change: output, processes, and how evaluation is done (not what is trained).
-RESUME_FREE_FLAGS = {"output_dir", "resume", "num_workers", "log_every", "save_every", "eval_every", "device",
-                     "dist_backend", "local_rank", "allow_flag_changes", "overlays", "eval_only", "mode",
-                     "stride", "eval_batch_size"}
-
-
 def get_args_parser():
-    p = argparse.ArgumentParser("segment.py: UperNet semantic segmentation on a CIM enhancer")
-    a = p.add_argument
+    """Every flag once: its type and range check (training.number), whether a resume may change it
+    (free: output, processes, and how evaluation is done, not what is trained), and for [recipe]
+    flags each recipe's default, listed in --help."""
+    p = training.ArgumentParser(prog="segment.py", description="UperNet semantic segmentation on a CIM enhancer")
+    a, free = p.add_argument, training.resume_free(p)
+    pos_int, pos_float = training.number(int, "> 0"), training.number(float, "> 0")
+    nonneg_int, nonneg_float = training.number(int, ">= 0"), training.number(float, ">= 0")
 
-    def r(name, help, **kw):
+    def r(name, help, resume_free=False, **kw):  # default from the recipe; --help shows every recipe's
         key = name[2:].replace("-", "_")
         values = ", ".join(f"{k} {RECIPES[k][key]}" for k in RECIPES)
-        a(name, default=None, help=f"{help} [recipe: {values}]", **kw)
+        (free if resume_free else a)(name, default=None, help=f"{help} [recipe: {values}]", **kw)
 
     a("--recipe", default=None, choices=list(RECIPES),
       help="defaults of every flag marked [recipe]: builtin without --data, imagenet (BEiT's ADE20K "
            "setting) with --data")
     a("--init", default=None, help="pre-training checkpoint, backbone.pth, timm/torchvision state dict, "
       "or 'scratch' (as finetune.py)")
-    r("--arch", f"backbone, one of {list(enh.ARCHS)}; taken from --init when it is a checkpoint")
-    r("--patch-size", "ViT patch size for --init scratch (else the checkpoint's)", type=int)
-    a("--nb-classes", type=int, default=None, help="classes (150 for ADE20K); default: 9 on the built-in "
-      "data; required with --data")
+    r("--arch", f"backbone, one of {list(enh.ARCHS)}; taken from --init when it is a checkpoint",
+      choices=list(enh.ARCHS))
+    r("--patch-size", "ViT patch size for --init scratch (else the checkpoint's)", type=pos_int)
+    a("--nb-classes", type=training.number(int, "> 0"), default=None, help="classes (150 for ADE20K, at "
+      "most 255); default: 9 on the built-in data; required with --data")
     a("--no-reduce-zero-label", dest="reduce_zero_label", action="store_false",
       help="labels are 0..K-1 already (by default 0 = ignore and 1..K -> 0..K-1, as ADE20K)")
-    a("--layers", type=int, nargs=4, default=None, help="ViT blocks to tap (1-based); default spread like "
-      "BEiT's 4, 6, 8, 12 of 12")
-    r("--channels", "UperHead width (BEiT: 768)", type=int)
-    r("--aux-channels", "auxiliary FCN head width (256)", type=int)
-    a("--aux-weight", type=float, default=0.4, help="auxiliary loss weight")
-    r("--drop-path", "backbone stochastic depth", type=float)
+    a("--layers", type=pos_int, nargs=4, default=None, help="ViT blocks to tap (1-based); default spread "
+      "like BEiT's 4, 6, 8, 12 of 12")
+    r("--channels", "UperHead width (BEiT: 768)", type=pos_int)
+    r("--aux-channels", "auxiliary FCN head width (256)", type=pos_int)
+    a("--aux-weight", type=nonneg_float, default=0.4, help="auxiliary loss weight")
+    r("--drop-path", "backbone stochastic depth", type=training.number(float, "in [0, 1)"))
     # data
     a("--data", default=None, help="ADE20K-layout root; omit for the built-in shapes and masks")
-    r("--crop-size", "training crop (and sliding-window) size", type=int)
-    r("--scale", "rescale target (long, short) before the random ratio (mmseg's img_scale)", type=int,
+    r("--crop-size", "training crop (and sliding-window) size", type=pos_int)
+    r("--scale", "rescale target (long, short) before the random ratio (mmseg's img_scale)", type=pos_int,
       nargs=2)
-    a("--ratio-range", type=float, nargs=2, default=[0.5, 2.0], help="random rescale ratio range")
+    a("--ratio-range", type=pos_float, nargs=2, default=[0.5, 2.0], help="random rescale ratio range")
     r("--cat-max-ratio", "a training crop is redrawn (10 tries) while one class covers more than "
-      "this share of its labelled pixels", type=float)
+      "this share of its labelled pixels", type=training.number(float, "in (0, 1]"))
     # optimisation
-    r("--iters", "training iterations", type=int)
-    r("--batch-size", "images per process per iteration", type=int)
-    r("--lr", "peak AdamW lr", type=float)
-    r("--layer-decay", "layer-wise lr decay of the backbone (heads at 1)", type=float)
-    r("--weight-decay", "AdamW weight decay (none on 1-D params, position embedding, cls token)", type=float)
-    r("--warmup-iters", "linear warm-up iterations of the poly schedule", type=int)
+    r("--iters", "training iterations", type=pos_int)
+    r("--batch-size", "images per process per iteration (at least 2: the UperHead's BatchNorm)", type=pos_int)
+    r("--lr", "peak AdamW lr", type=pos_float)
+    r("--layer-decay", "layer-wise lr decay of the backbone (heads at 1)", type=training.number(float, "in (0, 1]"))
+    r("--weight-decay", "AdamW weight decay (none on 1-D params, position embedding, cls token)",
+      type=nonneg_float)
+    r("--warmup-iters", "linear warm-up iterations of the poly schedule", type=nonneg_int)
     a("--amp", default="none", choices=["bf16", "fp16", "none"], help="autocast dtype")
-    a("--clip-grad", type=float, default=None, help="max global grad norm (None = off, as BEiT)")
-    a("--max-skips", type=int, default=20, help="stop after this many skipped (non-finite) iterations")
-    # evaluation
-    a("--mode", default="slide", choices=["slide", "whole"], help="inference: sliding crops or whole image")
-    r("--stride", "sliding-window stride", type=int)
-    r("--eval-every", "evaluate every N iterations (and at the end)", type=int)
-    r("--eval-batch-size", "validation images per batch (1 where image sizes differ)", type=int)
-    a("--eval-only", action="store_true", help="evaluate the trained run in --output-dir (or --resume) "
-      "again, no training; flags not given take the run's values")
-    a("--overlays", type=int, default=4, help="validation images written as PNG overlays at each evaluation")
-    # runtime
-    a("--output-dir", default="out/segment", help="checkpoints, log.jsonl, overlay PNGs")
-    a("--resume", default="", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint-latest.pth)")
-    a("--allow-flag-changes", action="store_true", help="resume although flags differ")
-    a("--save-every", type=int, default=1000, help="checkpoint every N iterations (and at the end)")
-    a("--log-every", type=int, default=20, help="JSON log line every N iterations")
-    r("--num-workers", "DataLoader workers per process", type=int)
+    a("--clip-grad", type=nonneg_float, default=None, help="max global grad norm (None = off, as BEiT)")
+    free("--max-skips", type=nonneg_int, default=20, help="stop after this many skipped (non-finite) "
+         "iterations; fp16 overflows are counted apart")
     a("--seed", type=int, default=0, help="seed for data order, augmentation, head init")
-    a("--device", default="auto", help="auto (cuda if available), cuda or cpu")
-    a("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo)")
-    a("--local-rank", "--local_rank", type=int, default=0, help="accepted for torch.distributed.launch")
+    # evaluation
+    free("--mode", default="slide", choices=["slide", "whole"], help="inference: sliding crops or whole image")
+    r("--stride", "sliding-window stride", type=pos_int, resume_free=True)
+    r("--eval-every", "evaluate every N iterations (and at the end)", type=pos_int, resume_free=True)
+    r("--eval-batch-size", "validation images per batch (1 where image sizes differ)", type=pos_int,
+      resume_free=True)
+    free("--eval-only", action="store_true", help="evaluate the trained run in --output-dir (or --resume) "
+         "again, no training; flags not given take the run's values")
+    free("--overlays", type=nonneg_int, default=4, help="validation images written as PNG overlays at each "
+         "evaluation")
+    # where output goes, how often, how the processes run
+    free("--output-dir", default="out/segment", help="checkpoints, log.jsonl, overlay PNGs")
+    free("--resume", default="", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint-latest.pth)")
+    free("--allow-flag-changes", action="store_true", help="resume although flags differ")
+    free("--save-every", type=pos_int, default=1000, help="checkpoint every N iterations (and at the end)")
+    free("--log-every", type=pos_int, default=20, help="JSON log line every N iterations")
+    r("--num-workers", "DataLoader workers per process", type=nonneg_int, resume_free=True)
+    free("--device", default="auto", help="auto (cuda if available), cuda or cpu")
+    free("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo)")
+    free("--local-rank", "--local_rank", type=int, default=0, help="accepted for torch.distributed.launch")
     return p
 
 
@@ -394,20 +397,11 @@ def resolve_args(args):
             raise ValueError(f"--nb-classes {args.nb_classes}: the built-in masks have "
                              f"{len(data.SyntheticShapes.CLASSES) + 1} classes")
         args.nb_classes = len(data.SyntheticShapes.CLASSES) + 1
-    training.check_flags(args, positive=("nb_classes", "crop_size", "iters", "batch_size", "lr", "channels", "eval_batch_size",
-                                         "aux_channels", "stride", "eval_every", "save_every", "log_every"),
-                         non_negative=("weight_decay", "warmup_iters", "aux_weight", "num_workers",
-                                       "max_skips", "overlays"),
-                         fraction=("drop_path",))
     if args.batch_size < 2:  # the pyramid pooling's 1x1 branch: BatchNorm over one value per channel
         raise ValueError(f"--batch-size {args.batch_size}: the UperHead's BatchNorm needs at least 2 images "
                          f"per process (BEiT's ADE20K setting: 2 per GPU x 8 GPUs)")
     if args.nb_classes > 255:
         raise ValueError(f"--nb-classes {args.nb_classes}: at most 255 (label 255 means ignore)")
-    if not 0 < args.layer_decay <= 1:
-        raise ValueError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
-    if not 0 < args.cat_max_ratio <= 1:
-        raise ValueError(f"--cat-max-ratio must be in (0, 1], got {args.cat_max_ratio}")
     return args
 
 
@@ -557,8 +551,8 @@ def resume(args, model, optimizer, scaler, rank, world_size, device):
                                               "aux_channels"), path)
     # evaluation trains nothing: only the network must match (above); data, precision and
     # inference settings are the evaluation's own
-    changed = () if args.eval_only else training.check_resume_flags(saved, vars(args), RESUME_FREE_FLAGS,
-                                                                     path, args.allow_flag_changes)
+    changed = () if args.eval_only else training.check_resume_flags(
+        saved, vars(args), get_args_parser().resume_free, path, args.allow_flag_changes)
     training.restore_training_state(ckpt, model, optimizer, scaler, rank, world_size, device, path, changed)
     return ckpt["step"], skips
 

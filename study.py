@@ -335,7 +335,7 @@ def plot_knn(curves, path, title, size=(640, 400)):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("study.py: CIM against scratch and the paper's ablations, resumable")
+    p = argparse.ArgumentParser(prog="study.py", description="CIM against scratch and the paper's ablations, resumable")
     a = p.add_argument
     a("--data", default=None, help="ImageNet-layout photo folder (default: the built-in data)")
     a("--seg-data", default=None, help="ADE20K-layout root for the segmentation cells, with --nb-classes "

@@ -10,8 +10,9 @@ plumbing around its own step; it lives here once, written out plainly:
     save_checkpoint     atomic write (tmp file, fsync, rename); load_checkpoint reads weights_only=True
     get/set/gather_rng  every RNG stream a bit-exact resume needs, for every rank
     JsonLog             one JSON line per log interval; a resume cuts the lines written after the checkpoint
-    check_flags         numeric flags checked at start, with the flag named in the error
-    check_resume_flags  a resumed run must be the same command (or say that it changes flags)
+    number              an argparse type: a numeric flag checked where it is declared
+    check_resume_flags  a resumed run must be the same command (or say that it changes flags);
+                        resume_free declares the flags that may change
     knn_classify        weighted k-NN on pooled features (Wu et al. 2018, as in DINO)
     all_gather_uneven   exact evaluation under DDP: every rank's part, no padding repeats
     optimizer_step      the end of every step: unscale, clip, one skip decision on all ranks, update;
@@ -19,6 +20,7 @@ plumbing around its own step; it lives here once, written out plainly:
 
 Needs torch alone (tqdm in the stage scripts). Nothing model-specific: models come in as arguments.
 """
+import argparse
 import json
 import math
 import os
@@ -365,28 +367,52 @@ def restore_training_state(ckpt, model, optimizer, scaler, rank, world_size, dev
 
 
 # ----------------------------------------------------------------------------------------------------
-# Flags: checked at start, and compared with a checkpoint's on resume
+# Flags: checked where they are declared, and compared with a checkpoint's on resume
 # ----------------------------------------------------------------------------------------------------
 
 def flag(name):
     return "--" + name.replace("_", "-")
 
 
-def check_flags(args, positive=(), non_negative=(), fraction=(), open_fraction=()):
-    """Stop before any work when a numeric flag is out of range (NaN included), naming the flag.
-    Flags left at None (not set, no recipe value) are not checked.
-        positive       > 0           non_negative   >= 0
-        fraction       in [0, 1)     open_fraction  in (0, 1)
-    """
-    rules = [(positive, lambda v: v > 0, "a number > 0"),
-             (non_negative, lambda v: v >= 0, "a number >= 0"),
-             (fraction, lambda v: 0 <= v < 1, "in [0, 1)"),
-             (open_fraction, lambda v: 0 < v < 1, "strictly between 0 and 1")]
-    for names, ok, what in rules:
-        for name in names:
-            value = getattr(args, name)
-            if value is not None and not (math.isfinite(value) and ok(value)):
-                raise ValueError(f"{flag(name)} must be {what}, got {value}")
+RULES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1,
+         "in (0, 1)": lambda v: 0 < v < 1, "in (0, 1]": lambda v: 0 < v <= 1}
+
+
+def number(cast, rule):
+    """An argparse `type` that reads a number and holds it to `rule` (a key of RULES), so a flag's check
+    is declared with the flag: `a("--lr", type=number(float, "> 0"))`. A NaN or out-of-range value
+    stops the script before any work, with argparse's one-line error naming the flag."""
+    def parse(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole' if cast is int else 'a'} number, got {text!r}")
+        if not (math.isfinite(value) and RULES[rule](value)):
+            raise argparse.ArgumentTypeError(f"must be a number {rule}, got {text}")
+        return value
+    return parse
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its error on one line, `SCRIPT: error: MESSAGE`, and exit status 2 (the usage
+    block that argparse prints first hides the message; --help still prints everything)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
+
+
+def resume_free(parser):
+    """The function that adds a flag a resumed run may change (where output goes, how often it is
+    written, how the processes run); their names collect in parser.resume_free, and --help marks them.
+    Any other flag must repeat the checkpoint's value (check_resume_flags)."""
+    parser.resume_free = set()
+
+    def add(*names, **kw):
+        kw["help"] = kw.get("help", "") + " [free on resume]"
+        action = parser.add_argument(*names, **kw)
+        parser.resume_free.add(action.dest)
+        return action
+    return add
 
 
 def check_resume_flags(saved, current, free, path, allow=False, allow_flag="--allow-flag-changes"):

@@ -45,3 +45,14 @@ def tiny_dvae_ckpt(tmp_path_factory):
     dvae.main(dvae.get_args_parser().parse_args(
         TINY_DVAE + ["--output-dir", str(out), "--max-steps", "3", "--warmup-steps", "1"]))
     return str(out / "checkpoint-latest.pth")
+
+
+def refused(parser, argv, capsys):
+    """argv refused as every stage refuses a bad flag: exit status 2, one line on stderr,
+    `SCRIPT: error: ...`, before any work; returns that line."""
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_args([str(a) for a in argv])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"{parser.prog}: error: "), err
+    return err

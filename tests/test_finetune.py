@@ -6,6 +6,7 @@ modes on a tiny image folder. Tiny config: 16 px images, vit_mini with patch 4, 
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ import enhancer as enh
 import finetune
 import pretrain
 import training
-from conftest import REPO, free_port, subprocess_env
+from conftest import REPO, free_port, refused, subprocess_env
 
 
 def run(*argv):
@@ -537,3 +538,17 @@ def test_help_shows_every_recipes_value_for_vit_resnet_and_linear():
                            for recipe, kinds in finetune.RECIPES.items())
         assert f"[recipe: {values}]" in text, flag
     assert "imagenet vit adamw, resnet lamb, linear sgd" in text
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--head-init-scale", "nan"], r"--head-init-scale: must be a number >= 0, got nan"),  # trained garbage
+    (["--model-ema-decay", "2"], r"--model-ema-decay: must be a number in \(0, 1\), got 2"),  # EMA blew up
+    (["--layer-decay", "0"], r"--layer-decay: must be a number in \(0, 1\]"),
+    (["--crop-pct", "1.5"], r"--crop-pct: must be a number in \(0, 1\]"),
+    (["--smoothing", "1"], r"--smoothing: must be a number in \[0, 1\)"),
+    (["--epochs", "0"], r"--epochs: must be a number > 0"),
+    (["--blr", "nan"], r"--blr: must be a number > 0, got nan"),
+])
+def test_bad_numeric_flags_are_refused_on_one_line(tmp_path, extra, pattern, capsys):
+    err = refused(finetune.get_args_parser(), ["--init", "scratch", "--output-dir", tmp_path / "o", *extra], capsys)
+    assert re.search(r"^finetune\.py: error: argument " + pattern, err), err

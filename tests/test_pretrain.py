@@ -22,7 +22,7 @@ import enhancer as enh
 import generator as gen
 import pretrain
 import training
-from conftest import REPO, free_port, subprocess_env
+from conftest import REPO, free_port, refused, subprocess_env
 
 TINY = ["--img-size", "16", "--patch-size", "4", "--batch-size", "8", "--gen-dim", "32",
         "--gen-depth", "1", "--gen-heads", "2", "--arch", "vit_mini", "--knn-k", "0",
@@ -482,7 +482,6 @@ def test_diverged_generator_is_skipped_not_a_sampling_crash(tmp_path, tiny_dvae_
 # ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra, error, pattern", [
-    (["--arch", "nope"], ValueError, r"--arch 'nope'"),
     (["--img-size", "30", "--patch-size", "4"], ValueError, r"--img-size 30 .*--patch-size 4"),
     (["--dalle-encoder", "encoder.pkl"], ValueError, r"--dalle-encoder and --dalle-decoder"),
     (["--dalle-encoder", "e.pkl", "--dalle-decoder", "d.pkl", "--dvae", "x.pth"], ValueError,
@@ -607,26 +606,28 @@ def test_fp16_step_with_grad_scaler_on_cpu(tmp_path, tiny_dvae_ckpt):
 # ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra, pattern", [
-    (["--accum-iter", "-1"], r"--accum-iter must be a number > 0, got -1"),   # used to hang
-    (["--accum-iter", "0"], r"--accum-iter must be a number > 0, got 0"),     # ZeroDivisionError
-    (["--save-every", "0"], r"--save-every must be a number > 0"),            # ZeroDivisionError
-    (["--epochs", "0"], r"--epochs must be a number > 0"),                    # 0 steps, untrained export
-    (["--max-steps", "-3"], r"--max-steps must be a number > 0"),
-    (["--lr", "0"], r"--lr must be a number > 0"),                            # silently replaced
-    (["--blr", "nan"], r"--blr must be a number > 0, got nan"),
-    (["--mask-ratio", "1"], r"--mask-ratio must be strictly between 0 and 1"),
-    (["--temperature", "0"], r"--temperature must be a number > 0"),
-    (["--enh-weight", "nan"], r"--enh-weight must be a number >= 0"),
-    (["--drop-path", "1"], r"--drop-path must be in \[0, 1\)"),
-    (["--crop-min", "0"], r"--crop-min must be in \(0, 1\]"),
-    (["--opt-betas", "0.9", "1.0"], r"--opt-betas must be two numbers in \[0, 1\)"),
-    (["--num-workers", "-1"], r"--num-workers must be a number >= 0"),
-    (["--min-tokenizer-perplexity", "-1"], r"--min-tokenizer-perplexity must be a number >= 0"),
+    (["--accum-iter", "-1"], r"--accum-iter: must be a number > 0, got -1"),   # used to hang
+    (["--accum-iter", "0"], r"--accum-iter: must be a number > 0, got 0"),     # ZeroDivisionError
+    (["--save-every", "0"], r"--save-every: must be a number > 0"),            # ZeroDivisionError
+    (["--epochs", "0"], r"--epochs: must be a number > 0"),                    # 0 steps, untrained export
+    (["--max-steps", "-3"], r"--max-steps: must be a number > 0"),
+    (["--lr", "0"], r"--lr: must be a number > 0"),                            # silently replaced
+    (["--blr", "nan"], r"--blr: must be a number > 0, got nan"),
+    (["--mask-ratio", "1"], r"--mask-ratio: must be a number in \(0, 1\), got 1"),
+    (["--temperature", "0"], r"--temperature: must be a number > 0"),
+    (["--enh-weight", "nan"], r"--enh-weight: must be a number >= 0"),
+    (["--drop-path", "1"], r"--drop-path: must be a number in \[0, 1\)"),
+    (["--crop-min", "0"], r"--crop-min: must be a number in \(0, 1\]"),
+    (["--opt-betas", "0.9", "1.0"], r"--opt-betas: must be a number in \[0, 1\), got 1.0"),
+    (["--num-workers", "-1"], r"--num-workers: must be a number >= 0"),
+    (["--min-tokenizer-perplexity", "-1"], r"--min-tokenizer-perplexity: must be a number >= 0"),
+    (["--batch-size", "8.5"], r"--batch-size: expected a whole number, got '8.5'"),
+    (["--arch", "vit_x"], r"--arch: invalid choice: 'vit_x'"),
 ])
-def test_numeric_flags_are_checked_before_any_work(tmp_path, extra, pattern):
+def test_numeric_flags_are_checked_before_any_work(tmp_path, extra, pattern, capsys):
     args = TINY + ["--output-dir", str(tmp_path), "--dvae", str(tmp_path / "never_read.pth")] + extra
-    with pytest.raises(ValueError, match=pattern):
-        pretrain.main(pretrain.get_args_parser().parse_args(args))
+    err = refused(pretrain.get_args_parser(), args, capsys)
+    assert re.search(r"^pretrain\.py: error: argument " + pattern, err), err
     assert not os.listdir(tmp_path)  # stopped before writing anything
 
 

@@ -7,6 +7,7 @@ and bad label files named in the error."""
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ import data
 import enhancer as enh
 import segment
 import training
-from conftest import REPO, free_port, subprocess_env
+from conftest import REPO, free_port, refused, subprocess_env
 
 
 def run(*argv):
@@ -378,3 +379,14 @@ def test_two_process_gloo_training_run(tmp_path):
 def test_batch_of_one_is_refused(tmp_path):
     with pytest.raises(ValueError, match="--batch-size 1: the UperHead's BatchNorm"):
         run(*seg_flags(ade_folder(tmp_path / "ade"), tmp_path / "out", "--batch-size", "1"))
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--cat-max-ratio", "0"], r"--cat-max-ratio: must be a number in \(0, 1\]"),
+    (["--layer-decay", "1.5"], r"--layer-decay: must be a number in \(0, 1\]"),
+    (["--nb-classes", "0"], r"--nb-classes: must be a number > 0"),
+    (["--layers", "2", "3", "4", "x"], r"--layers: expected a whole number, got 'x'"),
+])
+def test_bad_numeric_flags_are_refused_on_one_line(tmp_path, extra, pattern, capsys):
+    err = refused(segment.get_args_parser(), ["--init", "scratch", "--output-dir", tmp_path / "o", *extra], capsys)
+    assert re.search(r"^segment\.py: error: argument " + pattern, err), err

@@ -18,7 +18,7 @@ from PIL import Image
 import data
 import dvae
 import training
-from conftest import TINY_DVAE, subprocess_env
+from conftest import TINY_DVAE, refused, subprocess_env
 
 
 def dvae_args(out, *extra):
@@ -368,18 +368,19 @@ def test_non_finite_loss_is_skipped_and_counted_then_stops_past_max_skips(tmp_pa
 
 
 @pytest.mark.parametrize("extra, pattern", [
-    (["--save-every", "0"], r"--save-every must be a number > 0, got 0"),
-    (["--epochs", "0"], r"--epochs must be a number > 0"),
-    (["--max-steps", "-3"], r"--max-steps must be a number > 0"),
-    (["--lr", "0"], r"--lr must be a number > 0"),
-    (["--temp-end", "0"], r"--temp-end must be a number > 0"),
-    (["--kl-weight", "nan"], r"--kl-weight must be a number >= 0, got nan"),
-    (["--kl-warmup", "1"], r"--kl-warmup must be in \[0, 1\)"),
-    (["--vocab-size", "0"], r"--vocab-size must be a number > 0"),
+    (["--save-every", "0"], r"--save-every: must be a number > 0, got 0"),
+    (["--epochs", "0"], r"--epochs: must be a number > 0"),
+    (["--max-steps", "-3"], r"--max-steps: must be a number > 0"),
+    (["--lr", "0"], r"--lr: must be a number > 0"),
+    (["--temp-end", "0"], r"--temp-end: must be a number > 0"),
+    (["--kl-weight", "nan"], r"--kl-weight: must be a number >= 0, got nan"),
+    (["--kl-warmup", "1"], r"--kl-warmup: must be a number in \[0, 1\)"),
+    (["--vocab-size", "0"], r"--vocab-size: must be a number > 0"),
+    (["--max-skips", "-1"], r"--max-skips: must be a number >= 0"),
 ])
-def test_numeric_flags_are_checked_before_any_work(tmp_path, extra, pattern):
-    with pytest.raises(ValueError, match=pattern):
-        dvae.main(dvae_args(tmp_path / "out", *extra))
+def test_numeric_flags_are_checked_before_any_work(tmp_path, extra, pattern, capsys):
+    err = refused(dvae.get_args_parser(), TINY_DVAE + ["--output-dir", tmp_path / "out", *extra], capsys)
+    assert re.search(r"^dvae\.py: error: argument " + pattern, err), err
     assert not (tmp_path / "out").exists()
 
 

@@ -586,11 +586,11 @@ def get_args_parser():
     """The tokenizer-training stage's flags, each once: its type and range check (training.number) and
     whether a resume may change it (free)."""
     import training  # the training stage's import: the model code above needs torch alone
-    p = training.ArgumentParser(prog="dvae.py", description="train a DALL-E-architecture dVAE tokenizer "
-                                "(or fit a k-means patch codebook)")
-    a, free = p.add_argument, training.resume_free(p)
-    pos_int, pos_float = training.number(int, "> 0"), training.number(float, "> 0")
-    nonneg_int, nonneg_float = training.number(int, ">= 0"), training.number(float, ">= 0")
+    p, a, free = training.stage_parser("dvae.py", "train a DALL-E-architecture dVAE tokenizer (or fit a k-means "
+                                       "patch codebook)", "out/dvae", "checkpoints, log.jsonl and PNG grids",
+                                       save_every=200, log_every=20)
+    pos_int, pos_float, nonneg_int, nonneg_float = (training.POS_INT, training.POS_FLOAT, training.NONNEG_INT,
+                                                    training.NONNEG_FLOAT)
     a("--data", default=None, help="image-folder root (ImageNet layout: DIR/train/<class>/*); omit to use "
       "the built-in procedural dataset")
     a("--preset", default="small", choices=list(DVAE_PRESETS),
@@ -632,21 +632,9 @@ def get_args_parser():
     free("--max-skips", type=nonneg_int, default=20, help="stop after this many skipped steps (non-finite "
          "loss or gradients); fp16 overflows of the GradScaler are counted apart")
     a("--seed", type=int, default=0, help="seeds data order, augmentation and noise")
-    # where output goes, how often, how the processes run: a resumed run may change these
-    free("--output-dir", default="out/dvae", help="checkpoints, log.jsonl and PNG grids")
+    # more flags free on resume (training.stage_parser adds output, logging, processes)
     free("--num-workers", type=nonneg_int, default=2, help="DataLoader worker processes")
-    free("--resume", default="", help="checkpoint to resume; by default OUTPUT_DIR/checkpoint-latest.pth if "
-         "present")
-    free("--allow-flag-changes", action="store_true",
-         help="resume even though flags differ from the checkpoint's (e.g. a longer --max-steps); without "
-              "it a resume must repeat the command that wrote it")
-    free("--save-every", type=pos_int, default=200, help="checkpoint every N steps (and at the end)")
-    free("--log-every", type=pos_int, default=20, help="JSON log line every N steps")
     free("--sample-every", type=pos_int, default=500, help="reconstruction PNG every N steps")
-    free("--device", default="auto", help="auto (cuda if available), cuda or cpu")
-    free("--dist-backend", default=None, help="torch.distributed backend (default nccl/gloo)")
-    free("--local-rank", "--local_rank", type=int, default=0,
-         help="set by old torch.distributed.launch; torchrun uses LOCAL_RANK instead")
     return p
 
 

@@ -84,11 +84,11 @@ MODES = ("finetune", "linear", "knn")
 def get_args_parser():
     """Every flag once: its type and range check (training.number), whether a resume may change it
     (free), and for [recipe] flags the default of every recipe and kind, listed in --help."""
-    p = training.ArgumentParser(prog="finetune.py",
-                                description="fine-tuning, linear probe and k-NN of a CIM enhancer")
-    a, free = p.add_argument, training.resume_free(p)
-    pos_int, pos_float = training.number(int, "> 0"), training.number(float, "> 0")
-    nonneg_int, nonneg_float = training.number(int, ">= 0"), training.number(float, ">= 0")
+    p, a, free = training.stage_parser("finetune.py", "fine-tuning, linear probe and k-NN of a CIM enhancer",
+                                       "out/finetune", "checkpoints, log.jsonl, classifier.pth", save_every=1000,
+                                       log_every=50)
+    pos_int, pos_float, nonneg_int, nonneg_float = (training.POS_INT, training.POS_FLOAT, training.NONNEG_INT,
+                                                    training.NONNEG_FLOAT)
     fraction, unit = training.number(float, "in [0, 1)"), training.number(float, "in (0, 1]")
 
     def r(name, help, resume_free=False, **kw):  # default from the recipe: --help shows every recipe's
@@ -158,17 +158,9 @@ def get_args_parser():
     a("--knn-k", type=pos_int, default=20, help="k-NN neighbours (DINO: 20)")
     a("--knn-t", type=pos_float, default=0.07, help="k-NN temperature of the exp(sim / T) vote weights")
     a("--seed", type=int, default=0, help="seed for data order, augmentation, mixing, head init")
-    # where output goes, how often, how the processes run: a resumed run may change these
-    free("--output-dir", default="out/finetune", help="checkpoints and log.jsonl")
-    free("--resume", default="", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint-latest.pth)")
-    free("--allow-flag-changes", action="store_true", help="resume although flags differ from the checkpoint's")
-    free("--save-every", type=pos_int, default=1000, help="also checkpoint every N steps (epochs always)")
-    free("--log-every", type=pos_int, default=50, help="progress-bar loss every N steps")
+    # more flags free on resume (training.stage_parser adds output, logging, processes)
     r("--num-workers", "DataLoader workers per process", type=nonneg_int, resume_free=True)
     free("--eval-batch-size", type=pos_int, default=256, help="images per process in evaluation")
-    free("--device", default="auto", help="auto (cuda if available), cuda or cpu")
-    free("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo)")
-    free("--local-rank", "--local_rank", type=int, default=0, help="accepted for torch.distributed.launch")
     return p
 
 

@@ -412,10 +412,10 @@ def resume(args, model, optimizer, scaler, rank, world_size, device):
 def get_args_parser():
     """Every flag once: its type and range check (training.number), whether a resume may change it
     (free), and for [recipe] flags the default each recipe gives, listed in --help."""
-    p = training.ArgumentParser(prog="pretrain.py", description="CIM pre-training (generator + enhancer)")
-    a, free = p.add_argument, training.resume_free(p)
-    pos_int, pos_float = training.number(int, "> 0"), training.number(float, "> 0")
-    nonneg_int, nonneg_float = training.number(int, ">= 0"), training.number(float, ">= 0")
+    p, a, free = training.stage_parser("pretrain.py", "CIM pre-training (generator + enhancer)", "out/pretrain",
+                                       "checkpoints, log.jsonl, PNG grids, backbone", save_every=500, log_every=20)
+    pos_int, pos_float, nonneg_int, nonneg_float = (training.POS_INT, training.POS_FLOAT, training.NONNEG_INT,
+                                                    training.NONNEG_FLOAT)
 
     def r(name, help, resume_free=False, **kw):  # default from the recipe; --help shows every recipe's
         key = name[2:].replace("-", "_")
@@ -488,25 +488,15 @@ def get_args_parser():
     free("--max-skips", type=nonneg_int, default=20, help="stop after this many skipped steps (non-finite "
          "loss or gradients; fp16 overflows are counted apart); a few over 300 epochs are normal")
     a("--seed", type=int, default=0, help="seed for data order, augmentation, masks and sampling")
-    # where output goes, how often, how the processes run: a resumed run may change these
-    free("--output-dir", default="out/pretrain", help="checkpoints, log.jsonl, PNG grids, backbone")
-    free("--resume", default="", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint-latest.pth)")
-    free("--allow-flag-changes", action="store_true", help="resume even though flags differ from the "
-         "checkpoint's; without it a resume must repeat the command that wrote the checkpoint")
-    free("--save-every", type=pos_int, default=500, help="also checkpoint every N optimiser steps")
-    free("--log-every", type=pos_int, default=20, help="JSON log line every N optimiser steps")
+    # more flags free on resume (training.stage_parser adds output, logging, processes)
     free("--sample-every", type=pos_int, default=500, help="PNG grid every N optimiser steps")
     r("--num-workers", "DataLoader workers per process", type=nonneg_int, resume_free=True)
     r("--knn-k", "neighbours for the final k-NN check (0 = skip it)", type=nonneg_int, resume_free=True)
     free("--knn-every", type=nonneg_int, default=0, help="also log the enhancer's k-NN accuracy at step 0 "
          "and every N optimiser steps (0 = only at the end); the curve of k-NN against steps")
-    free("--device", default="auto", help="auto (cuda if available), cuda or cpu")
-    free("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo)")
     free("--compile", action="store_true", help="torch.compile the generator, the enhancer and the tokenizer")
     free("--explain", action="store_true", help="print every tensor of one step and draw it (a teaching "
          "aid), exit")
-    free("--local-rank", "--local_rank", type=int, default=0,
-         help="accepted for torch.distributed.launch; torchrun passes LOCAL_RANK in the environment")
     return p
 
 

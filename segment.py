@@ -56,10 +56,11 @@ def get_args_parser():
     """Every flag once: its type and range check (training.number), whether a resume may change it
     (free: output, processes, and how evaluation is done, not what is trained), and for [recipe]
     flags each recipe's default, listed in --help."""
-    p = training.ArgumentParser(prog="segment.py", description="UperNet semantic segmentation on a CIM enhancer")
-    a, free = p.add_argument, training.resume_free(p)
-    pos_int, pos_float = training.number(int, "> 0"), training.number(float, "> 0")
-    nonneg_int, nonneg_float = training.number(int, ">= 0"), training.number(float, ">= 0")
+    p, a, free = training.stage_parser("segment.py", "UperNet semantic segmentation on a CIM enhancer",
+                                       "out/segment", "checkpoints, log.jsonl, metrics.json, overlay PNGs",
+                                       save_every=1000, log_every=20)
+    pos_int, pos_float, nonneg_int, nonneg_float = (training.POS_INT, training.POS_FLOAT, training.NONNEG_INT,
+                                                    training.NONNEG_FLOAT)
 
     def r(name, help, resume_free=False, **kw):  # default from the recipe; --help shows every recipe's
         key = name[2:].replace("-", "_")
@@ -115,16 +116,8 @@ def get_args_parser():
          "again, no training; flags not given take the run's values")
     free("--overlays", type=nonneg_int, default=4, help="validation images written as PNG overlays at each "
          "evaluation")
-    # where output goes, how often, how the processes run
-    free("--output-dir", default="out/segment", help="checkpoints, log.jsonl, overlay PNGs")
-    free("--resume", default="", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint-latest.pth)")
-    free("--allow-flag-changes", action="store_true", help="resume although flags differ")
-    free("--save-every", type=pos_int, default=1000, help="checkpoint every N iterations (and at the end)")
-    free("--log-every", type=pos_int, default=20, help="JSON log line every N iterations")
+    # more flags free on resume (training.stage_parser adds output, logging, processes)
     r("--num-workers", "DataLoader workers per process", type=nonneg_int, resume_free=True)
-    free("--device", default="auto", help="auto (cuda if available), cuda or cpu")
-    free("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo)")
-    free("--local-rank", "--local_rank", type=int, default=0, help="accepted for torch.distributed.launch")
     return p
 
 

@@ -11,8 +11,8 @@ plumbing around its own step; it lives here once, written out plainly:
     get/set/gather_rng  every RNG stream a bit-exact resume needs, for every rank
     JsonLog             one JSON line per log interval; a resume cuts the lines written after the checkpoint
     number              an argparse type: a numeric flag checked where it is declared
-    check_resume_flags  a resumed run must be the same command (or say that it changes flags);
-                        resume_free declares the flags that may change
+    stage_parser        every stage's parser: one-line errors, the flags free to change on resume
+    check_resume_flags  a resumed run must be the same command (or say that it changes flags)
     knn_classify        weighted k-NN on pooled features (Wu et al. 2018, as in DINO)
     all_gather_uneven   exact evaluation under DDP: every rank's part, no padding repeats
     optimizer_step      the end of every step: unscale, clip, one skip decision on all ranks, update;
@@ -401,18 +401,37 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
 
 
-def resume_free(parser):
-    """The function that adds a flag a resumed run may change (where output goes, how often it is
-    written, how the processes run); their names collect in parser.resume_free, and --help marks them.
-    Any other flag must repeat the checkpoint's value (check_resume_flags)."""
-    parser.resume_free = set()
+POS_INT, POS_FLOAT = number(int, "> 0"), number(float, "> 0")
+NONNEG_INT, NONNEG_FLOAT = number(int, ">= 0"), number(float, ">= 0")
 
-    def add(*names, **kw):
-        kw["help"] = kw.get("help", "") + " [free on resume]"
-        action = parser.add_argument(*names, **kw)
-        parser.resume_free.add(action.dest)
+
+def stage_parser(prog, description, output_dir, outputs, save_every, log_every):
+    """The parser every stage script starts from: one-line errors (ArgumentParser), and a group of
+    the flags a resumed run may change, with those every stage has (where output goes, how often it
+    is written, how the processes run). Returns (parser, add, add_free): `add_free` adds a flag to
+    that group and its name to parser.resume_free; any other flag must repeat the checkpoint's value
+    (check_resume_flags)."""
+    p = ArgumentParser(prog=prog, description=description)
+    group = p.add_argument_group("free on resume (a resumed run may change these; any other flag must "
+                                 "repeat the checkpoint's value)")
+    p.resume_free = set()
+
+    def add_free(*names, **kw):
+        action = group.add_argument(*names, **kw)
+        p.resume_free.add(action.dest)
         return action
-    return add
+
+    add_free("--output-dir", default=output_dir, help=outputs)
+    add_free("--resume", default="", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint-latest.pth)")
+    add_free("--allow-flag-changes", action="store_true", help="resume although flags differ from the "
+             "checkpoint's; without it a resume must repeat the command that wrote the checkpoint")
+    add_free("--save-every", type=POS_INT, default=save_every, help="also checkpoint every N steps")
+    add_free("--log-every", type=POS_INT, default=log_every, help="log every N steps")
+    add_free("--device", default="auto", help="auto (cuda if available), cuda or cpu")
+    add_free("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo)")
+    add_free("--local-rank", "--local_rank", type=int, default=0,
+             help="accepted for torch.distributed.launch; torchrun passes LOCAL_RANK in the environment")
+    return p, p.add_argument, add_free
 
 
 def check_resume_flags(saved, current, free, path, allow=False, allow_flag="--allow-flag-changes"):

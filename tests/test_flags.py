@@ -1,0 +1,71 @@
+"""The flags of the stage scripts: declared once (parser line + recipe value), each numeric one checked
+by its type, the same set of resume-free flags as the stage's resume rule needs, every recipe flag
+given a value by every recipe."""
+import argparse
+import re
+
+import pytest
+
+import dvae
+import finetune
+import pretrain
+import segment
+import training
+
+STAGES = {"pretrain.py": pretrain, "finetune.py": finetune, "segment.py": segment, "dvae.py": dvae}
+RUNTIME = {"output_dir", "resume", "allow_flag_changes", "save_every", "log_every", "device", "dist_backend",
+           "local_rank"}
+# what each stage may change on resume besides RUNTIME: how it writes, evaluates and runs, never what it trains
+FREE = {
+    "pretrain.py": {"num_workers", "sample_every", "knn_k", "knn_every", "compile", "max_skips", "explain",
+                    "min_tokenizer_perplexity"},
+    "finetune.py": {"num_workers", "eval_batch_size", "max_skips"},
+    "segment.py": {"num_workers", "eval_every", "eval_only", "mode", "stride", "eval_batch_size", "overlays",
+                   "max_skips"},
+    "dvae.py": {"num_workers", "sample_every", "max_skips"},
+}
+UNCHECKED = {"seed", "local_rank", "head_init_scale"}  # any integer seed or rank; a scale of any sign
+
+
+@pytest.mark.parametrize("script", sorted(STAGES))
+def test_resume_free_flags_are_exactly_the_runtime_ones(script):
+    parser = STAGES[script].get_args_parser()
+    assert parser.resume_free == RUNTIME | FREE[script]
+    assert parser.prog == script
+
+
+@pytest.mark.parametrize("script", sorted(STAGES))
+def test_every_numeric_flag_is_checked_where_it_is_declared(script):
+    for action in STAGES[script].get_args_parser()._actions:
+        if action.type in (int, float) and action.dest not in UNCHECKED:
+            pytest.fail(f"{script} {action.option_strings[0]} is a bare {action.type.__name__}: give it "
+                        f"training.number(...)")
+
+
+def test_number_refuses_nan_and_out_of_range_with_the_rule():
+    assert training.number(float, "in (0, 1]")("1") == 1.0
+    for rule, text in (("> 0", "0"), (">= 0", "-1e-9"), ("in [0, 1)", "1"), ("in (0, 1)", "0"), ("> 0", "nan"),
+                       ("> 0", "inf")):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"must be a number {re.escape(rule)}, got {text}"):
+            training.number(float, rule)(text)
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a whole number, got '2.5'"):
+        training.number(int, "> 0")("2.5")
+
+
+@pytest.mark.parametrize("script, recipes", [("pretrain.py", pretrain.RECIPES), ("segment.py", segment.RECIPES)]
+                         + [("finetune.py", {f"{r} {k}": v for r, kinds in finetune.RECIPES.items()
+                                             for k, v in kinds.items()})])
+def test_every_recipe_sets_the_same_flags_and_each_is_a_flag(script, recipes):
+    dests = {a.dest for a in STAGES[script].get_args_parser()._actions}
+    keys = [set(r) for r in recipes.values()]
+    assert all(k == keys[0] for k in keys), [sorted(k ^ keys[0]) for k in keys]
+    assert keys[0] <= dests, sorted(keys[0] - dests)
+
+
+def test_finetune_recipes_are_published_ones_plus_their_differences():
+    """Adding a flag to the recipes is one line in BEIT_B; every other recipe inherits it."""
+    assert finetune.RECIPES["imagenet"] == {"vit": finetune.BEIT_B, "resnet": finetune.RSB_A2,
+                                            "linear": finetune.MAE_LINEAR}
+    for kind in finetune.RECIPES["builtin"].values():
+        assert set(kind) == set(finetune.BEIT_B)
+    assert finetune.RSB_A2["opt"] == "lamb" and finetune.MAE_LINEAR["opt"] == "sgd"

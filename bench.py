@@ -195,4 +195,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    training.run_script(main, get_args_parser())

@@ -74,9 +74,13 @@ def typical_image_side(root, n=16):
 def to_rgb(img):
     """Grayscale, palette, RGBA/LA, CMYK and 16/32-bit images -> 8-bit RGB."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # PIL's convert("L") clips 16-bit values at 255 (a white image); scale 0..65535 to 0..255.
+        # PIL's convert("L") clips at 255 (a white image). 16-bit modes hold 0..65535: scale by 257.
+        # Mode I (32-bit) says nothing of its range: 8-bit values stored as int32 stay as they are,
+        # 16-bit ones are scaled by 257, anything larger by its own maximum.
         arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(arr / 257.0, 0, 255).round().astype(np.uint8), "L")
+        top = arr.max(initial=0)
+        scale = 257.0 if img.mode != "I" or 255 < top <= 65535 else 1.0 if top <= 255 else top / 255
+        img = Image.fromarray(np.clip(arr / scale, 0, 255).round().astype(np.uint8), "L")
     elif img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         img = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), "L")
@@ -110,16 +114,33 @@ class DatasetBase(torch.utils.data.Dataset):
     def sample_rng(self, index):
         return random.Random(f"{self.seed}/{self.epoch}/{index}")
 
+    skip_unreadable = False  # evaluation (build_eval_loader): an unreadable image gives None
+
     def load_with_skip(self, index, load_fn, path_fn):
+        """load_fn(index), or for an unreadable file: in training the next readable sample in its
+        place (a corrupt file in 1.28M must not end a multi-day run), in evaluation None (the
+        sample is dropped and counted, not replaced: every image counts once). A label file that
+        contradicts its image is a broken dataset, never skipped."""
+        if self.skip_unreadable:
+            try:
+                return load_fn(index)
+            except LabelFileError:
+                raise
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+                print(f"data.py: WARNING unreadable image {path_fn(index)} ({err}) left out of the evaluation",
+                      file=sys.stderr)
+                return None
         for attempt in range(self.max_consecutive_failures):
             i = (index + attempt) % len(self)
             try:
                 return load_fn(i)
+            except LabelFileError:
+                raise
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
                 self.num_skipped = getattr(self, "num_skipped", 0) + 1
                 print(f"data.py: WARNING skipping unreadable image {path_fn(i)} ({err}); "
                       f"{self.num_skipped} skipped so far in this process", file=sys.stderr)
-        raise RuntimeError(f"data.py: {self.max_consecutive_failures} unreadable images in a row, the "
+        raise ValueError(f"data.py: {self.max_consecutive_failures} unreadable images in a row, the "
                            f"last {path_fn(i)}; check the dataset")
 
 
@@ -157,10 +178,14 @@ class ImageFolder(DatasetBase):
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
         self.samples = []
         for label, name in enumerate(self.classes):
+            before = len(self.samples)
             for dirpath, files in walk_once(os.path.join(root, name)):
                 for f in files:
                     if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
                         self.samples.append((os.path.join(dirpath, f), label))
+            if len(self.samples) == before:
+                print(f"data.py: WARNING class folder {os.path.join(root, name)} holds no images; the class "
+                      f"keeps its index {label} but has no samples", file=sys.stderr)
         if not self.samples:
             raise FileNotFoundError(f"image folder {root!r} holds no images in class sub-folders "
                                     f"({len(self.classes)} sub-folders found); expected layout: "
@@ -171,9 +196,12 @@ class ImageFolder(DatasetBase):
 
     def __getitem__(self, index):
         draft = getattr(self.transform, "draft_size", None)
-        img, label = self.load_with_skip(
+        loaded = self.load_with_skip(
             index, lambda i: (load_rgb(self.samples[i][0], draft), self.samples[i][1]),
             lambda i: self.samples[i][0])
+        if loaded is None:  # evaluation: an unreadable image, left out and counted
+            return None
+        img, label = loaded
         return (self.transform(img, self.sample_rng(index)) if self.transform else img), label
 
 
@@ -184,7 +212,7 @@ def reduce_zero_label(label):
     return label.astype(np.uint8) if label.max(initial=0) <= 255 else label
 
 
-class LabelFileError(RuntimeError):
+class LabelFileError(ValueError):
     """A label file that contradicts its image or the class count: a broken dataset, never skipped."""
 
 
@@ -223,17 +251,27 @@ class ADE20K(DatasetBase):
     def __len__(self):
         return len(self.samples)
 
-    def load(self, i):
-        img_path, ann_path = self.samples[i]
-        img = load_rgb(img_path)
+    def check_labels(self):
+        """Check every label file against its image without decoding the image (PIL reads the size
+        from the header): mode, size, values. Raises LabelFileError naming the first bad file;
+        returns how many labelled (not ignored) pixels the split has."""
+        labelled = 0
+        for img_path, ann_path in self.samples:
+            with Image.open(img_path) as img:
+                size = img.size
+            labelled += int((self.read_label(ann_path, size, img_path) != 255).sum())
+        return labelled
+
+    def read_label(self, ann_path, size, img_path):
+        """A label file as uint8 classes (255 = ignore), checked against its image's size and the classes."""
         with Image.open(ann_path) as ann:
             if ann.mode not in ("L", "P", "I", "I;16"):
                 raise LabelFileError(f"label file {ann_path!r} has mode {ann.mode}: expected one class "
                                      f"index per pixel (8-bit grayscale or palette PNG)")
             label = np.asarray(ann).astype(np.int64)
-        if label.shape != (img.size[1], img.size[0]):
+        if label.shape != (size[1], size[0]):
             raise LabelFileError(f"label file {ann_path!r} is {label.shape[1]}x{label.shape[0]} px, its "
-                                 f"image {img_path!r} is {img.size[0]}x{img.size[1]}")
+                                 f"image {img_path!r} is {size[0]}x{size[1]}")
         if self.reduce_zero_label:
             label = reduce_zero_label(label).astype(np.int64)
         if label.max(initial=0) > 255:
@@ -246,10 +284,18 @@ class ADE20K(DatasetBase):
                 raise LabelFileError(f"label file {ann_path!r} holds value {raw}, outside the "
                                      f"{self.num_classes} classes (--nb-classes {self.num_classes}"
                                      f"{', reduce_zero_label' if self.reduce_zero_label else ''}; 255 = ignore)")
-        return img, label.astype(np.uint8)
+        return label.astype(np.uint8)
+
+    def load(self, i):
+        img_path, ann_path = self.samples[i]
+        img = load_rgb(img_path)
+        return img, self.read_label(ann_path, img.size, img_path)
 
     def __getitem__(self, index):
-        img, label = self.load_with_skip(index, self.load, lambda i: self.samples[i][0])
+        loaded = self.load_with_skip(index, self.load, lambda i: self.samples[i][0])
+        if loaded is None:  # evaluation: an unreadable image, left out and counted
+            return None
+        img, label = loaded
         return self.transform(img, label, self.sample_rng(index)) if self.transform else (img, label)
 
 
@@ -756,11 +802,26 @@ class EvalSampler(torch.utils.data.Sampler):
 
 
 def build_eval_loader(dataset, batch_size, num_workers=4, rank=0, world_size=1):
-    """In-order loader over this rank's exact shard (EvalSampler); keep every batch."""
+    """In-order loader over this rank's exact shard (EvalSampler), every sample read once: an
+    unreadable image is left out, not replaced by a neighbour, and images of different sizes are
+    batched apart. Each batch is (groups, skipped): a list of (x, y) batches of equal-size samples,
+    and how many unreadable samples were left out (see eval_collate)."""
+    dataset.skip_unreadable = True
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=EvalSampler(dataset, world_size, rank),
-        num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+        num_workers=num_workers, pin_memory=torch.cuda.is_available(), collate_fn=eval_collate,
         worker_init_fn=single_thread_worker)
+
+
+def eval_collate(samples):
+    """Evaluation batches: (list of default-collated groups of samples whose tensors have equal
+    shapes, number of None samples, i.e. unreadable images left out). Segmentation sets keep their
+    images at their own size, so a batch of 4 may hold 4 sizes."""
+    kept = [s for s in samples if s is not None]
+    groups = {}
+    for s in kept:
+        groups.setdefault(tuple(tuple(np.shape(part)) for part in s), []).append(s)
+    return [torch.utils.data.default_collate(g) for g in groups.values()], len(samples) - len(kept)
 
 
 def single_thread_worker(worker_id):

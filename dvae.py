@@ -701,8 +701,7 @@ def main(args):
     rank, world_size, device = training.init_distributed(args.device, args.dist_backend)
     training.seed_everything(args.seed, rank)
     cfg = resolve_config(args)
-    os.makedirs(args.output_dir, exist_ok=True)
-    training.print_args(args, rank)
+    training.prepare_output_dir(args.output_dir)
     if args.preset == "kmeans":
         stats = fit_codebook(args, cfg, rank, device)
         training.finish_distributed(owns_group)
@@ -728,12 +727,13 @@ def main(args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.999),
                                   weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    step, ckpt = 0, None
-    resume = args.resume or os.path.join(args.output_dir, "checkpoint-latest.pth")
-    if args.resume or os.path.isfile(resume):
-        ckpt = training.load_checkpoint(resume, "--resume checkpoint")
-        training.check_resume_flags(ckpt["args"], vars(args), get_args_parser().resume_free, resume,
-                                    args.allow_flag_changes)
+    step, free = 0, get_args_parser().resume_free
+    resume, ckpt = training.find_resume_checkpoint(args, "dvae.py", free, ("log.jsonl",))
+    if ckpt is not None and "encoder" not in ckpt:
+        raise ValueError(f"--resume {resume!r} holds a k-means codebook, not a dVAE: give --preset "
+                         f"{args.preset} another --output-dir")
+    if ckpt is not None:
+        training.check_resume_flags(ckpt["args"], vars(args), free, resume, args.allow_flag_changes)
         model.encoder.load_state_dict(ckpt["encoder"])
         model.decoder.load_state_dict(ckpt["decoder"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -744,6 +744,7 @@ def main(args):
             print(f"resumed from {resume} at step {step}")
     skips = training.SkipCount("dvae.py", args.max_skips, args.output_dir, ckpt)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    training.record_args(args, rank, "dvae.py")  # the flags, once every check has passed
     log = training.JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0,
                            resumed_at=step if step else None)
 
@@ -751,7 +752,7 @@ def main(args):
         rng = training.gather_rng_states(device)  # collective: every rank takes part
         if rank == 0:
             training.save_checkpoint(
-                {"encoder": model.encoder.state_dict(), "decoder": model.decoder.state_dict(),
+                {"stage": "dvae.py", "encoder": model.encoder.state_dict(), "decoder": model.decoder.state_dict(),
                  "encoder_config": dvae_config(model.encoder), "decoder_config": dvae_config(model.decoder),
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
                  "total_steps": total_steps, **skips.state(), "args": vars(args), "rng": rng},
@@ -825,11 +826,15 @@ def fit_codebook(args, cfg, rank, device):
     tf = data.EvalTransform(cfg["img_size"], crop_pct=1.0, normalized=False)
     train_set = data.build_dataset(args.data, "train", tf, seed=args.seed)
     val_set = data.build_dataset(args.data, "val", tf, seed=args.seed)
-    path = args.resume or os.path.join(args.output_dir, "checkpoint-latest.pth")
-    ckpt = training.load_checkpoint(path, "--resume checkpoint") if args.resume or os.path.isfile(path) else None
-    if ckpt is not None and training.check_resume_flags(ckpt["args"], vars(args), get_args_parser().resume_free, path,
+    free = get_args_parser().resume_free
+    path, ckpt = training.find_resume_checkpoint(args, "dvae.py", free, ("log.jsonl",))
+    if ckpt is not None and ckpt.get("kind") != "kmeans":
+        raise ValueError(f"--resume {path!r} holds a trained dVAE, not a k-means codebook: give --preset kmeans "
+                         f"another --output-dir")
+    if ckpt is not None and training.check_resume_flags(ckpt["args"], vars(args), free, path,
                                                         args.allow_flag_changes):
         ckpt = None  # --allow-flag-changes: fit again with the new flags (seconds)
+    training.record_args(args, rank, "dvae.py")
     if ckpt is not None:
         codebook, train_mse = ckpt["codebook"], ckpt["train_recon_mse"]
     else:
@@ -837,7 +842,7 @@ def fit_codebook(args, cfg, rank, device):
         images = torch.stack([train_set[int(i)][0] for i in torch.linspace(0, len(train_set) - 1, n)])
         codebook, train_mse = fit_patch_kmeans(images, cfg["vocab_size"], f, iters, seed=args.seed)
         if rank == 0:
-            training.save_checkpoint({"kind": "kmeans", "codebook": codebook, "patch_size": f,
+            training.save_checkpoint({"stage": "dvae.py", "kind": "kmeans", "codebook": codebook, "patch_size": f,
                                       "train_recon_mse": train_mse, "step": iters, "total_steps": iters,
                                       "args": vars(args)}, os.path.join(args.output_dir, "checkpoint-latest.pth"))
     enc, dec = (m.to(device) for m in build_patch_tokenizer(codebook, f))
@@ -860,4 +865,5 @@ def save_reconstructions(enc, dec, dataset, device, path, n=16):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    import training
+    training.run_script(main, get_args_parser())

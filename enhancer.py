@@ -655,14 +655,21 @@ def read_backbone(path, what="--init"):
     file). Reads pre-training checkpoints (the enhancer's backbone is taken out), exported
     backbone.pth, fine-tuning checkpoints and timm / torchvision / MAE / BEiT state dicts (plain or
     under "model" / "state_dict"); classifier heads are dropped. `what` names the file in errors."""
+    accepts = (f"{what} takes a pre-training checkpoint (checkpoint-latest.pth), its export (backbone.pth), a "
+               f"fine-tuning checkpoint, a timm / torchvision / MAE / BEiT state dict, or 'scratch'")
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is a folder; {accepts}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path!r} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{what} {path!r} is not a torch checkpoint of tensors ({type(err).__name__})") from None
+    except Exception:
+        raise ValueError(f"{what} {path!r} is not a torch checkpoint of tensors; {accepts}") from None
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{what} {path!r} holds a {type(ckpt).__name__}, not a state dict or checkpoint")
+        raise ValueError(f"{what} {path!r} holds a {type(ckpt).__name__}, not a state dict; {accepts}")
+    if "encoder_config" in ckpt or ckpt.get("kind") == "kmeans":
+        raise ValueError(f"{what} {path!r} is a dvae.py tokenizer checkpoint (pretrain.py's --dvae), not a "
+                         f"backbone; {accepts}")
     meta, kind = {}, "state dict"
     if "model" in ckpt and isinstance(ckpt["model"], dict):  # ours, MAE's and BEiT's checkpoints
         sd, kind = ckpt["model"], "checkpoint"
@@ -689,7 +696,7 @@ def read_backbone(path, what="--init"):
     sd = {k: v for k, v in sd.items() if not k.startswith(HEAD_KEYS)}
     if not ("patch_embed.proj.weight" in sd or "conv1.weight" in sd):
         raise ValueError(f"{what} {path!r} holds no ViT (patch_embed.proj.weight) or ResNet (conv1.weight) "
-                         f"weights; its first keys: {list(sd)[:5]}")
+                         f"weights (its first keys: {list(sd)[:5]}); {accepts}")
     return sd, meta, kind
 
 

@@ -374,17 +374,23 @@ def evaluate(model, loader, device, amp="none"):
     shard (data.EvalSampler), the counts are summed over ranks."""
     was_training = model.training
     model.eval()
-    correct1 = correct5 = loss_sum = n = 0
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with training.autocast(device, amp):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        c1, c5 = training.topk_correct(logits.float(), y, (1, 5))
-        correct1, correct5, n = correct1 + c1, correct5 + c5, n + len(y)
+    correct1 = correct5 = loss_sum = n = skipped = 0
+    for groups, unreadable in loader:
+        skipped += unreadable
+        for x, y in groups:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with training.autocast(device, amp):
+                logits = model(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+            c1, c5 = training.topk_correct(logits.float(), y, (1, 5))
+            correct1, correct5, n = correct1 + c1, correct5 + c5, n + len(y)
     model.train(was_training)
-    correct1, correct5, loss_sum, n = training.all_reduce_sum([correct1, correct5, loss_sum, n], device)
-    return {"top1": 100 * correct1 / n, "top5": 100 * correct5 / n, "loss": loss_sum / n, "n": int(n)}
+    correct1, correct5, loss_sum, n, skipped = training.all_reduce_sum([correct1, correct5, loss_sum, n, skipped],
+                                                                       device)
+    if n == 0:
+        raise ValueError(f"evaluation: none of the {int(skipped)} validation images could be read")
+    return {"top1": 100 * correct1 / n, "top5": 100 * correct5 / n, "loss": loss_sum / n, "n": int(n),
+            "n_unreadable": int(skipped)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -398,8 +404,6 @@ def resolve_args(args, init=None):
     if args.init is None:
         raise ValueError("--init is required: a pre-training checkpoint, backbone.pth, a timm/torchvision "
                          "state dict, or 'scratch' for the random-init baseline")
-    if args.init != "scratch" and not os.path.isfile(args.init):
-        raise FileNotFoundError(f"--init {args.init!r} does not exist")
     if args.recipe is None:
         args.recipe = "builtin" if args.data is None else "imagenet"
     family = args.arch
@@ -447,6 +451,9 @@ def build_data(args, rank, world_size):
         raise ValueError(f"--data {args.data}: train/ and val/ have different class folders "
                          f"({len(train_set.classes)} vs {len(val_set.classes)})")
     num_classes = len(train_set.classes)
+    if num_classes < 2:
+        raise ValueError(f"--data {args.data}: train/ has {num_classes} class folder; classification needs at "
+                         f"least 2 (one sub-folder per class: {data.ImageFolder.LAYOUT})")
     if args.nb_classes is not None and args.nb_classes != num_classes:
         raise ValueError(f"--nb-classes {args.nb_classes}, but the data has {num_classes} classes")
     args.nb_classes = num_classes
@@ -470,10 +477,10 @@ def knn_main(args, backbone, rank, world_size, device):
 
 def main(args):
     # the --init file is read once (a pre-training checkpoint also holds the generator and optimiser)
-    init = enh.read_backbone(args.init) if args.init not in (None, "scratch") and os.path.isfile(args.init) else None
+    init = enh.read_backbone(args.init) if args.init not in (None, "scratch") else None  # names a bad file
     args = resolve_args(args, init)
     rank, world_size, device = training.init_distributed(args.device, args.dist_backend)
-    os.makedirs(args.output_dir, exist_ok=True)
+    training.prepare_output_dir(args.output_dir)
     torch.manual_seed(args.seed)  # a scratch backbone's init
     backbone, net = enh.load_backbone(init or args.init, args.arch, args.img_size, args.patch_size, args.drop_path)
     # the checkpoint decides the network: its values go into args, so checkpoints and resumes record them
@@ -482,7 +489,6 @@ def main(args):
     args.eval_size = args.eval_size or args.img_size
     if rank == 0:
         print(f"finetune.py: mode {args.mode}, recipe {args.recipe}, {args.arch} from {args.init}")
-    training.print_args(args, rank)
     training.seed_everything(args.seed, rank)
     if args.mode == "knn":
         return knn_main(args, backbone, rank, world_size, device)
@@ -512,35 +518,63 @@ def main(args):
     optimizer = build_optimizer(args, groups, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     ema = ModelEma(model, args.model_ema_decay) if args.model_ema else None
-    step, best, skips = resume(args, model, optimizer, scaler, ema, rank, world_size, device)
+    state, skips = resume(args, model, optimizer, scaler, ema, rank, world_size, device)
+    step, best = state["step"], state["best"]
     ddp_model = model
     if world_size > 1:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    training.record_args(args, rank, "finetune.py")  # the flags, once every check has passed
     log = training.JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0, resumed_at=step)
     if rank == 0:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"{args.arch} {args.img_size}px, {args.nb_classes} classes, {n_train / 1e6:.2f}M trained "
               f"params, {total_steps} steps of {total_batch} images, lr {args.lr:.2e}")
 
-    def checkpoint(path_name, epoch):
+    def checkpoint(path_name):
         rng = training.gather_rng_states(device)
         if rank == 0:
             training.save_checkpoint(
-                {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                {"stage": "finetune.py", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict(), "ema": ema.module.state_dict() if ema else None,
-                 "step": step, "epoch": epoch, "best": best, **skips.state(),
-                 "args": vars(args), "rng": rng}, os.path.join(args.output_dir, path_name))
+                 **state, "step": step, "best": best, **skips.state(), "args": vars(args), "rng": rng},
+                os.path.join(args.output_dir, path_name))
+
+    def end_of_epoch(epoch, lr, img_per_s):
+        """Evaluate the epoch just trained (its checkpoint is already saved: a bad validation set
+        costs no training), log it, keep the best."""
+        nonlocal best
+        stats = evaluate(model, val_loader, device, args.amp)
+        result = {"epoch": epoch + 1, "step": step, "lr": lr,
+                  "train_loss": state["loss_sum"] / max(state["n_loss"], 1), "img_per_s": img_per_s,
+                  "val_top1": stats["top1"], "val_top5": stats["top5"], "val_loss": stats["loss"],
+                  "n_val": stats["n"], "n_val_unreadable": stats["n_unreadable"],
+                  "peak_mem_mb": training.peak_memory_mb(device), **skips.state()}
+        if ema is not None:
+            ema_stats = evaluate(ema.module, val_loader, device, args.amp)
+            result.update(ema_top1=ema_stats["top1"], ema_top5=ema_stats["top5"])
+        state.update(pending_eval=False, loss_sum=0.0, n_loss=0)
+        if stats["top1"] > best:
+            best = stats["top1"]
+            checkpoint("checkpoint-best.pth")
+        result["best_top1"] = best
+        log.write(**result)
+        if rank == 0:
+            bar.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+        checkpoint("checkpoint-latest.pth")  # now with the evaluation recorded
+        return result
 
     # ---------------------------------------------------------------- training loop
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=args.mode, dynamic_ncols=True)
-    start = time.time()
-    result = {}
+    start, result = time.time(), {}
+    if state["pending_eval"]:  # the run stopped while it evaluated an epoch it had trained: evaluate it now
+        result = end_of_epoch((step - 1) // steps_per_epoch, training.cosine_lr(
+            step - 1, total_steps, warmup_steps, args.lr, args.min_lr), None)
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, start=offset * args.batch_size)
-        t0, seen, loss_sum, n_loss = time.time(), 0, 0.0, 0
+        t0, seen = time.time(), 0
         for x, y in loader:
             lr = training.cosine_lr(step, total_steps, warmup_steps, args.lr, args.min_lr)
             for g in optimizer.param_groups:
@@ -552,35 +586,25 @@ def main(args):
             seen += total_batch
             bar.update(1)
             if skips(status, step):  # stops the run past --max-skips
-                loss_sum, n_loss = loss_sum + loss, n_loss + 1
+                state["loss_sum"], state["n_loss"] = state["loss_sum"] + loss, state["n_loss"] + 1
                 if ema is not None:
                     ema.update(model)
-            if step % args.log_every == 0 and n_loss:
-                bar.set_postfix(loss=f"{loss_sum / n_loss:.3f}", lr=f"{lr:.2e}")
+            if step % args.log_every == 0 and state["n_loss"]:
+                bar.set_postfix(loss=f"{state['loss_sum'] / state['n_loss']:.3f}", lr=f"{lr:.2e}")
             if step == total_steps or step % steps_per_epoch == 0:
                 break
             if step % args.save_every == 0:
-                checkpoint("checkpoint-latest.pth", epoch)
-        # ------------------------------------------------------------ end of epoch: evaluate, log, save
-        img_per_s = seen / (time.time() - t0)
-        stats = evaluate(model, val_loader, device, args.amp)
-        result = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": loss_sum / max(n_loss, 1),
-                  "img_per_s": img_per_s, "val_top1": stats["top1"], "val_top5": stats["top5"],
-                  "val_loss": stats["loss"], "n_val": stats["n"],
-                  "peak_mem_mb": training.peak_memory_mb(device), **skips.state()}
-        if ema is not None:
-            ema_stats = evaluate(ema.module, val_loader, device, args.amp)
-            result.update(ema_top1=ema_stats["top1"], ema_top5=ema_stats["top5"])
-        if stats["top1"] > best:
-            best = stats["top1"]
-            checkpoint("checkpoint-best.pth", epoch + 1)
-        result["best_top1"] = best
-        log.write(**result)
-        if rank == 0:
-            bar.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
-        checkpoint("checkpoint-latest.pth", epoch + 1)
+                checkpoint("checkpoint-latest.pth")  # mid-epoch: the running loss sums go with it
+        # ------------------------------------------------------------ end of epoch: save, evaluate, log
+        state["pending_eval"] = True
+        checkpoint("checkpoint-latest.pth")
+        result = end_of_epoch(epoch, lr, seen / (time.time() - t0))
     bar.close()
     if rank == 0:
+        if not result:  # a finished run, run again: its result as logged, its classifier written
+            result = dict(training.last_log_record(os.path.join(args.output_dir, "log.jsonl"), "val_top1") or {})
+            print(f"finetune.py: {args.output_dir} holds a finished run ({step} of {total_steps} steps); "
+                  f"its last evaluation:")
         torch.save(export_classifier(model), os.path.join(args.output_dir, "classifier.pth"))
         print(json.dumps({"mode": args.mode, "init": args.init, "seed": args.seed, "epochs": result.get("epoch"),
                           "top1": result.get("val_top1"), "top5": result.get("val_top5"),
@@ -603,21 +627,26 @@ def train_step(ddp_model, model, x, target, optimizer, scaler, args, device):
 
 
 def resume(args, model, optimizer, scaler, ema, rank, world_size, device):
-    """Returns (step, best top-1 so far, training.SkipCount)."""
-    path, ckpt = training.find_resume_checkpoint(args)
+    """Returns (the loop's state: step, best top-1 so far, whether the last trained epoch still awaits
+    its evaluation, the running loss sums of the epoch in progress; training.SkipCount)."""
+    free = get_args_parser().resume_free
+    path, ckpt = training.find_resume_checkpoint(args, "finetune.py", free,
+                                                 ("checkpoint-best.pth", "classifier.pth", "log.jsonl"))
     skips = training.SkipCount("finetune.py", args.max_skips, args.output_dir, ckpt)
+    state = {"step": 0, "best": -1.0, "pending_eval": False, "loss_sum": 0.0, "n_loss": 0}
     if ckpt is None:
-        return 0, -1.0, skips
+        return state, skips
     saved = ckpt.get("args", {})
     training.check_same_network(saved, args, ("arch", "mode", "img_size", "patch_size", "nb_classes", "pool"),
                                 path)
-    changed = training.check_resume_flags(saved, vars(args), get_args_parser().resume_free, path,
+    changed = training.check_resume_flags(saved, vars(args), free, path,
                                           args.allow_flag_changes)
     training.restore_training_state(ckpt, model, optimizer, scaler, rank, world_size, device, path, changed)
     if ema is not None and ckpt.get("ema") is not None:
         ema.module.load_state_dict(ckpt["ema"])
-    return ckpt["step"], ckpt["best"], skips
+    state.update({k: ckpt.get(k, v) for k, v in state.items()})  # (older checkpoints lack the last three)
+    return state, skips
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    training.run_script(main, get_args_parser())

@@ -248,7 +248,8 @@ def log_record(out, args):
 def main(args):
     args = resolve_args(args)
     rank, world_size, device = training.init_distributed(args.device, args.dist_backend)
-    os.makedirs(args.output_dir, exist_ok=True)
+    training.prepare_output_dir(args.output_dir)
+    training.check_output_owner(args, "pretrain.py")  # before fitting a tokenizer for minutes
     if rank == 0:
         print(f"pretrain.py: recipe {args.recipe} (flags not given take its values; see --help)")
         if args.data is None:
@@ -257,7 +258,6 @@ def main(args):
                   f"{args.img_size} px, patch {args.patch_size} ({grid}x{grid} tokens), a CPU demo. The "
                   f"paper's setting: --data /path/imagenet --dalle-encoder encoder.pkl --dalle-decoder "
                   f"decoder.pkl (recipe imagenet: 224 px, patch 16, 300 epochs; docs/pretrain.md)")
-    training.print_args(args, rank)
     training.seed_everything(args.seed, rank)
 
     if args.explain and not (args.dvae or args.dalle_encoder) and (
@@ -313,6 +313,7 @@ def main(args):
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.explain:
         return explain(ddp_model, model, loader, optimizer, scaler, args, device)
+    training.record_args(args, rank, "pretrain.py")  # the flags, once every check has passed
     log = training.JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0, resumed_at=step)
     if rank == 0:
         n_gen = sum(p.numel() for p in model.generator.parameters())
@@ -326,7 +327,7 @@ def main(args):
         rng = training.gather_rng_states(device)  # a collective: every rank calls checkpoint()
         if rank == 0:
             training.save_checkpoint(
-                {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                {"stage": "pretrain.py", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict(), "step": step, **skips.state(), "args": vars(args),
                  "rng": rng}, os.path.join(args.output_dir, "checkpoint-latest.pth"))
 
@@ -387,7 +388,8 @@ def main(args):
 
 def resume(args, model, optimizer, scaler, rank, world_size, device):
     """Restore everything a bit-exact continuation needs; returns (step, training.SkipCount)."""
-    path, ckpt = training.find_resume_checkpoint(args)
+    free = get_args_parser().resume_free
+    path, ckpt = training.find_resume_checkpoint(args, "pretrain.py", free, ("backbone.pth", "log.jsonl"))
     skips = training.SkipCount("pretrain.py", args.max_skips, args.output_dir, ckpt)
     if ckpt is None:
         return 0, skips
@@ -399,7 +401,7 @@ def resume(args, model, optimizer, scaler, rank, world_size, device):
         raise ValueError(f"--resume {path!r} holds a generator for a {saved_vocab}-code tokenizer, this "
                          f"run's tokenizer has {model.generator.vocab_size} codes: pass the tokenizer it "
                          f"was trained with (--dvae or --dalle-encoder/--dalle-decoder)")
-    changed = training.check_resume_flags(saved, vars(args), get_args_parser().resume_free, path,
+    changed = training.check_resume_flags(saved, vars(args), free, path,
                                           args.allow_flag_changes)
     training.restore_training_state(ckpt, model, optimizer, scaler, rank, world_size, device, path, changed)
     return ckpt["step"], skips
@@ -746,4 +748,4 @@ def export(model, args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    training.run_script(main, get_args_parser())

@@ -307,22 +307,29 @@ def evaluate(model, loader, args, device, overlay_dir=None):
     was_training = model.training
     model.eval()
     conf = torch.zeros(args.nb_classes, args.nb_classes, dtype=torch.int64, device=device)
-    for i, (x, y) in enumerate(loader):
-        x, y = x.to(device), y.to(device)
-        with training.autocast(device, args.amp):
-            if args.mode == "slide":
-                logits = infer_slide(model, x, args.crop_size, args.stride, args.nb_classes)
-            else:
-                logits = infer_whole(model, x)
-        logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
-        pred = logits.argmax(1)
-        conf += confusion_matrix(pred.flatten(), y.flatten(), args.nb_classes)
-        if overlay_dir is not None and i < args.overlays:
-            save_overlay(x[0], y[0], pred[0], os.path.join(overlay_dir, f"val-{i:02d}.png"))
+    seen, skipped = 0, 0
+    for groups, unreadable in loader:  # groups: images of one size (sizes differ in ADE20K)
+        skipped += unreadable
+        for x, y in groups:
+            x, y = x.to(device), y.to(device)
+            with training.autocast(device, args.amp):
+                if args.mode == "slide":
+                    logits = infer_slide(model, x, args.crop_size, args.stride, args.nb_classes)
+                else:
+                    logits = infer_whole(model, x)
+            logits = F.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
+            pred = logits.argmax(1)
+            conf += confusion_matrix(pred.flatten(), y.flatten(), args.nb_classes)
+            for j in range(len(x)) if overlay_dir is not None else ():
+                if seen + j < args.overlays:
+                    save_overlay(x[j], y[j], pred[j], os.path.join(overlay_dir, f"val-{seen + j:02d}.png"))
+            seen += len(x)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(conf)
     model.train(was_training)
-    return segmentation_metrics(conf.cpu())
+    metrics = segmentation_metrics(conf.cpu())
+    metrics["n_unreadable"] = int(training.all_reduce_sum([skipped], device)[0])
+    return metrics
 
 
 def palette(n):
@@ -353,14 +360,16 @@ def save_overlay(x, label, pred, path):
 def eval_only_args(args):
     """--eval-only evaluates a trained run: OUTPUT_DIR/checkpoint-latest.pth (or --resume). Flags left
     unset take the run's values, so `--eval-only --output-dir DIR` and the training command with
-    --eval-only added both work; a flag given otherwise than in training is refused on resume."""
-    path, ckpt = training.find_resume_checkpoint(args)
-    if ckpt is None:
+    --eval-only added both work; a network of another shape is refused on resume."""
+    path = args.resume or os.path.join(args.output_dir, "checkpoint-latest.pth")
+    if not os.path.isfile(path):
         raise ValueError(f"--eval-only evaluates a trained segmentation model, and there is none at {path}: "
                          f"train first (the same command without --eval-only), or point --output-dir or "
                          f"--resume at a run's checkpoint-latest.pth")
-    if not any(k.startswith("neck.backbone.") for k in ckpt.get("model", {})):
-        raise ValueError(f"--eval-only: {path} is not a segment.py checkpoint (no UperNet weights in it)")
+    ckpt = training.load_checkpoint(path, "--eval-only checkpoint")
+    if training.checkpoint_stage(ckpt) != "segment.py":
+        raise ValueError(f"--eval-only: {path} is not a segment.py checkpoint (it was written by "
+                         f"{training.checkpoint_stage(ckpt)})")
     for k, v in ckpt["args"].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -372,7 +381,7 @@ def resolve_args(args):
     if args.init is None:
         raise ValueError("--init is required: a pre-training checkpoint, backbone.pth, a timm/torchvision "
                          "state dict, or 'scratch' for the random-init baseline")
-    if args.init != "scratch" and not args.eval_only and not os.path.isfile(args.init):
+    if args.init != "scratch" and not args.eval_only and not os.path.exists(args.init):
         raise FileNotFoundError(f"--init {args.init!r} does not exist")
     if args.recipe is None:
         args.recipe = "builtin" if args.data is None else "imagenet"
@@ -407,7 +416,13 @@ def build_data(args):
         val = data.SyntheticShapes("val", transform=eval_tf, seed=args.seed, segmentation=True)
         return train, val
     kw = dict(seed=args.seed, reduce_zero_label=args.reduce_zero_label, num_classes=args.nb_classes)
-    return (data.ADE20K(args.data, "training", train_tf, **kw), data.ADE20K(args.data, "validation", eval_tf, **kw))
+    train, val = data.ADE20K(args.data, "training", train_tf, **kw), data.ADE20K(args.data, "validation", eval_tf, **kw)
+    # every validation label now (size, mode, values: seconds), not after the last iteration
+    if val.check_labels() == 0:
+        raise ValueError(f"--data {args.data}: every pixel of every validation label is ignored (0"
+                         f"{' with reduce_zero_label' if args.reduce_zero_label else ' or 255'}): nothing to "
+                         f"evaluate; are the labels 0..K-1 already (--no-reduce-zero-label)?")
+    return train, val
 
 
 def build_model(args):
@@ -420,18 +435,40 @@ def build_model(args):
     else:  # the checkpoint decides the network: its values go into args, and so into checkpoints
         backbone, net = enh.load_backbone(args.init, args.arch, args.crop_size, args.patch_size, args.drop_path)
         args.arch, args.patch_size, args.init_values = net["arch"], net["patch_size"], net["init_values"]
+    check_fits(backbone, args)
     torch.manual_seed(args.seed)
     return Segmenter(backbone, args.nb_classes, args.channels, args.aux_channels, args.layers)
+
+
+def check_fits(backbone, args):
+    """Before any work: --layers within the ViT's blocks, and one attention map of a training batch
+    within this machine's memory (a 512 px crop on a patch-4 backbone is 16,384 tokens a crop; its
+    attention maps alone take tens of GB, and the run would end in the out-of-memory killer)."""
+    if not isinstance(backbone, enh.VisionTransformer):
+        return
+    depth = len(backbone.blocks)
+    if args.layers and not all(1 <= k <= depth for k in args.layers):
+        raise ValueError(f"--layers {' '.join(map(str, args.layers))}: the backbone has {depth} blocks "
+                         f"(taps are 1-based, 1..{depth})")
+    tokens = (args.crop_size // args.patch_size) ** 2
+    attention = args.batch_size * backbone.blocks[0].attn.num_heads * tokens ** 2 * 4  # fp32 bytes
+    memory = (torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+              if torch.cuda.is_available() and args.device != "cpu"
+              else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if attention > memory / 2:
+        raise ValueError(f"--crop-size {args.crop_size} on a patch-{args.patch_size} backbone is {tokens} tokens "
+                         f"a crop: one attention map of a batch of {args.batch_size} takes {attention / 2**30:.0f} "
+                         f"GiB, more than half of this machine's {memory / 2**30:.0f} GiB. Use a smaller "
+                         f"--crop-size (and --scale, --stride) for this backbone, e.g. --recipe builtin")
 
 
 def main(args):
     args = resolve_args(args)
     rank, world_size, device = training.init_distributed(args.device, args.dist_backend)
-    os.makedirs(args.output_dir, exist_ok=True)
+    training.prepare_output_dir(args.output_dir)
     model = build_model(args).to(device)
     if rank == 0:
         print(f"segment.py: recipe {args.recipe}, {args.arch} from {args.init}, {args.nb_classes} classes")
-    training.print_args(args, rank)
     training.seed_everything(args.seed, rank)
 
     train_set, val_set = build_data(args)
@@ -462,12 +499,14 @@ def main(args):
         # (torch's SyncBatchNorm runs on GPUs only: CPU processes keep per-process statistics)
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    training.record_args(args, rank, "segment.py")  # the flags, once every check has passed
     log = training.JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0, resumed_at=step)
 
     def checkpoint():
         rng = training.gather_rng_states(device)
         if rank == 0:
-            training.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            training.save_checkpoint({"stage": "segment.py", "model": model.state_dict(),
+                                      "optimizer": optimizer.state_dict(),
                                       "scaler": scaler.state_dict(), "step": step, **skips.state(),
                                       "args": vars(args), "rng": rng},
                                      os.path.join(args.output_dir, "checkpoint-latest.pth"))
@@ -492,23 +531,35 @@ def main(args):
                 log.write(step=step, lr=lr, loss=loss, loss_main=main_loss, img_per_s=seen / (time.time() - t0),
                           peak_mem_mb=training.peak_memory_mb(device), **skips.state())
                 bar.set_postfix(loss=f"{loss:.3f}")
-            if step % args.eval_every == 0 or step == args.iters:
+            evaluate_now = step % args.eval_every == 0 or step == args.iters
+            if evaluate_now or step % args.save_every == 0:
+                checkpoint()  # before evaluating: a bad validation image costs no training
+            if evaluate_now:
                 metrics = evaluate(model, val_loader, args, device, overlay_dir if rank == 0 else None)
                 log.write(step=step, **{k: v for k, v in metrics.items() if k in ("aAcc", "mIoU", "mAcc")})
-            if step % args.save_every == 0 or step == args.iters:
-                checkpoint()
             if step == args.iters:
                 break
     bar.close()
-    result = report(metrics, step, args, rank, train_set, (time.time() - start) / 60)
+    minutes = (time.time() - start) / 60
+    if metrics is None:  # nothing trained now: a finished run, run again (or stopped in its last evaluation)
+        saved = os.path.join(args.output_dir, "metrics.json")
+        if os.path.isfile(saved) and training.last_log_record(os.path.join(args.output_dir, "log.jsonl"),
+                                                              "mIoU") is not None:
+            with open(saved) as f:
+                result = {k: v for k, v in json.load(f).items() if k not in ("classes", "IoU", "Acc")}
+            if rank == 0:
+                print(f"segment.py: {args.output_dir} holds a finished run ({step} of {args.iters} iterations); "
+                      f"its result:\n{json.dumps(result)}")
+            training.finish_distributed()
+            return result
+        metrics, minutes = evaluate(model, val_loader, args, device, overlay_dir if rank == 0 else None), None
+    result = report(metrics, step, args, rank, train_set, minutes)
     training.finish_distributed()
     return result
 
 
 def report(metrics, step, args, rank, train_set, minutes):
-    """Per-class IoU table and one summary JSON line (rank 0 prints)."""
-    if metrics is None:
-        return {}
+    """Per-class IoU table and one summary JSON line (rank 0 prints), also in metrics.json."""
     classes = getattr(train_set, "classes", None) or [str(c) for c in range(args.nb_classes)]
     result = {"init": args.init, "seed": args.seed, "iters": step, "mIoU": metrics["mIoU"],
               "aAcc": metrics["aAcc"], "mAcc": metrics["mAcc"], "minutes": minutes}
@@ -535,7 +586,8 @@ def train_step(ddp_model, model, x, y, optimizer, scaler, args, device):
 
 def resume(args, model, optimizer, scaler, rank, world_size, device):
     """Returns (step, training.SkipCount)."""
-    path, ckpt = training.find_resume_checkpoint(args)
+    free = get_args_parser().resume_free
+    path, ckpt = training.find_resume_checkpoint(args, "segment.py", free, ("metrics.json", "log.jsonl"))
     skips = training.SkipCount("segment.py", args.max_skips, args.output_dir, ckpt)
     if ckpt is None:
         return 0, skips
@@ -545,10 +597,10 @@ def resume(args, model, optimizer, scaler, rank, world_size, device):
     # evaluation trains nothing: only the network must match (above); data, precision and
     # inference settings are the evaluation's own
     changed = () if args.eval_only else training.check_resume_flags(
-        saved, vars(args), get_args_parser().resume_free, path, args.allow_flag_changes)
+        saved, vars(args), free, path, args.allow_flag_changes)
     training.restore_training_state(ckpt, model, optimizer, scaler, rank, world_size, device, path, changed)
     return ckpt["step"], skips
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    training.run_script(main, get_args_parser())

@@ -20,7 +20,6 @@ is trained first and shared by every pre-training run. A pre-training cell is on
 downstream cell (linear probe, fine-tuning, segmentation) runs on that cell's backbone.pth and on
 `--init scratch` with the same flags.
 """
-import argparse
 import json
 import os
 import shlex
@@ -30,6 +29,8 @@ import sys
 import time
 
 import torch
+
+import training
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -60,7 +61,7 @@ ABLATED = {"mask ratio": "mask_ratio", "sampling": "sample", "generator depth": 
 DOWNSTREAM = {  # name -> (script, flags, metric in its last JSON line); run for the "main" cells
     "linear": ("finetune.py", ["--mode", "linear", "--recipe", "builtin"], "top1"),
     "finetune": ("finetune.py", ["--recipe", "builtin"], "top1"),
-    "segment": ("segment.py", [], "mIoU"),
+    "segment": ("segment.py", ["--recipe", "builtin"], "mIoU"),
 }
 # The study's budget: every run is cut to a fixed number of optimiser steps, the same on any data,
 # so one dataset's study takes about an hour on 2 CPU cores (two 1-thread runs at a time). Flags
@@ -133,7 +134,7 @@ def last_json(stdout, what):
     for line in reversed(stdout.splitlines()):
         if line.startswith("{") and line.endswith("}"):
             return json.loads(line)
-    raise RuntimeError(f"study.py: {what} printed no JSON result line")
+    raise ChildProcessError(f"{what} printed no JSON result line")
 
 
 def run_stage(script, flags, log_path):
@@ -144,8 +145,9 @@ def run_stage(script, flags, log_path):
     with open(log_path, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n" + proc.stdout + proc.stderr[-20000:] + "\n")
     if proc.returncode != 0:
-        raise RuntimeError(f"study.py: {' '.join(cmd)} failed (exit {proc.returncode}); its output is in "
-                           f"{log_path}:\n{proc.stderr[-2000:]}")
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise ChildProcessError(f"{' '.join(cmd)} failed (exit {proc.returncode}): {last} (its whole output is "
+                                f"in {log_path})")
     return last_json(proc.stdout, " ".join(cmd)), (time.time() - t0) / 60
 
 
@@ -162,8 +164,15 @@ def tokenizer(args, log_path):
 
 
 def main(args):
-    os.makedirs(args.output_dir, exist_ok=True)
     results_path = os.path.join(args.output_dir, "results.jsonl")
+    if (args.report or args.plot) and not os.path.isfile(results_path):
+        raise FileNotFoundError(f"--output-dir {args.output_dir}: no results there ({results_path} does not "
+                                f"exist); run the study first, or pass the --output-dir it wrote to")
+    for flag, path in (("--data", args.data), ("--seg-data", args.seg_data)):
+        if path is not None and not os.path.isdir(path):
+            raise FileNotFoundError(f"{flag} {path}: no such folder")
+    if not (args.list or args.report or args.plot):
+        os.makedirs(args.output_dir, exist_ok=True)
     log_path = os.path.join(args.output_dir, "study.log")
     done, cells = read_results(results_path), plan(args)
     if args.list:
@@ -194,9 +203,12 @@ def main(args):
         result, minutes = run_stage(script, data + flags + ["--output-dir", run_dir], log_path)
         record = {"cell": key, "script": script, "flags": flags, "minutes": round(minutes, 2)}
         if metric == "knn":
-            record.update(value=result["knn_pretrained"], random_init=result["knn_random_init"])
+            record.update(value=result.get("knn_pretrained"), random_init=result.get("knn_random_init"))
         else:
-            record.update(value=result[metric])
+            record.update(value=result.get(metric))
+        if any(v is None for k, v in record.items() if k in ("value", "random_init")):
+            # recorded only complete: a rerun does the cell again
+            raise ChildProcessError(f"{script} (cell {key}) printed no {metric} in {json.dumps(result)}; see {log_path}")
         with open(results_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         done[key] = record
@@ -335,14 +347,16 @@ def plot_knn(curves, path, title, size=(640, 400)):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(prog="study.py", description="CIM against scratch and the paper's ablations, resumable")
+    p = training.ArgumentParser(prog="study.py", description="CIM against scratch and the paper's ablations, "
+                                "resumable")
     a = p.add_argument
     a("--data", default=None, help="ImageNet-layout photo folder (default: the built-in data)")
     a("--seg-data", default=None, help="ADE20K-layout root for the segmentation cells, with --nb-classes "
       "in --segment-flags (default: the built-in masks, also when --data is photos: a transfer test)")
     a("--output-dir", default="out/study", help="runs/, results.jsonl (one line per finished cell), study.log")
     a("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every cell")
-    a("--only", nargs="+", default=None, help=f"groups to run: {sorted({g for g, _ in PRETRAIN.values()})}")
+    a("--only", nargs="+", default=None, choices=sorted({g for g, _ in PRETRAIN.values()}), metavar="GROUP",
+      help=f"groups to run, of {sorted({g for g, _ in PRETRAIN.values()})}")
     a("--cells", nargs="+", default=None, choices=list(PRETRAIN), metavar="NAME",
       help=f"only these pre-training cells, no downstream (e.g. a third seed where two cells are within "
            f"the spread: --cells respix-vit respix-norm-patch --seeds 2); one of {list(PRETRAIN)}")
@@ -360,4 +374,4 @@ def get_args_parser():
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    training.run_script(main, get_args_parser())

@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import random
 import resource
 import subprocess
@@ -285,7 +286,16 @@ def load_checkpoint(path, what="checkpoint"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise RuntimeError(f"{what} {path!r} could not be loaded ({type(err).__name__}: {err})") from err
+        raise ValueError(f"{what} {path!r} could not be loaded ({type(err).__name__}: {err})") from None
+
+
+def last_log_record(path, key):
+    """The last line of a JSON log that holds `key`, or None."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return next((r for r in reversed(records) if key in r), None)
 
 
 class JsonLog:
@@ -330,19 +340,118 @@ def git_commit():
         return ""
 
 
-def print_args(args, rank=0):
+# what a stage raises when it refuses its input (a flag, a file, the data, a resume) or stops a
+# diverged run: a one-line message for the user, not a bug report
+REFUSALS = (ValueError, OSError, FloatingPointError, pickle.UnpicklingError)
+
+
+def run_script(main, parser):
+    """A stage script's entry point: parse the flags (a bad one is refused by argparse, one line),
+    run main, and turn a refusal into one line too, `SCRIPT: error: MESSAGE`, exit status 2. The
+    traceback is for bugs: any other exception keeps it, and CIM_DEBUG=1 shows it for refusals too."""
+    args = parser.parse_args()
+    try:
+        return main(args)
+    except REFUSALS as err:
+        if os.environ.get("CIM_DEBUG"):
+            raise
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+
+def record_args(args, rank, stage):
+    """Print the run's flags (once every check has passed) and keep them in OUTPUT_DIR/run.json: the
+    record a later run in the same folder is checked against (find_resume_checkpoint)."""
     if rank == 0:
         print(f"git commit: {git_commit() or 'unknown'}")
         print(json.dumps(vars(args), indent=1, sort_keys=True))
+        with open(os.path.join(args.output_dir, "run.json"), "w") as f:
+            json.dump({"stage": stage, "args": vars(args)}, f, indent=1, sort_keys=True)
 
 
-def find_resume_checkpoint(args):
-    """(path, checkpoint) to continue from: --resume if given (it must exist), else
-    OUTPUT_DIR/checkpoint-latest.pth if a previous run left one, else (path, None): a fresh start."""
+def checkpoint_stage(ckpt):
+    """Which stage script wrote a checkpoint: its "stage" entry, or for files written before
+    checkpoints carried one, what their keys give away."""
+    if not isinstance(ckpt, dict):
+        return "no stage script (not a checkpoint dict)"
+    if "stage" in ckpt:
+        return ckpt["stage"]
+    model = ckpt.get("model") if isinstance(ckpt.get("model"), dict) else {}
+    if "encoder_config" in ckpt or ckpt.get("kind") == "kmeans":
+        return "dvae.py"
+    if "generator.lm_head.weight" in model:
+        return "pretrain.py"
+    if any(k.startswith("neck.backbone.") for k in model):
+        return "segment.py"
+    if any(k.startswith("backbone.") for k in model) and "head.weight" in model:
+        return "finetune.py"
+    if model and "optimizer" not in ckpt:
+        return "an export (backbone.pth or classifier.pth), which holds no training state to resume"
+    return "an unknown program"
+
+
+def prepare_output_dir(path):
+    """--output-dir as a writable folder, made if missing; a one-line refusal otherwise."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--output-dir {path!r} is a file, not a folder: pass a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--output-dir {path!r} cannot be made ({err.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--output-dir {path!r} is not writable: pass another folder")
+
+
+def check_output_owner(args, stage):
+    """Early and cheap (before a stage does minutes of work, e.g. fitting a tokenizer): a checkpoint to
+    resume, or the run.json of --output-dir, written by another stage is refused now. The flags are
+    compared later, once they are resolved (find_resume_checkpoint)."""
     path = args.resume or os.path.join(args.output_dir, "checkpoint-latest.pth")
-    if not (args.resume or os.path.isfile(path)):
-        return path, None
-    return path, load_checkpoint(path, "--resume checkpoint")
+    if os.path.isfile(path):
+        try:  # memory-mapped: the tensors are not read
+            wrote = checkpoint_stage(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        except Exception:
+            return  # find_resume_checkpoint names the problem
+        if wrote != stage:
+            raise ValueError(f"--resume {path!r} was written by {wrote}, not {stage}: resume it with the program "
+                             f"that wrote it, or give {stage} another --output-dir")
+    elif not args.resume and os.path.isfile(os.path.join(args.output_dir, "run.json")):
+        with open(os.path.join(args.output_dir, "run.json")) as f:
+            owner = json.load(f).get("stage")
+        if owner != stage:
+            raise ValueError(f"--output-dir {args.output_dir!r} holds a {owner} run: give {stage} another --output-dir")
+
+
+def find_resume_checkpoint(args, stage, free, outputs=()):
+    """(path, checkpoint) to continue from: --resume if given (it must exist), else
+    OUTPUT_DIR/checkpoint-latest.pth if a previous run left one, else (path, None): a fresh start.
+    A checkpoint another stage wrote is refused, naming that stage. A fresh start must not overwrite
+    another run's results: OUTPUT_DIR/run.json (the flags of the run that wrote the folder) must
+    repeat this run's flags but the `free` ones, and a folder holding `outputs` without a run.json
+    (written before run.json existed) is refused."""
+    path = args.resume or os.path.join(args.output_dir, "checkpoint-latest.pth")
+    if args.resume or os.path.isfile(path):
+        ckpt = load_checkpoint(path, "--resume checkpoint")
+        wrote = checkpoint_stage(ckpt)
+        if wrote != stage:
+            raise ValueError(f"--resume {path!r} was written by {wrote}, not {stage}: resume it with the program "
+                             f"that wrote it, or give {stage} another --output-dir")
+        return path, ckpt
+    record = os.path.join(args.output_dir, "run.json")
+    if os.path.isfile(record):
+        with open(record) as f:
+            saved = json.load(f)
+        if saved.get("stage") != stage:
+            raise ValueError(f"--output-dir {args.output_dir!r} holds a {saved.get('stage')} run ({record}): "
+                             f"give {stage} another --output-dir")
+        check_resume_flags(saved["args"], vars(args), free, f"{record} (a finished or earlier run in "
+                           f"--output-dir)", args.allow_flag_changes)
+    else:
+        found = [f for f in outputs if os.path.exists(os.path.join(args.output_dir, f))]
+        if found:
+            raise ValueError(f"--output-dir {args.output_dir!r} holds results of an earlier run ({', '.join(found)}) "
+                             f"whose flags are unknown, and this run would overwrite them: use another "
+                             f"--output-dir, or move them away")
+    return path, None
 
 
 def check_same_network(saved, args, keys, path):
@@ -487,12 +596,13 @@ def all_reduce_sum(values, device):
 
 @torch.no_grad()
 def extract_features(backbone, loader, device):
-    """L2-normalised pooled features and labels of every sample of `loader`, gathered from all ranks.
-    With data.build_eval_loader (data.EvalSampler) every sample appears exactly once."""
+    """L2-normalised pooled features and labels of every readable sample of `loader` (a
+    data.build_eval_loader: each sample once), gathered from all ranks."""
     feats, labels = [], []
-    for x, y in loader:
-        feats.append(F.normalize(pooled_features(backbone, x.to(device)).float(), dim=1))
-        labels.append(y.to(device))
+    for groups, _ in loader:
+        for x, y in groups:
+            feats.append(F.normalize(pooled_features(backbone, x.to(device)).float(), dim=1))
+            labels.append(y.to(device))
     return all_gather_uneven(torch.cat(feats)), all_gather_uneven(torch.cat(labels))
 
 

@@ -294,7 +294,7 @@ def test_imagefolder_ten_unreadable_in_a_row_stops(tmp_path, capsys):
             f.write(b"\x00garbage")
     write(root / "a" / "99_good.png", solid((5, 5, 5)))
     ds = ImageFolder(str(root))
-    with pytest.raises(RuntimeError, match="10 unreadable") as e:
+    with pytest.raises(ValueError, match="10 unreadable") as e:
         ds[0]
     assert bad[-1] in str(e.value)
     assert ds.num_skipped == 10
@@ -309,7 +309,7 @@ def test_imagefolder_all_unreadable_small_folder_stops(tmp_path, capsys):
     for i in range(3):
         os.makedirs(root / "a", exist_ok=True)
         (root / "a" / f"{i}.png").write_bytes(b"nope")
-    with pytest.raises(RuntimeError, match=str(root / "a")):
+    with pytest.raises(ValueError, match=str(root / "a")):
         ImageFolder(str(root))[0]
 
 

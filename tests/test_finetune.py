@@ -339,7 +339,7 @@ def test_bad_init_is_named(tmp_path, pretrained, case, pattern):
     else:
         path = tmp_path / "odd.pth"
         torch.save(tiny_vit(depth=3).state_dict(), path)  # width 32, depth 3: no preset
-    with pytest.raises((ValueError, FileNotFoundError, RuntimeError), match=pattern):
+    with pytest.raises((ValueError, FileNotFoundError), match=pattern):
         init_args(path, *extra)
 
 
@@ -374,28 +374,31 @@ def test_finetune_from_a_pretraining_checkpoint_logs_evaluates_and_exports(tmp_p
 
 
 def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, folder, pretrained, monkeypatch):
-    flags = ["--init", pretrained / "backbone.pth", "--epochs", "3"]  # mixup, RandAugment, erasing, drop path on
+    # mixup, RandAugment, erasing, drop path on; a checkpoint in the middle of each 4-step epoch
+    flags = ["--init", pretrained / "backbone.pth", "--epochs", "3", "--save-every", "2"]
     run(*tiny(folder, tmp_path / "a", *flags))
     real_step, calls = finetune.train_step, []
 
     def crash_in_epoch_2(*a, **k):
         calls.append(1)
-        if len(calls) == 6:
+        if len(calls) == 7:
             raise KeyboardInterrupt
         return real_step(*a, **k)
 
     monkeypatch.setattr(finetune, "train_step", crash_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         run(*tiny(folder, tmp_path / "b", *flags))
-    assert load(tmp_path / "b" / "checkpoint-latest.pth")["step"] == 4
+    assert load(tmp_path / "b" / "checkpoint-latest.pth")["step"] == 6  # the middle of epoch 2
     monkeypatch.setattr(finetune, "train_step", real_step)
     run(*tiny(folder, tmp_path / "b", *flags))
     a, b = load(tmp_path / "a" / "checkpoint-latest.pth"), load(tmp_path / "b" / "checkpoint-latest.pth")
     assert a["step"] == b["step"] == 12
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    log = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
-    assert [r["epoch"] for r in log] == [1, 2, 3]
+    logs = [[json.loads(line) for line in open(tmp_path / d / "log.jsonl")] for d in "ab"]
+    assert [r["epoch"] for r in logs[1]] == [1, 2, 3]
+    # the resumed epoch's loss is the whole epoch's: the running sums came back with the checkpoint
+    assert [r["train_loss"] for r in logs[0]] == [r["train_loss"] for r in logs[1]]
 
 
 def test_resume_with_another_init_is_refused(tmp_path, folder, pretrained):

@@ -23,7 +23,8 @@ GRAPH = {
     "bench": {"pretrain", "training", "enhancer"},  # times pretrain.py's own step
     "finetune": {"data", "training", "enhancer"},
     "segment": {"data", "training", "enhancer"},
-    "study": {"pretrain"},  # runs the stage scripts as commands; reads pretrain.py's recipe rules
+    "study": {"pretrain", "training"},  # runs the stage scripts as commands; reads pretrain.py's recipe
+                                        # rules; training.py's one-line errors
 }
 # outside the standard library
 LIBRARIES = {

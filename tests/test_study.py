@@ -92,7 +92,8 @@ def test_report_gives_mean_and_spread_over_seeds():
 def test_a_failing_stage_names_its_command_and_log(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "PRETRAIN", {"bad": ("main", ["--arch", "no_such_arch"])})
     monkeypatch.setattr(study, "DOWNSTREAM", {})
-    with pytest.raises(RuntimeError, match=r"pretrain.py .*--arch no_such_arch.* failed .*study.log"):
+    with pytest.raises(ChildProcessError, match=r"pretrain.py .*--arch no_such_arch.* failed \(exit 2\): "
+                                                r"pretrain.py: error: argument --arch: invalid choice.*study.log"):
         study.main(args(tmp_path, "--seeds", "0"))
 
 

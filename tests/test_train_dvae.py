@@ -312,7 +312,7 @@ def test_load_checkpoint_names_a_corrupt_file(tmp_path):
                           ("truncated.pth", good.read_bytes()[: good.stat().st_size // 2])):
         bad = tmp_path / name
         bad.write_bytes(payload)
-        with pytest.raises(RuntimeError, match=re.escape(str(bad))):
+        with pytest.raises(ValueError, match=re.escape(str(bad))):
             training.load_checkpoint(str(bad))
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         training.load_checkpoint(str(tmp_path / "missing.pth"))

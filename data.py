@@ -557,10 +557,9 @@ def _signed(value, rng):
 
 
 def _affine(img, coeffs, rng):
-    """PIL affine warp (output pixel (x, y) reads input (a x + b y + c, d x + e y + f)), bilinear or
-    bicubic at random as timm does, corners filled with FILL."""
-    resample = Image.BILINEAR if rng.random() < 0.5 else Image.BICUBIC
-    return img.transform(img.size, Image.AFFINE, coeffs, resample=resample, fillcolor=FILL)
+    """PIL affine warp (output pixel (x, y) reads input (a x + b y + c, d x + e y + f)), bicubic as BEiT
+    and MAE ask timm for (interpolation='bicubic'), corners filled with FILL."""
+    return img.transform(img.size, Image.AFFINE, coeffs, resample=Image.BICUBIC, fillcolor=FILL)
 
 
 def _solarize_add(img, add, threshold=128):
@@ -575,9 +574,7 @@ RAND_AUGMENT_OPS = {
     "AutoContrast": lambda img, m, rng: ImageOps.autocontrast(img),
     "Equalize": lambda img, m, rng: ImageOps.equalize(img),
     "Invert": lambda img, m, rng: ImageOps.invert(img),
-    "Rotate": lambda img, m, rng: img.rotate(
-        _signed(30 * m / 10, rng), resample=Image.BILINEAR if rng.random() < 0.5 else Image.BICUBIC,
-        fillcolor=FILL),
+    "Rotate": lambda img, m, rng: img.rotate(_signed(30 * m / 10, rng), resample=Image.BICUBIC, fillcolor=FILL),
     # 4 bits at m = 0 down to 1 at m >= 7.5 (PIL refuses 0 bits, which m = 10 would give)
     "Posterize": lambda img, m, rng: ImageOps.posterize(img, max(1, 4 - int(4 * m / 10))),
     "Solarize": lambda img, m, rng: ImageOps.solarize(img, 256 - int(256 * m / 10)),
@@ -686,7 +683,8 @@ def rescale_size(width, height, scale):
 
 def photometric_distortion(img, rng):
     """mmseg's PhotoMetricDistortion: brightness +-32, contrast x[0.5, 1.5] (before or after the
-    HSV part, at random), saturation x[0.5, 1.5], hue +-18 degrees; each applied with p = 0.5."""
+    HSV part, at random), saturation x[0.5, 1.5], hue shifted by randint(-18, 18) in OpenCV's units
+    (0..179 for 360 degrees, so up to +-36 degrees); each applied with p = 0.5."""
     a = np.asarray(img, dtype=np.float32)
     if rng.random() < 0.5:
         a = np.clip(a + rng.uniform(-32, 32), 0, 255)
@@ -696,8 +694,8 @@ def photometric_distortion(img, rng):
     hsv = np.asarray(Image.fromarray(a.astype(np.uint8)).convert("HSV"), dtype=np.float32)
     if rng.random() < 0.5:
         hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.5, 1.5), 0, 255)
-    if rng.random() < 0.5:  # PIL's hue runs 0..255 for 0..360 degrees
-        hsv[..., 0] = (hsv[..., 0] + rng.uniform(-18, 18) * 256 / 360) % 256
+    if rng.random() < 0.5:  # OpenCV's hue unit is 2 degrees; PIL's hue runs 0..255 for 0..360 degrees
+        hsv[..., 0] = (hsv[..., 0] + 2 * rng.randint(-18, 18) * 256 / 360) % 256
     a = np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB"), dtype=np.float32)
     if not contrast_first and rng.random() < 0.5:
         a = np.clip(a * rng.uniform(0.5, 1.5), 0, 255)
@@ -772,10 +770,11 @@ def build_dataset(data, split, transform, synthetic_size=64, seed=0):
 
 
 def build_loader(dataset, batch_size, num_workers=4, rank=0, world_size=1, shuffle=True,
-                 drop_last=True, seed=0):
-    """DataLoader over a `ResumableSampler`. Returns (loader, sampler); call `sampler.set_epoch(e)`
-    at every epoch start (it also sets the dataset's epoch for the augmentation seeds)."""
-    sampler = ResumableSampler(dataset, world_size, rank, shuffle, seed, drop_last)
+                 drop_last=True, seed=0, repeats=1):
+    """DataLoader over a `ResumableSampler` (`repeats` > 1: repeated augmentation). Returns (loader,
+    sampler); call `sampler.set_epoch(e)` at every epoch start (it also sets the dataset's epoch for
+    the augmentation seeds)."""
+    sampler = ResumableSampler(dataset, world_size, rank, shuffle, seed, drop_last, repeats)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
         pin_memory=torch.cuda.is_available(), drop_last=drop_last,
@@ -837,10 +836,10 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
     its k-th sample of this rank on: resuming mid-epoch skips what was trained, without loading it.
     """
 
-    def __init__(self, dataset, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True):
+    def __init__(self, dataset, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True, repeats=1):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
-        self.start = 0
+        self.start, self.repeats = 0, repeats
 
     def set_epoch(self, epoch, start=0):
         super().set_epoch(epoch)
@@ -849,7 +848,19 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
             self.dataset.set_epoch(epoch)
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.start:])
+        if self.repeats == 1:
+            order = list(super().__iter__())
+        else:  # repeated augmentation, as timm's RepeatAugSampler (RSB A2 uses 3): each sample
+            # `repeats` times in a row, the rows dealt out to the ranks in turn, so a sample's copies go
+            # to different ranks (different augmentations in one global batch); the epoch keeps its
+            # length, so it covers len / repeats distinct samples
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            n = len(self.dataset)
+            base = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+            order = [i for i in base for _ in range(self.repeats)]
+            total = -(-len(order) // self.num_replicas) * self.num_replicas
+            order = (order + order[:total - len(order)])[self.rank:total:self.num_replicas][:self.num_samples]
+        return iter(order[self.start:])
 
     def __len__(self):
         return self.num_samples - self.start

@@ -720,15 +720,17 @@ def backbone_shape(sd):
 
 
 def load_backbone(init, arch=None, img_size=None, patch_size=None, drop_path_rate=0.0, init_values=None,
-                  what="--init"):
+                  what="--init", zero_init_residual=False):
     """A path, read_backbone's result, or "scratch" -> (backbone, its config {"arch", "img_size",
     "patch_size", "init_values"}). From a checkpoint, arch / img_size / patch_size are what the caller
     asks for (None: the checkpoint's): a different arch or patch size is an error, a different
     img_size interpolates a ViT's position embeddings (bicubic, as BEiT / MAE fine-tuning).
-    "scratch": a freshly initialised `arch` (seed the RNG first for a repeatable one)."""
+    "scratch": a freshly initialised `arch` (seed the RNG first for a repeatable one; a ResNet's last
+    BatchNorm of each block zero with zero_init_residual, as timm's scratch baselines)."""
     if isinstance(init, str) and init == "scratch":
         config = dict(img_size=img_size, patch_size=patch_size, init_values=init_values)
-        return build_backbone(arch, drop_path_rate=drop_path_rate, **config), dict(config, arch=arch)
+        extra = dict(zero_init_residual=True) if zero_init_residual else {}
+        return build_backbone(arch, drop_path_rate=drop_path_rate, **config, **extra), dict(config, arch=arch)
     sd, meta, kind = read_backbone(init, what) if isinstance(init, str) else init
     shape, name, extra = backbone_shape(sd)
     path = init if isinstance(init, str) else "the checkpoint"

@@ -239,9 +239,13 @@ class Segmenter(nn.Module):
 
 
 def segmentation_loss(out, aux, labels, aux_weight=0.4):
-    """Pixel cross-entropy, 255 ignored, + aux_weight x the auxiliary head's."""
-    main = F.cross_entropy(out.float(), labels, ignore_index=data.IGNORE_INDEX)
-    return main + aux_weight * F.cross_entropy(aux.float(), labels, ignore_index=data.IGNORE_INDEX), main
+    """Pixel cross-entropy + aux_weight x the auxiliary head's. As mmseg (0.11, BEiT's version, and
+    its later default avg_non_ignore=False): the mean over ALL pixels of the crop, an ignored pixel
+    (255: padding, ADE20K's "other") counting 0, not the mean over the labelled ones."""
+    def pixel_ce(logits):
+        return F.cross_entropy(logits.float(), labels, ignore_index=data.IGNORE_INDEX, reduction="none").mean()
+    main = pixel_ce(out)
+    return main + aux_weight * pixel_ce(aux), main
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -337,8 +341,9 @@ def palette(n):
     return rng.integers(40, 256, size=(max(n, 1), 3)).astype(np.uint8)
 
 
-def save_overlay(x, label, pred, path):
-    """image | ground truth over the image | prediction over the image (ignore pixels left bare)."""
+def save_overlay(x, label, pred, path, min_size=96):
+    """image | ground truth over the image | prediction over the image (ignore pixels left bare), each
+    panel at the label's size, scaled up by a whole factor (nearest) to at least `min_size` px."""
     H, W = label.shape
     img = data.denormalize(x.float().cpu())[None]
     img = F.interpolate(img, size=(H, W), mode="bilinear", align_corners=False)[0]
@@ -350,7 +355,10 @@ def save_overlay(x, label, pred, path):
         keep = m != data.IGNORE_INDEX
         over[keep] = (0.4 * img[keep] + 0.6 * colours[m[keep]]).astype(np.uint8)
         panels.append(over)
-    Image.fromarray(np.concatenate(panels, axis=1)).save(path)
+    k = max(1, -(-min_size // min(H, W)))
+    panels = [p.repeat(k, 0).repeat(k, 1) for p in panels]
+    gap = np.full((H * k, 2, 3), 255, np.uint8)
+    Image.fromarray(np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1)).save(path)
 
 
 # ----------------------------------------------------------------------------------------------------

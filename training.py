@@ -203,10 +203,11 @@ def param_groups(model, weight_decay, no_weight_decay=(), layer_decay=None, num_
 # Schedules
 # ----------------------------------------------------------------------------------------------------
 
-def cosine_lr(step, total_steps, warmup_steps, base_lr, final_lr):
-    """Per-iteration schedule: linear warm-up from 0, then half a cosine down to final_lr."""
+def cosine_lr(step, total_steps, warmup_steps, base_lr, final_lr, warmup_lr=0.0):
+    """Per-iteration schedule: linear warm-up from warmup_lr (BEiT, MAE: 0; timm's RSB commands: 1e-4),
+    then half a cosine down to final_lr."""
     if step < warmup_steps:
-        return base_lr * step / warmup_steps
+        return warmup_lr + (base_lr - warmup_lr) * step / warmup_steps
     t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return final_lr + 0.5 * (base_lr - final_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
@@ -562,11 +563,13 @@ def check_resume_flags(saved, current, free, path, allow=False, allow_flag="--al
 # k-NN evaluation of pooled features (pretrain.py's check, finetune.py --mode knn)
 # ----------------------------------------------------------------------------------------------------
 
-def pooled_features(backbone, x):
-    """Global feature of a backbone: mean of the ViT's patch tokens (B, 1+N, D) with cls dropped,
-    or of a CNN's map (B, C, H, W)."""
+def pooled_features(backbone, x, pool="avg"):
+    """Global feature of a backbone: of a ViT's tokens (B, 1+N, D) the mean of the patch tokens (avg)
+    or the cls token (cls; MAE's linear probe), of a CNN's map (B, C, H, W) the mean."""
     f = backbone(x)
-    return f[:, 1:].mean(1) if f.ndim == 3 else f.mean((2, 3))  # (B, D)
+    if f.ndim == 4:
+        return f.mean((2, 3))  # (B, C)
+    return f[:, 1:].mean(1) if pool == "avg" else f[:, 0]  # (B, D)
 
 
 def all_gather_uneven(t):
@@ -595,13 +598,13 @@ def all_reduce_sum(values, device):
 
 
 @torch.no_grad()
-def extract_features(backbone, loader, device):
+def extract_features(backbone, loader, device, pool="avg"):
     """L2-normalised pooled features and labels of every readable sample of `loader` (a
     data.build_eval_loader: each sample once), gathered from all ranks."""
     feats, labels = [], []
     for groups, _ in loader:
         for x, y in groups:
-            feats.append(F.normalize(pooled_features(backbone, x.to(device)).float(), dim=1))
+            feats.append(F.normalize(pooled_features(backbone, x.to(device), pool).float(), dim=1))
             labels.append(y.to(device))
     return all_gather_uneven(torch.cat(feats)), all_gather_uneven(torch.cat(labels))
 
@@ -629,14 +632,14 @@ def topk_correct(scores, labels, ks=(1, 5)):
 
 
 def knn_accuracy(backbone, train_loader, val_loader, num_classes, device, k=20, temperature=0.07,
-                 ks=(1,)):
-    """Weighted k-NN of the backbone's pooled features, train -> val. Exact under DDP with
-    data.build_eval_loader. Returns {"top1": %, ... one "top<k>" per k in `ks`, "feature_rank":
-    effective_rank of the training features}."""
+                 ks=(1,), pool="avg"):
+    """Weighted k-NN of the backbone's pooled features (pooled_features), train -> val. Exact under
+    DDP with data.build_eval_loader. Returns {"top1": %, ... one "top<k>" per k in `ks`,
+    "feature_rank": effective_rank of the training features}."""
     was_training = backbone.training
     backbone.eval()
-    tr_f, tr_y = extract_features(backbone, train_loader, device)
-    va_f, va_y = extract_features(backbone, val_loader, device)
+    tr_f, tr_y = extract_features(backbone, train_loader, device, pool)
+    va_f, va_y = extract_features(backbone, val_loader, device, pool)
     backbone.train(was_training)
     votes = knn_classify(tr_f, tr_y, va_f, num_classes, k, temperature)
     result = {f"top{j}": 100.0 * c / len(va_y) for j, c in zip(ks, topk_correct(votes, va_y, ks))}

@@ -823,3 +823,42 @@ def test_save_grid_upscales_by_whole_factor_and_names_rows(tmp_path):
         band = out[pad + r * (k * H + pad):(r + 1) * (k * H + pad), :margin]
         assert (band < 128).any(), names[r]
     assert (out[:pad, :margin] == 255).all()
+
+
+@pytest.mark.parametrize("op", ["ShearX", "TranslateYRel", "Rotate"])
+def test_randaugment_geometric_ops_are_bicubic(op):
+    """BEiT and MAE ask timm for interpolation='bicubic': every geometric op resamples bicubically."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8))
+    seed = random.Random(3)
+    out = data.RAND_AUGMENT_OPS[op](img, 9, random.Random(3))
+    sign = -1 if seed.random() < 0.5 else 1
+    if op == "ShearX":
+        ref = img.transform(img.size, Image.AFFINE, (1, sign * 0.27, 0, 0, 1, 0), resample=Image.BICUBIC,
+                            fillcolor=data.FILL)
+    elif op == "TranslateYRel":
+        ref = img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, sign * 0.405 * 24), resample=Image.BICUBIC,
+                            fillcolor=data.FILL)
+    else:
+        ref = img.rotate(sign * 27.0, resample=Image.BICUBIC, fillcolor=data.FILL)
+    assert np.array_equal(np.asarray(out), np.asarray(ref))
+
+
+def test_repeated_augmentation_spreads_each_samples_copies_over_the_ranks():
+    """timm's RepeatAugSampler with 3 repeats on 2 ranks: each sample's copies go to both ranks in
+    turn, each rank's epoch is as long as without repeats, and the order is a function of the epoch."""
+    ds = list(range(12))
+    ranks = [data.ResumableSampler(ds, 2, r, shuffle=True, seed=5, repeats=3) for r in (0, 1)]
+    for s in ranks:
+        s.set_epoch(1)
+    seen = [list(s) for s in ranks]
+    assert [len(x) for x in seen] == [6, 6] == [len(s) for s in ranks]
+    g = torch.Generator().manual_seed(5 + 1)
+    rows = [i for i in torch.randperm(12, generator=g).tolist() for _ in range(3)]
+    assert seen[0] == rows[0:12:2] and seen[1] == rows[1:12:2]  # dealt out in turn
+    for i in set(rows[:12]):  # the 4 samples of this epoch: each on both ranks
+        assert i in seen[0] and i in seen[1]
+    ranks[0].set_epoch(1, start=4)
+    assert list(ranks[0]) == seen[0][4:]  # resumable mid-epoch
+    plain = data.ResumableSampler(ds, 2, 0, shuffle=True, seed=5)
+    plain.set_epoch(1)
+    assert len(list(plain)) == 6 and len(set(plain)) == 6

@@ -255,6 +255,55 @@ def test_lamb_step_matches_the_formula():
     assert torch.allclose(q.detach(), w - 0.1 * torch.ones(2), atol=1e-5)
 
 
+def test_lars_steps_match_the_formula():
+    """MAE's LARS: a 2-D weight's update (g + wd p) scaled by 0.001 |p| / |g + wd p|, a 1-D bias's
+    plain g, both through momentum 0.9; three steps against the formula written out."""
+    w = nn.Parameter(torch.tensor([[3.0, -4.0], [1.0, 2.0]]))
+    b = nn.Parameter(torch.tensor([0.5, -0.5]))
+    opt = finetune.Lars([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}], lr=2.0)
+    ew, eb, mw, mb = w.detach().clone(), b.detach().clone(), torch.zeros(2, 2), torch.zeros(2)
+    for step in range(3):
+        gw, gb = torch.full((2, 2), step + 1.0), torch.tensor([1.0, -2.0]) * (step + 1)
+        w.grad, b.grad = gw.clone(), gb.clone()
+        opt.step()
+        u = gw + 0.1 * ew
+        mw = 0.9 * mw + 0.001 * ew.norm() / u.norm() * u
+        mb = 0.9 * mb + gb
+        ew, eb = ew - 2.0 * mw, eb - 2.0 * mb
+        assert torch.allclose(w.detach(), ew, atol=1e-6) and torch.allclose(b.detach(), eb, atol=1e-6), step
+
+
+def test_the_linear_probe_reads_the_feature_pool_names():
+    """--pool in every mode: MAE's probe reads the final-normed cls token, the k-NN the mean of the
+    patch tokens unless told otherwise."""
+    vit = tiny_vit()
+    x = torch.randn(2, 3, 16, 16)
+    tokens = vit(x)
+    cls = finetune.Classifier(tiny_vit(), 3, pool="cls", linear=True)
+    avg = finetune.Classifier(tiny_vit(), 3, pool="avg", linear=True)
+    assert torch.equal(cls.features(x), tokens[:, 0]) and torch.equal(avg.features(x), tokens[:, 1:].mean(1))
+    assert finetune.RECIPES["imagenet"]["linear"]["pool"] == "cls"
+
+
+def test_a_resnet_from_scratch_zero_inits_each_blocks_last_batchnorm(tmp_path, folder):
+    args = ["--init", "scratch", "--arch", "resnet18", "--img-size", "32", "--max-steps", "1"]
+    captured = {}
+    real = finetune.Classifier.__init__
+
+    def keep(self, backbone, *a, **k):
+        captured["gammas"] = [blk.bn2.weight.detach().clone() for stage in (backbone.layer1, backbone.layer2)
+                              for blk in stage]
+        real(self, backbone, *a, **k)
+
+    import unittest.mock
+    with unittest.mock.patch.object(finetune.Classifier, "__init__", keep):
+        run(*tiny(folder, tmp_path / "ft", *args))
+    assert all((g == 0).all() for g in captured["gammas"])
+    with unittest.mock.patch.object(finetune.Classifier, "__init__", keep):  # a frozen random baseline: not
+        run(*tiny(folder, tmp_path / "lin", *args, "--mode", "linear"))
+    assert all((g == 1).all() for g in captured["gammas"])
+
+
 def test_ema_moves_towards_the_model():
     model = nn.Linear(2, 1)
     ema = finetune.ModelEma(model, 0.9)
@@ -540,7 +589,7 @@ def test_help_shows_every_recipes_value_for_vit_resnet_and_linear():
         values = "; ".join(f"{recipe} " + ", ".join(f"{kind} {v[key]}" for kind, v in kinds.items())
                            for recipe, kinds in finetune.RECIPES.items())
         assert f"[recipe: {values}]" in text, flag
-    assert "imagenet vit adamw, resnet lamb, linear sgd" in text
+    assert "imagenet vit adamw, vit_s adamw, vit_b adamw, vit_l adamw, resnet lamb, linear lars" in text
 
 
 @pytest.mark.parametrize("extra, pattern", [

@@ -64,8 +64,29 @@ def test_every_recipe_sets_the_same_flags_and_each_is_a_flag(script, recipes):
 
 def test_finetune_recipes_are_published_ones_plus_their_differences():
     """Adding a flag to the recipes is one line in BEIT_B; every other recipe inherits it."""
-    assert finetune.RECIPES["imagenet"] == {"vit": finetune.BEIT_B, "resnet": finetune.RSB_A2,
-                                            "linear": finetune.MAE_LINEAR}
-    for kind in finetune.RECIPES["builtin"].values():
+    im = finetune.RECIPES["imagenet"]
+    assert (im["vit_b"], im["vit_l"], im["resnet"], im["linear"]) == (finetune.BEIT_B, finetune.MAE_L,
+                                                                      finetune.RSB_A2, finetune.MAE_LINEAR)
+    for kind in list(finetune.RECIPES["builtin"].values()) + list(im.values()):
         assert set(kind) == set(finetune.BEIT_B)
-    assert finetune.RSB_A2["opt"] == "lamb" and finetune.MAE_LINEAR["opt"] == "sgd"
+    # the per-size table: epochs, warm-up (from), layer decay, drop path, optimiser, feature, repeats
+    table = {k: (v["epochs"], v["warmup_epochs"], v["warmup_lr"], v["layer_decay"], v["drop_path"], v["opt"],
+                 v["pool"], v["aug_repeats"]) for k, v in im.items()}
+    assert table == {"vit": (100, 20, 0.0, 0.65, 0.1, "adamw", "avg", 1),      # BEiT-B
+                     "vit_s": (100, 20, 0.0, 0.65, 0.1, "adamw", "avg", 1),    # BEiT-B's until the paper's
+                     "vit_b": (100, 20, 0.0, 0.65, 0.1, "adamw", "avg", 1),    # BEiT-B
+                     "vit_l": (50, 5, 0.0, 0.75, 0.2, "adamw", "avg", 1),      # MAE-L / BEiT-L
+                     "resnet": (300, 5, 1e-4, 1.0, 0.05, "lamb", "avg", 3),    # RSB A2
+                     "linear": (90, 10, 0.0, 1.0, 0.0, "lars", "cls", 1)}      # MAE's linear probe
+    assert (finetune.RSB_A2["bce_target_thresh"], finetune.RSB_A2["clip_grad"]) == (0.2, 1.0)
+    assert finetune.MAE_LINEAR["batch_size"] * 8 == 16384
+
+
+@pytest.mark.parametrize("arch, recipe_kind", [("vit_l", "vit_l"), ("vit_s", "vit_s"), ("vit_t", "vit"),
+                                               ("resnet50", "resnet")])
+def test_each_model_size_gets_its_recipe(tmp_path, arch, recipe_kind):
+    args = finetune.resolve_args(finetune.get_args_parser().parse_args(
+        ["--init", "scratch", "--arch", arch, "--recipe", "imagenet", "--output-dir", str(tmp_path)]))
+    expected = finetune.RECIPES["imagenet"][recipe_kind]
+    assert (args.epochs, args.layer_decay, args.drop_path) == (expected["epochs"], expected["layer_decay"],
+                                                                expected["drop_path"])

@@ -241,7 +241,7 @@ def test_run_on_an_ade20k_layout_folder_of_odd_sizes(tmp_path):
     assert len(metrics["IoU"]) == 3
     assert sorted(os.listdir(out / "overlays")) == ["val-00.png", "val-01.png", "val-02.png"]
     overlay = Image.open(out / "overlays" / "val-00.png")
-    assert overlay.size == (3 * 36, 24)  # image | truth | prediction at the label's size
+    assert overlay.size == (3 * 36 * 4 + 4, 24 * 4)  # image | truth | prediction, the label's size x 4 >= 96
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
     assert load(out / "checkpoint-latest.pth")["step"] == 3
@@ -390,3 +390,47 @@ def test_batch_of_one_is_refused(tmp_path):
 def test_bad_numeric_flags_are_refused_on_one_line(tmp_path, extra, pattern, capsys):
     err = refused(segment.get_args_parser(), ["--init", "scratch", "--output-dir", tmp_path / "o", *extra], capsys)
     assert re.search(r"^segment\.py: error: argument " + pattern, err), err
+
+
+def test_the_loss_averages_over_every_pixel_as_mmseg():
+    """mmseg's CrossEntropyLoss (avg_non_ignore=False): ignored pixels count 0 in the mean over the
+    whole crop, so a crop with half its pixels ignored has half the loss of its labelled mean."""
+    torch.manual_seed(0)
+    out, aux = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    labels = torch.randint(0, 3, (2, 4, 4))
+    labels[:, :2] = data.IGNORE_INDEX  # half the pixels ignored
+    loss, main = segment.segmentation_loss(out, aux, labels, aux_weight=0.4)
+    per_pixel = torch.nn.functional.cross_entropy(out, labels.clamp(max=2), reduction="none")
+    keep = labels != data.IGNORE_INDEX
+    assert torch.allclose(main, (per_pixel * keep).sum() / labels.numel())
+    assert torch.allclose(main, 0.5 * per_pixel[keep].mean())
+    aux_pixel = torch.nn.functional.cross_entropy(aux, labels.clamp(max=2), reduction="none")
+    assert torch.allclose(loss, main + 0.4 * (aux_pixel * keep).sum() / labels.numel())
+
+
+class ScriptedRng:
+    """random() answers from a script; randint(a, b) gives `shift`."""
+
+    def __init__(self, answers, shift):
+        self.answers, self.shift = list(answers), shift
+
+    def random(self):
+        return self.answers.pop(0)
+
+    def randint(self, a, b):
+        assert (a, b) == (-18, 18)  # mmseg's hue_delta in OpenCV's units
+        return self.shift
+
+    def uniform(self, a, b):
+        raise AssertionError("only the hue branch runs")
+
+
+@pytest.mark.parametrize("shift", [18, -18, 5])
+def test_photometric_hue_shift_is_mmsegs_in_opencv_units(shift):
+    """randint(-18, 18) OpenCV hue units of 2 degrees: +-36 degrees at the ends (0.1: the hue branch
+    runs; 0.9: brightness, contrast and saturation do not)."""
+    red = Image.new("RGB", (4, 4), (255, 0, 0))  # hue 0
+    out = data.photometric_distortion(red, ScriptedRng([0.9, 0.9, 0.9, 0.1, 0.9], shift))
+    hue = np.asarray(out.convert("HSV"))[..., 0].astype(float)
+    degrees = ((hue * 360 / 256 + 180) % 360) - 180
+    assert np.allclose(degrees, 2 * shift, atol=3.0), degrees[0, 0]  # 8-bit HSV round trips: +-3 degrees

@@ -138,3 +138,10 @@ def test_every_stage_accounts_a_bad_gradient_alike(tmp_path, tiny_dvae_ckpt, mon
     logged = [json.loads(line) for line in open(out / "log.jsonl")]
     last = [r for r in logged if r.get("step") == 3 and "skipped" in r]
     assert last and (last[-1]["skipped"], last[-1]["overflows"]) == (ckpt["skipped"], ckpt["overflows"])
+
+
+def test_cosine_schedule_warms_up_from_warmup_lr():
+    assert training.cosine_lr(0, 100, 10, 1.0, 0.0) == 0.0  # BEiT, MAE: from 0
+    assert training.cosine_lr(0, 100, 10, 1.0, 0.0, warmup_lr=1e-4) == 1e-4  # timm's RSB commands
+    assert training.cosine_lr(5, 100, 10, 1.0, 0.0, warmup_lr=1e-4) == pytest.approx(1e-4 + 0.5 * (1 - 1e-4))
+    assert training.cosine_lr(10, 100, 10, 1.0, 0.0, warmup_lr=1e-4) == 1.0

@@ -214,18 +214,23 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self):
         return {"pos_embed", "cls_token"}
 
-    def embed(self, x):
-        """Image (B, 3, H, W) -> tokens with cls prepended and positions added, (B, 1+N, D)."""
+    def embed(self, x, mask=None, mask_token=None):
+        """Image (B, 3, H, W) -> tokens with cls prepended and positions added, (B, 1+N, D). With a
+        mask (B, N), True = masked, the masked patch embeddings become `mask_token` first (BEiT's
+        masked image modelling: a masked patch keeps its position, nothing of its pixels)."""
         grid = (x.shape[2] // self.patch_size, x.shape[3] // self.patch_size)
         x = self.patch_embed(x)  # (B, N, D)
+        if mask is not None:
+            w = mask.unsqueeze(-1).type_as(x)  # (B, N, 1)
+            x = x * (1 - w) + mask_token * w
         pos = self.pos_embed
         if grid != (self.grid_size, self.grid_size):  # another input size: interpolated positions
             pos = resize_pos_embed(pos, grid)
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
         return torch.cat([cls, x], dim=1) + pos
 
-    def forward(self, x):
-        x = self.embed(x)
+    def forward(self, x, mask=None, mask_token=None):
+        x = self.embed(x, mask, mask_token)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)  # (B, 1+N, D)
@@ -304,7 +309,8 @@ def make_downsample(cin, cout, stride):
 
 
 class ResNet(nn.Module):
-    """torchvision-style ResNet without `avgpool`/`fc`; forward returns the stride-32 map (B, C, H/32, W/32).
+    """torchvision-style ResNet without `avgpool`/`fc`; forward returns the last map (B, C, H/32, W/32),
+    or with small_stem (B, C, H/8, W/8).
 
     width: stem channels (64 = the standard nets); stage s has width * 2**s planes. The network is
     fully convolutional; `img_size` is only recorded so heads know the pre-training resolution.
@@ -312,15 +318,19 @@ class ResNet(nn.Module):
     off by default like torchvision, so a fresh net matches torchvision's init.
     drop_path_rate: stochastic depth on the residual branch, linear over blocks (timm's resnet; the
     "ResNet strikes back" recipe uses 0.05). It has no parameters, so the keys stay torchvision's.
+    small_stem=True: the stem of the small-image SSL codebases (solo-learn, lightly; CIFAR-size inputs),
+    a 3x3 stride-1 conv and no max-pool, so a 32 px image ends in a 4x4 map instead of 1x1. Every key
+    stays torchvision's; only conv1's weight has another shape (3x3), so that one does not load there.
     """
-    patch_size = 32  # total stride of the last stage
 
-    def __init__(self, block, layers, width=64, img_size=224, drop_path_rate=0.0, zero_init_residual=False):
+    def __init__(self, block, layers, width=64, img_size=224, drop_path_rate=0.0, zero_init_residual=False,
+                 small_stem=False):
         super().__init__()
-        self.img_size = img_size
-        self.conv1, self.bn1 = conv_bn(3, width, 7, stride=2)
+        self.img_size, self.small_stem = img_size, small_stem
+        self.patch_size = 8 if small_stem else 32  # total stride of the last stage
+        self.conv1, self.bn1 = conv_bn(3, width, 3, stride=1) if small_stem else conv_bn(3, width, 7, stride=2)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = nn.Identity() if small_stem else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         total, done, cin = sum(layers), 0, width
         for s, n in enumerate(layers):
             planes, blocks = width * 2 ** s, []
@@ -351,16 +361,16 @@ class ResNet(nn.Module):
         return set()  # BN and bias parameters are excluded by the optimiser's 1-D rule
 
     def stem(self, x):
-        return self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, width, H/4, W/4)
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, width, H/4, W/4); small stem: H, W
 
     def forward(self, x):
         x = self.stem(x)
         for s in range(1, self.num_stages + 1):
             x = getattr(self, f"layer{s}")(x)
-        return x  # (B, C, H/32, W/32)
+        return x  # (B, C, H/32, W/32); small stem: H/8, W/8
 
     def get_layer_outputs(self, x, layers=(1, 2, 3, 4)):
-        """Maps after the given stages (1..4, strides 4, 8, 16, 32), in the order asked."""
+        """Maps after the given stages (1..4, strides 4, 8, 16, 32; small stem 1, 2, 4, 8), in the order asked."""
         layers = list(layers)
         if any(not 1 <= k <= self.num_stages for k in layers):
             raise ValueError(f"layers {layers} outside 1..{self.num_stages}")
@@ -385,7 +395,7 @@ ARCHS = {
 }
 
 VIT_ONLY = ("embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "init_values")
-RESNET_ONLY = ("block", "layers", "width", "zero_init_residual")
+RESNET_ONLY = ("block", "layers", "width", "zero_init_residual", "small_stem")
 
 
 def build_backbone(name, **kw):
@@ -715,21 +725,24 @@ def backbone_shape(sd):
         block = "Bottleneck" if "layer1.0.conv3.weight" in sd else "BasicBlock"
         shape = dict(layers=layers, block=block)
         names = [n for n, c in ARCHS.items() if c.get("layers") == layers and c["block"].__name__ == block]
-        extra = {}
+        extra = dict(small_stem=sd["conv1.weight"].shape[-1] == 3)
     return shape, (names[0] if names else None), extra
 
 
 def load_backbone(init, arch=None, img_size=None, patch_size=None, drop_path_rate=0.0, init_values=None,
-                  what="--init", zero_init_residual=False):
+                  what="--init", zero_init_residual=False, small_stem=False):
     """A path, read_backbone's result, or "scratch" -> (backbone, its config {"arch", "img_size",
     "patch_size", "init_values"}). From a checkpoint, arch / img_size / patch_size are what the caller
     asks for (None: the checkpoint's): a different arch or patch size is an error, a different
     img_size interpolates a ViT's position embeddings (bicubic, as BEiT / MAE fine-tuning).
     "scratch": a freshly initialised `arch` (seed the RNG first for a repeatable one; a ResNet's last
-    BatchNorm of each block zero with zero_init_residual, as timm's scratch baselines)."""
+    BatchNorm of each block zero with zero_init_residual, as timm's scratch baselines; small_stem for
+    a ResNet's small-image stem, which a checkpoint's conv1 shape gives away by itself)."""
     if isinstance(init, str) and init == "scratch":
         config = dict(img_size=img_size, patch_size=patch_size, init_values=init_values)
         extra = dict(zero_init_residual=True) if zero_init_residual else {}
+        if small_stem:
+            config["small_stem"] = True
         return build_backbone(arch, drop_path_rate=drop_path_rate, **config, **extra), dict(config, arch=arch)
     sd, meta, kind = read_backbone(init, what) if isinstance(init, str) else init
     shape, name, extra = backbone_shape(sd)
@@ -750,7 +763,7 @@ def load_backbone(init, arch=None, img_size=None, patch_size=None, drop_path_rat
         if sd["pos_embed"].shape[1] != grid * grid + 1:  # BEiT / MAE: interpolate to the new grid
             sd = dict(sd, pos_embed=resize_pos_embed(sd["pos_embed"].float(), grid))
     else:
-        config["img_size"] = img_size or meta.get("img_size") or 224
+        config.update(img_size=img_size or meta.get("img_size") or 224, small_stem=extra["small_stem"])
     backbone = build_backbone(name, drop_path_rate=drop_path_rate, **config)
     config["arch"] = name
     missing, unexpected = backbone.load_state_dict(sd, strict=False)

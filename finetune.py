@@ -61,7 +61,8 @@ BEIT_B = dict(arch="vit_b", img_size=224, patch_size=16, epochs=100, batch_size=
               warmup_epochs=20, warmup_lr=0.0, weight_decay=0.05, layer_decay=0.65, drop_path=0.1,
               smoothing=0.1, mixup=0.8, cutmix=1.0, aa="m9-mstd0.5", reprob=0.25, color_jitter=0.4,
               crop_min=0.08, crop_pct=0.875, opt="adamw", loss="ce", bce_target_thresh=None,
-              head_init_scale=0.001, clip_grad=None, pool="avg", aug_repeats=1, num_workers=10)
+              head_init_scale=0.001, clip_grad=None, pool="avg", aug_repeats=1, resnet_stem="imagenet",
+              num_workers=10)
 # ViT-S/16: the CIM paper's appendix gives its own values; they could not be read for this project,
 # so ViT-S takes BEiT-B's until they are checked
 VIT_S = dict(BEIT_B, arch="vit_s")
@@ -87,18 +88,24 @@ MAE_LINEAR = dict(BEIT_B, epochs=90, batch_size=2048, blr=0.1, min_lr=0.0, warmu
 # mean-pooled tokens it was measured with
 CPU = dict(img_size=32, warmup_epochs=1, crop_min=0.35, crop_pct=1.0, mixup=0.0, cutmix=0.0, aa="none",
            reprob=0.0, num_workers=1)
+BUILTIN = {"vit": dict(BEIT_B, **CPU, arch="vit_mini", patch_size=4, epochs=2, batch_size=64, blr=2e-3,
+                       layer_decay=0.75),
+           "resnet": dict(BEIT_B, **CPU, arch="resnet18", patch_size=None, epochs=2, batch_size=64, blr=2e-3,
+                          weight_decay=0.02, layer_decay=1.0, drop_path=0.05, smoothing=0.0, opt="lamb",
+                          loss="bce", head_init_scale=1.0),
+           "linear": dict(MAE_LINEAR, **CPU, arch="vit_mini", patch_size=4, epochs=3, batch_size=256, opt="sgd",
+                          pool="avg")}
 RECIPES = {
-    "builtin": {"vit": dict(BEIT_B, **CPU, arch="vit_mini", patch_size=4, epochs=2, batch_size=64, blr=2e-3,
-                            layer_decay=0.75),
-                "resnet": dict(BEIT_B, **CPU, arch="resnet18", patch_size=None, epochs=2, batch_size=64,
-                               blr=2e-3, weight_decay=0.02, layer_decay=1.0, drop_path=0.05, smoothing=0.0,
-                               opt="lamb", loss="bce", head_init_scale=1.0),
-                "linear": dict(MAE_LINEAR, **CPU, arch="vit_mini", patch_size=4, epochs=3, batch_size=256,
-                               opt="sgd", pool="avg")},
+    "builtin": BUILTIN,
+    # a folder of small photos (a few thousand, 32-64 px): the built-in recipe, long enough for scratch to
+    # stop improving (10 epochs: docs/study.md), and the ResNet's small-image stem
+    "photos": {"vit": dict(BUILTIN["vit"], epochs=10), "resnet": dict(BUILTIN["resnet"], epochs=10, resnet_stem="small"),
+               "linear": dict(BUILTIN["linear"], epochs=10)},
     "imagenet": {"vit": BEIT_B, "vit_s": VIT_S, "vit_b": BEIT_B, "vit_l": MAE_L, "resnet": RSB_A2,
                  "linear": MAE_LINEAR},
 }
 MODES = ("finetune", "linear", "knn")
+PHOTOS_MAX_SIDE = 64  # --data of images this small (median longer side) gets the photos recipe, as pretrain.py
 
 def get_args_parser():
     """Every flag once: its type and range check (training.number), whether a resume may change it
@@ -119,7 +126,8 @@ def get_args_parser():
     a("--mode", default="finetune", choices=MODES,
       help="finetune: all weights; linear: frozen backbone + BN + linear head; knn: weighted k-NN")
     a("--recipe", default=None, choices=list(RECIPES),
-      help="defaults of every flag marked [recipe]: builtin without --data (CPU minutes), imagenet "
+      help="defaults of every flag marked [recipe]: builtin without --data (CPU minutes), photos with "
+           f"--data of images up to {PHOTOS_MAX_SIDE} px, imagenet "
            "with --data (BEiT-B for ViTs, MAE-L for ViT-L, 'ResNet strikes back' A2 for ResNets, MAE's "
            "linear probe)")
     a("--init", default=None, help="pre-training checkpoint, exported backbone.pth, timm/torchvision "
@@ -131,6 +139,8 @@ def get_args_parser():
     a("--eval-size", type=pos_int, default=None, help="test input size (default --img-size; the 'train "
       "low, test high' option of ResNet recipes: e.g. --img-size 160 --eval-size 224)")
     r("--patch-size", "ViT patch size for --init scratch (else the checkpoint's)", type=pos_int)
+    r("--resnet-stem", "ResNet stem for --init scratch (a checkpoint's is read from its conv1): imagenet or "
+      "small (3x3 stride-1 conv, no max-pool; pretrain.py --resnet-stem)", choices=["imagenet", "small"])
     a("--nb-classes", type=pos_int, default=None, help="classes; default and check: the data's class folders")
     r("--pool", "ViT feature, in every mode: avg = mean of the patch tokens (fine-tuning: + a LayerNorm "
       "fc_norm, BEiT/MAE), cls = the final-normed cls token (MAE's linear probe)", choices=["avg", "cls"])
@@ -459,7 +469,8 @@ def resolve_args(args, init=None):
         raise ValueError("--init is required: a pre-training checkpoint, backbone.pth, a timm/torchvision "
                          "state dict, or 'scratch' for the random-init baseline")
     if args.recipe is None:
-        args.recipe = "builtin" if args.data is None else "imagenet"
+        args.recipe = "builtin" if args.data is None else "photos" if data.typical_image_side(
+            os.path.join(args.data, "train")) <= PHOTOS_MAX_SIDE else "imagenet"
     family = args.arch
     if family is None and args.init != "scratch":
         family = enh.backbone_shape((init or enh.read_backbone(args.init))[0])[1] or "vit"
@@ -541,7 +552,7 @@ def main(args):
     # frozen random one: the linear-probe and k-NN baselines keep plain random features)
     zero_init = args.init == "scratch" and args.arch.startswith("resnet") and args.mode == "finetune"
     backbone, net = enh.load_backbone(init or args.init, args.arch, args.img_size, args.patch_size, args.drop_path,
-                                      zero_init_residual=zero_init)
+                                      zero_init_residual=zero_init, small_stem=args.resnet_stem == "small")
     # the checkpoint decides the network: its values go into args, so checkpoints and resumes record them
     args.arch, args.img_size, args.patch_size, args.init_values = (
         net[k] for k in ("arch", "img_size", "patch_size", "init_values"))

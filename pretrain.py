@@ -41,13 +41,13 @@ RECIPES = {
                     min_lr=1e-5, warmup_epochs=1, weight_decay=0.05, opt_betas=[0.9, 0.98],
                     gen_dim=64, gen_depth=2, gen_heads=2, crop_min=0.35, color_jitter=0.0,
                     norm_window=5, drop_path=0.0, num_workers=1, knn_k=20, tokenizer="small",
-                    mask_ratio=0.5, temperature=1.0),
+                    mask_ratio=0.5, temperature=1.0, resnet_stem="imagenet"),
     # constant lr 1e-3 at batch 128, flips only, a quarter of the patches re-drawn (docs/study.md, row I)
     "photos": dict(arch="vit_mini", img_size=32, patch_size=4, epochs=15, batch_size=128, blr=2e-3,
                    min_lr=None, warmup_epochs=0, weight_decay=0.05, opt_betas=[0.9, 0.98],
                    gen_dim=64, gen_depth=2, gen_heads=2, crop_min=1.0, color_jitter=0.0,
                    norm_window=5, drop_path=0.0, num_workers=1, knn_k=20, tokenizer="kmeans",
-                   mask_ratio=0.25, temperature=1.0),
+                   mask_ratio=0.25, temperature=1.0, resnet_stem="small"),
     # The paper's setting. From the paper: ViT-B/16 (and ViT-S/16, ResNet-50 via --arch), 300 epochs,
     # 50% random masking, softmax sampling (T = 1), a small BEiT generator of 4 blocks (its ablation
     # favours 4-6). From BEiT's run_beit_pretraining.py and README command, where the paper is silent or
@@ -59,7 +59,7 @@ RECIPES = {
                      blr=1.5e-3 * 256 / 2048, min_lr=1e-5, warmup_epochs=10, weight_decay=0.05,
                      opt_betas=[0.9, 0.999], gen_dim=256, gen_depth=4, gen_heads=4, crop_min=0.08,
                      color_jitter=0.4, norm_window=9, drop_path=0.1, num_workers=10, knn_k=20,
-                     tokenizer=None, mask_ratio=0.5, temperature=1.0),
+                     tokenizer=None, mask_ratio=0.5, temperature=1.0, resnet_stem="imagenet"),
 }
 PHOTOS_MAX_SIDE = 64  # --data of images this small (median longer side) gets the photos recipe
 TOKENIZER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -145,6 +145,18 @@ class CIM(nn.Module):
                           corrupted=corrupted, out=out, loss_gen=loss_gen, acc_gen=acc_gen,
                           loss_enh=loss_enh)
 
+    @property
+    def backbone(self):  # what pre-training is for: exported, k-NN-checked, fine-tuned
+        return self.enhancer.backbone
+
+    @property
+    def grid(self):
+        return self.generator.grid
+
+    @property
+    def vocab_size(self):
+        return self.generator.vocab_size
+
     def no_weight_decay(self):
         """Position embeddings, cls / mask tokens and the relative position table of both networks."""
         return {f"generator.{n}" for n in self.generator.no_weight_decay()} | \
@@ -160,15 +172,23 @@ class CIM(nn.Module):
                              f"{G}*downsample = {G * encoder.downsample} px images")
 
 
+def build_backbone(args):
+    """The enhancer's backbone as the flags ask (a ResNet's stem by --resnet-stem)."""
+    kw = dict(small_stem=args.resnet_stem == "small") if args.arch.startswith("resnet") else {}
+    return enh.build_backbone(args.arch, img_size=args.img_size, patch_size=args.patch_size,
+                              drop_path_rate=args.drop_path, init_values=args.init_values, **kw)
+
+
 def build_model(args, encoder, decoder):
     grid = args.img_size // args.patch_size
-    generator = gen.BEiTGenerator(args.img_size, args.patch_size, encoder.vocab_size, args.gen_dim,
-                                  args.gen_depth, args.gen_heads)
-    backbone = enh.build_backbone(args.arch, img_size=args.img_size, patch_size=args.patch_size,
-                                  drop_path_rate=args.drop_path, init_values=args.init_values)
-    enhancer = enh.Enhancer(backbone, args.objective, grid, args.norm_pix, args.norm_window)
+    backbone = build_backbone(args)
     tok_dtype = training.AMP_DTYPES[args.amp] if args.tokenizer_dtype == "auto" else \
         TOKENIZER_DTYPES[args.tokenizer_dtype]
+    if args.method == "beit":
+        return BEiT(backbone, encoder, tok_dtype)
+    generator = gen.BEiTGenerator(args.img_size, args.patch_size, encoder.vocab_size, args.gen_dim,
+                                  args.gen_depth, args.gen_heads)
+    enhancer = enh.Enhancer(backbone, args.objective, grid, args.norm_pix, args.norm_window)
     channels_last = args.arch.startswith("resnet") and torch.cuda.is_available() and args.device != "cpu"
     if channels_last:  # NHWC convolutions: the fast layout of cuDNN's tensor-core kernels
         backbone.to(memory_format=torch.channels_last)
@@ -177,12 +197,53 @@ def build_model(args, encoder, decoder):
 
 
 
+class BEiT(nn.Module):
+    """The baseline CIM is measured against (the paper compares CIM with BEiT): the enhancer's own
+    backbone trained by BEiT's masked image modelling, with no generator and no corruption. Masked
+    patch embeddings become a learnable mask token, and a linear head on each masked patch token
+    predicts the frozen tokenizer's token. Same data, tokenizer, masks and steps as a CIM run; its
+    backbone.pth goes to finetune.py and segment.py the same way: what CIM adds over BEiT at equal
+    size and budget. forward has CIM.forward's signature, so train_step runs both."""
+
+    def __init__(self, backbone, encoder, tokenizer_dtype=torch.float32):
+        super().__init__()
+        if not isinstance(backbone, enh.VisionTransformer):
+            raise ValueError("--method beit needs a ViT --arch: a mask token cannot enter a CNN (which is why "
+                             "CIM corrupts the image instead)")
+        self.backbone, self.tokenizer, self.tokenizer_dtype = backbone, (encoder,), tokenizer_dtype
+        self.grid, self.vocab_size = backbone.grid_size, encoder.vocab_size
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, backbone.num_features))
+        self.lm_head = nn.Linear(backbone.num_features, encoder.vocab_size)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.lm_head.apply(enh.init_vit_weights)
+
+    def no_weight_decay(self):
+        return {"mask_token"} | {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
+    def forward(self, images, tok_images, mask, trace=no_trace):
+        mask = mask.bool()
+        tokens = dvae.tokenize(self.tokenizer[0], tok_images, self.tokenizer_dtype)  # (B, G, G), no grad
+        if tuple(tokens.shape[1:]) != (self.grid, self.grid):
+            raise ValueError(f"the tokenizer gives a {tokens.shape[1]}x{tokens.shape[2]} token grid, the ViT "
+                             f"has {self.grid}x{self.grid} patches")
+        tokens = tokens.flatten(1)                                    # (B, N)
+        trace("tokens", tokens)
+        x = self.backbone(images, mask, self.mask_token)[:, 1:]      # (B, N, D), masked patches -> [MASK]
+        logits = self.lm_head(x[mask])                               # (M, V): masked positions only
+        trace("logits", logits)
+        loss = gen.BEiTGenerator.loss(logits, tokens[mask])
+        trace("loss", loss)
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == tokens[mask]).float().mean()
+        return loss, dict(tokens=tokens, mask=mask, loss_gen=loss, acc_gen=acc)
+
+
 def compile_in_place(model):
     """torch.compile the generator, the enhancer and the tokenizer in place (nn.Module.compile):
     state_dict keys keep no `_orig_mod.` prefix and the DDP wrapper around the CIM stays as it is.
     A dVAE is compiled layer group by layer group, since dvae.tokenize/decode call them apart."""
-    model.generator.compile()
-    model.enhancer.compile()
+    for net in (model.generator, model.enhancer) if isinstance(model, CIM) else (model.backbone,):
+        net.compile()
     for part in model.tokenizer:
         for m in (part.blocks if hasattr(part, "blocks") else [part]):
             m.compile()
@@ -201,7 +262,7 @@ def train_step(ddp_model, model, batches, optimizer, scaler, args, device, trace
     for i, (images, tok_images) in enumerate(batches):
         images = images.to(device, non_blocking=True)
         tok_images = tok_images.to(device, non_blocking=True)
-        mask = gen.mask_patches(args.mask_type, images.shape[0], model.generator.grid,
+        mask = gen.mask_patches(args.mask_type, images.shape[0], model.grid,
                                 args.mask_ratio).to(device)  # (B, N), True = masked
         trace("images", images)
         trace("tokenizer view", tok_images)
@@ -234,10 +295,11 @@ def binary_auc(scores, labels):
 
 def log_record(out, args):
     """Scalars of one step for the JSON log (reads tensors back from the device: only at log time)."""
-    rec = {"loss": out["loss"].item(), "loss_gen": out["loss_gen"].item(),
-           "acc_gen": out["acc_gen"].item(), "loss_enh": out["loss_enh"].item(),
-           "grad_norm": out["grad_norm"].item(), "mask_frac": out["mask"].float().mean().item(),
-           "replaced_frac": out["replaced"].float().mean().item()}
+    rec = {"loss": out["loss"].item(), "loss_gen": out["loss_gen"].item(), "acc_gen": out["acc_gen"].item(),
+           "grad_norm": out["grad_norm"].item(), "mask_frac": out["mask"].float().mean().item()}
+    if args.method == "beit":  # loss_gen / acc_gen: the backbone's own masked-token loss and accuracy
+        return rec
+    rec.update(loss_enh=out["loss_enh"].item(), replaced_frac=out["replaced"].float().mean().item())
     if args.objective == "revdet":
         rec["revdet_acc"] = out["revdet_acc"].item()
         rec["revdet_auc"] = binary_auc(out["out"].detach(), out["replaced"])
@@ -321,10 +383,10 @@ def main(args):
     training.record_args(args, rank, "pretrain.py")  # the flags, once every check has passed
     log = training.JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0, resumed_at=step)
     if rank == 0:
-        n_gen = sum(p.numel() for p in model.generator.parameters())
-        n_enh = sum(p.numel() for p in model.enhancer.parameters())
-        print(f"generator {n_gen / 1e6:.2f}M params, enhancer {n_enh / 1e6:.2f}M params, "
-              f"{total_steps} steps of {total_batch} images, lr {args.lr:.2e}")
+        sizes = ", ".join(f"{name} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params" for name, m in
+                          ((("generator", model.generator), ("enhancer", model.enhancer)) if args.method == "cim"
+                           else (("BEiT backbone + head", model),)))
+        print(f"{sizes}, {total_steps} steps of {total_batch} images, lr {args.lr:.2e}")
         if step == 0:
             log.write(step=0, **tok_stats)
 
@@ -339,7 +401,7 @@ def main(args):
     # ---------------------------------------------------------------- training loop
     def knn_curve():  # the trained enhancer's k-NN, without touching any RNG the run depends on
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            knn = training.knn_accuracy(model.enhancer.backbone, *knn_loaders, len(knn_sets[0].classes),
+            knn = training.knn_accuracy(model.backbone, *knn_loaders, len(knn_sets[0].classes),
                                         device, args.knn_k)
         log.write(step=step, knn=knn["top1"], feature_rank=knn["feature_rank"])
 
@@ -368,7 +430,7 @@ def main(args):
                 rec = dict(step=step, epoch=epoch, lr=lr, **log_record(out, args),
                            img_per_s=seen / (time.time() - t0),
                            peak_mem_mb=training.peak_memory_mb(device), **skips.state())
-                bar.set_postfix(gen=f"{rec['loss_gen']:.3f}", enh=f"{rec['loss_enh']:.3f}")
+                bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss_gen", "loss_enh") if k in rec})
                 log.write(**rec)
             if rank == 0 and status != "skipped" and (step % args.sample_every == 0 or step == total_steps):
                 save_samples(out, micro[-1][0], args, os.path.join(args.output_dir, f"sample-{step:06d}.png"))
@@ -383,7 +445,7 @@ def main(args):
         torch.save(export(model, args), os.path.join(args.output_dir, "backbone.pth"))
     result = {"steps": step, "minutes": (time.time() - t0) / 60}
     if knn_sets:
-        result.update(knn_report(model.enhancer.backbone, knn_sets, knn_loaders, args, device))
+        result.update(knn_report(model.backbone, knn_sets, knn_loaders, args, device))
     if rank == 0:
         log.write(**result)
         print(json.dumps(result))
@@ -399,12 +461,12 @@ def resume(args, model, optimizer, scaler, rank, world_size, device):
     if ckpt is None:
         return 0, skips
     saved = ckpt.get("args", {})
-    training.check_same_network(saved, args, ("arch", "objective", "img_size", "patch_size", "gen_dim",
-                                              "gen_depth", "gen_heads"), path)
-    saved_vocab = ckpt["model"]["generator.lm_head.weight"].shape[0]
-    if saved_vocab != model.generator.vocab_size:
-        raise ValueError(f"--resume {path!r} holds a generator for a {saved_vocab}-code tokenizer, this "
-                         f"run's tokenizer has {model.generator.vocab_size} codes: pass the tokenizer it "
+    training.check_same_network(saved, args, ("method", "arch", "objective", "img_size", "patch_size",
+                                              "gen_dim", "gen_depth", "gen_heads", "resnet_stem"), path)
+    saved_vocab = next((v.shape[0] for k, v in ckpt["model"].items() if k.endswith("lm_head.weight")), None)
+    if saved_vocab != model.vocab_size:
+        raise ValueError(f"--resume {path!r} holds a token head for a {saved_vocab}-code tokenizer, this "
+                         f"run's tokenizer has {model.vocab_size} codes: pass the tokenizer it "
                          f"was trained with (--dvae or --dalle-encoder/--dalle-decoder)")
     changed = training.check_resume_flags(saved, vars(args), free, path,
                                           args.allow_flag_changes)
@@ -434,7 +496,14 @@ def get_args_parser():
            f"photos (the default for --data of images up to {PHOTOS_MAX_SIDE} px) or imagenet (the "
            "paper's ViT-B setting; the default for --data of larger images)")
     # what to train
+    a("--method", default="cim", choices=["cim", "beit"],
+      help="cim: generator + enhancer (the paper); beit: the baseline the paper compares with, the same "
+           "backbone trained by BEiT's masked image modelling (mask token, token prediction), same data, "
+           "tokenizer, masks and steps; its backbone.pth goes downstream like CIM's")
     r("--arch", f"enhancer backbone, one of {list(enh.ARCHS)}", choices=list(enh.ARCHS))
+    r("--resnet-stem", "ResNet stem: imagenet (7x7 stride-2 conv + max-pool, torchvision's) or small (3x3 "
+      "stride-1 conv, no max-pool, for 32-64 px images: a 32 px image ends in a 4x4 map, not 1x1; "
+      "every key but conv1's shape stays torchvision's)", choices=["imagenet", "small"])
     a("--objective", default="revdet", choices=["revdet", "respix"],
       help="revdet: per-token 'was it replaced?' (BCE); respix: regress all original pixels")
     r("--img-size", "input size S", type=pos_int)
@@ -518,6 +587,11 @@ def resolve_args(args):
             setattr(args, k, v)
     if args.img_size % args.patch_size:
         raise ValueError(f"--img-size {args.img_size} is not a multiple of --patch-size {args.patch_size}")
+    if args.method == "beit" and args.arch.startswith("resnet"):
+        raise ValueError(f"--method beit needs a ViT --arch, not {args.arch}: a mask token cannot enter a CNN "
+                         f"(which is why CIM corrupts the image instead)")
+    if args.method == "beit" and args.explain:
+        raise ValueError("--explain draws CIM's step (generator, corruption, enhancer); --method beit has none")
     if bool(args.dalle_encoder) != bool(args.dalle_decoder):
         raise ValueError("pass both --dalle-encoder and --dalle-decoder (the official tokenizer has two "
                          "files)")
@@ -639,6 +713,8 @@ def save_samples(out, images, args, path, n=8):
     images = data.denormalize(images[:n].float().cpu())
     S, G = images.shape[-1], args.img_size // args.patch_size
     masked = patch_map(out["mask"][:n].cpu(), G, S)
+    if args.method == "beit":  # no corruption: what the backbone sees
+        return data.save_grid([images, images * (1 - masked) + 0.5 * masked], path, ["original", "BEiT input"])
     rows = [images, images * (1 - masked) + 0.5 * masked, out["corrupted"][:n].float().cpu(),
             enhancer_view(out["out"], args.objective, G, S, n)]
     names = ["original", "generator input", "corrupted", "enhancer output"]
@@ -669,7 +745,7 @@ def explain(ddp_model, model, loader, optimizer, scaler, args, device):
         if isinstance(value, torch.Tensor):
             seen[name] = value.detach()
 
-    hook = model.enhancer.backbone.register_forward_hook(
+    hook = model.backbone.register_forward_hook(
         lambda module, inputs, output: describe("enhancer backbone: features", output))
     out, status = train_step(ddp_model, model, batch, optimizer, scaler, args, device, trace=trace)
     hook.remove()
@@ -736,8 +812,7 @@ def knn_report(backbone, knn_sets, loaders, args, device):
     both networks' features (training.effective_rank: near 1 is a collapsed representation)."""
     num_classes = len(knn_sets[0].classes)
     torch.manual_seed(args.seed)
-    random_init = enh.build_backbone(args.arch, img_size=args.img_size, patch_size=args.patch_size,
-                                     init_values=args.init_values).to(device)
+    random_init = build_backbone(args).eval().to(device)
     ours, rand = (training.knn_accuracy(b, *loaders, num_classes, device, args.knn_k)
                   for b in (backbone, random_init))
     return {"knn_pretrained": ours["top1"], "knn_random_init": rand["top1"],
@@ -747,7 +822,7 @@ def knn_report(backbone, knn_sets, loaders, args, device):
 
 def export(model, args):
     """Enhancer backbone under timm (ViT) / torchvision (ResNet) names + what rebuilds it."""
-    return {"model": enh.export_backbone(model.enhancer.backbone),
+    return {"model": enh.export_backbone(model.backbone),
             "arch": args.arch, "img_size": args.img_size, "patch_size": args.patch_size,
             "init_values": args.init_values, "args": vars(args)}
 

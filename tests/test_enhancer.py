@@ -87,6 +87,44 @@ def test_resnet50_matches_torchvision_keys_and_count():
     assert (m.num_features, m.patch_size) == (2048, 32)
 
 
+def test_small_stem_resnet_keeps_torchvision_keys_and_ends_in_a_4x4_map_at_32px():
+    """The small-image stem: 3x3 stride-1 conv1, no max-pool. Every key is torchvision's; only conv1's
+    shape differs; stride 8, so the RevDet head's pixel shuffle goes from 4x4 to the 8x8 token grid,
+    and a checkpoint's conv1 tells load_backbone to rebuild the stem."""
+    ref = torchvision_resnet50_keys()
+    with torch.device("meta"):
+        small = build_backbone("resnet50", small_stem=True)
+    got = shapes(small.state_dict())
+    assert [k for k, _ in got] == [k for k, _ in ref]
+    assert [k for (k, a), (_, b) in zip(got, ref) if a != b] == ["conv1.weight"]
+    assert dict(got)["conv1.weight"] == [64, 3, 3, 3] and small.patch_size == 8
+    torch.manual_seed(0)
+    r18 = build_backbone("resnet18", img_size=32, small_stem=True)
+    assert r18(torch.randn(2, 3, 32, 32)).shape == (2, 512, 4, 4)
+    model = Enhancer(r18, "revdet", token_grid=8)
+    out, loss, _ = model(torch.randn(2, 3, 32, 32), None, torch.rand(2, 64) > 0.5)
+    assert out.shape == (2, 64) and torch.isfinite(loss)
+    import enhancer
+    shape, name, extra = enhancer.backbone_shape(export_backbone(model))
+    assert name == "resnet18" and extra == {"small_stem": True}
+
+
+def test_a_mask_token_replaces_masked_patches_and_nothing_else():
+    """VisionTransformer(x, mask, mask_token), the hook pretrain.py's BEiT baseline uses: no mask is
+    the plain forward, and a masked patch's pixels no longer reach the output."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    token = torch.randn(1, 1, 32)
+    x = torch.randn(2, 3, 16, 16)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    assert torch.allclose(vit(x, mask, token), vit(x))
+    mask[:, 5] = True  # patch 5: row 1, column 1
+    y = x.clone()
+    y[:, :, 4:8, 4:8] = torch.randn(2, 3, 4, 4)
+    assert torch.allclose(vit(x, mask, token), vit(y, mask, token))
+    assert not torch.allclose(vit(x), vit(y))
+
+
 def test_export_strips_wrappers_and_copies():
     m = build_backbone("vit_t", img_size=32, patch_size=8, depth=1)
     enh = Enhancer(m, "respix", token_grid=4)

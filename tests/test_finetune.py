@@ -604,3 +604,14 @@ def test_help_shows_every_recipes_value_for_vit_resnet_and_linear():
 def test_bad_numeric_flags_are_refused_on_one_line(tmp_path, extra, pattern, capsys):
     err = refused(finetune.get_args_parser(), ["--init", "scratch", "--output-dir", tmp_path / "o", *extra], capsys)
     assert re.search(r"^finetune\.py: error: argument " + pattern, err), err
+
+
+def test_small_photos_get_the_photos_recipe_and_a_resnet_its_small_stem(tmp_path, folder):
+    """--data of images up to 64 px: the photos recipe (10 epochs, the built-in settings otherwise);
+    a ResNet from scratch there gets the small-image stem, like pretrain.py's photos recipe."""
+    args = finetune.resolve_args(finetune.get_args_parser().parse_args(tiny(folder, tmp_path, "--init", "scratch",
+                                                                              "--arch", "resnet18")))
+    assert (args.recipe, args.epochs, args.resnet_stem) == ("photos", 10, "small")
+    run(*tiny(folder, tmp_path / "ft", "--init", "scratch", "--arch", "resnet18", "--img-size", "16",
+              "--max-steps", "1"))
+    assert load(tmp_path / "ft" / "classifier.pth")["conv1.weight"].shape == (64, 3, 3, 3)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import REPO, free_port, subprocess_env
@@ -22,10 +23,10 @@ from dalle_standin import write_official_pickles
 MARKER = "<!-- paper path: tests/test_paper_path.py runs this block as written -->"
 # what the test adds to each kind of command: sizes only (the last value of a flag wins in argparse)
 SIZE_FLAGS = {
-    "pretrain.py": "--max-steps 2 --batch-size 2 --img-size 64 --num-workers 0",
+    "pretrain.py": "--max-steps 2 --batch-size 2 --img-size 32 --num-workers 0",
     "finetune.py": "--max-steps 2 --batch-size 2 --eval-batch-size 4 --num-workers 0",
-    "segment.py": "--iters 2 --batch-size 2 --crop-size 64 --scale 96 64 --stride 32 --eval-every 2 "
-                  "--eval-batch-size 1 --num-workers 0",
+    "segment.py": "--iters 2 --batch-size 2 --crop-size 32 --scale 48 32 --stride 16 --eval-every 2 "
+                  "--eval-batch-size 2 --num-workers 0",
     "segment.py --eval-only": "--num-workers 0",
 }
 
@@ -110,9 +111,12 @@ def test_readme_paper_path_block_is_complete():
     assert all(c.startswith("torchrun --nproc_per_node 8 ") for c in commands)
 
 
-def test_readme_paper_path_runs_as_written(tmp_path):
+@pytest.mark.parametrize("arch", ["vit_b", "resnet50"])
+def test_readme_paper_path_runs_as_written(tmp_path, arch):
+    """One backbone's chain of the block (its commands write and read $OUT/<arch>/...), in order."""
     rng = np.random.default_rng(0)
     variables, commands = paper_block()
+    commands = [c for c in commands if f"/{arch}/" in c]
     given = {"IMAGENET": tmp_path / "imagenet", "ADE20K": tmp_path / "ade20k", "DALLE": tmp_path / "dall_e"}
     make_imagenet(given["IMAGENET"], rng)
     make_ade20k(given["ADE20K"], rng)
@@ -121,7 +125,7 @@ def test_readme_paper_path_runs_as_written(tmp_path):
                            dict(n_init=16, n_hid=8, n_blk_per_group=1, vocab_size=8192))
     # the data and tokenizer lines are the user's to edit; OUT stays as the README sets it
     variables.update({k: str(v) for k, v in given.items()})
-    out = tmp_path / variables["OUT"]
+    out = tmp_path / variables["OUT"] / arch
     for command in commands:
         command = expand(command, variables)
         for path in re.findall(r"--init (\S+)", command):  # an earlier stage left it there
@@ -129,8 +133,5 @@ def test_readme_paper_path_runs_as_written(tmp_path):
         proc = subprocess.run(to_argv(command, free_port()), cwd=tmp_path, env=subprocess_env(),
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    for arch in ("vit_b", "resnet50"):
-        assert (out / arch / "pretrain" / "backbone.pth").is_file()
-        assert (out / arch / "finetune" / "classifier.pth").is_file()
-        assert (out / arch / "linear" / "classifier.pth").is_file()
-        assert (out / arch / "ade20k" / "metrics.json").is_file()
+    for path in ("pretrain/backbone.pth", "finetune/classifier.pth", "linear/classifier.pth", "ade20k/metrics.json"):
+        assert (out / path).is_file(), path

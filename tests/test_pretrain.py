@@ -766,3 +766,35 @@ def test_knn_every_logs_the_curve_and_leaves_training_unchanged(tmp_path, tiny_d
     assert_same_training_state(load(tmp_path / "plain" / "checkpoint-latest.pth"),
                                load(tmp_path / "curve" / "checkpoint-latest.pth"))
     assert read_log(tmp_path / "plain")[-1]["knn_pretrained"] == read_log(tmp_path / "curve")[-1]["knn_pretrained"]
+
+
+def test_beit_baseline_trains_the_enhancer_backbone_by_masked_image_modelling(tmp_path, tiny_dvae_ckpt):
+    """--method beit: the same backbone, data, tokenizer and masks, no generator; its export is an
+    ordinary backbone.pth (finetune.py reads it as the same arch)."""
+    run(tmp_path, tiny_dvae_ckpt, "--method", "beit", "--max-steps", "3")
+    ckpt = load(tmp_path / "checkpoint-latest.pth")
+    assert not any(k.startswith(("generator.", "enhancer.")) for k in ckpt["model"])
+    assert {"mask_token", "lm_head.weight", "backbone.pos_embed"} <= set(ckpt["model"])
+    records = [r for r in read_log(tmp_path) if "loss" in r]
+    assert len(records) == 3 and all(math.isfinite(r["loss_gen"]) for r in records)
+    assert all(r["loss"] == r["loss_gen"] and "loss_enh" not in r for r in records)
+    exported = load(tmp_path / "backbone.pth")
+    assert exported["arch"] == "vit_mini"
+    for k, v in exported["model"].items():
+        assert torch.equal(v, ckpt["model"]["backbone." + k]), k
+    backbone, config = enh.load_backbone(str(tmp_path / "backbone.pth"))
+    assert config["arch"] == "vit_mini" and config["img_size"] == 16
+
+
+def test_beit_baseline_needs_a_vit(tmp_path, tiny_dvae_ckpt):
+    with pytest.raises(ValueError, match="--method beit needs a ViT --arch, not resnet18"):
+        run(tmp_path, tiny_dvae_ckpt, "--method", "beit", "--arch", "resnet18")
+
+
+def test_the_photos_recipe_gives_a_resnet_the_small_stem(tmp_path, tiny_dvae_ckpt):
+    root = image_folder(tmp_path / "photos", 16, classes=2, n=12)
+    run(tmp_path / "out", tiny_dvae_ckpt, "--data", root, "--arch", "resnet18", "--max-steps", "1",
+        "--knn-k", "2")
+    exported = load(tmp_path / "out" / "backbone.pth")
+    assert exported["model"]["conv1.weight"].shape == (64, 3, 3, 3)
+    assert exported["args"]["resnet_stem"] == "small" and exported["args"]["recipe"] == "photos"

@@ -861,7 +861,7 @@ def save_reconstructions(enc, dec, dataset, device, path, n=16):
     """PNG: a row of validation images above their hard-token reconstructions."""
     import data
     x = torch.stack([dataset[i][0] for i in range(n)]).to(device)
-    data.save_grid([x, decode(dec, tokenize(enc, x))], path)
+    data.save_grid([x, decode(dec, tokenize(enc, x))], path, ["input x", "decode(tokenize(x))"])
 
 
 if __name__ == "__main__":

@@ -105,7 +105,10 @@ def test_tiny_run_logs_samples_checkpoints_and_exports(tmp_path, tiny_dvae_ckpt,
     assert records[0]["lr"] == pytest.approx(1e-3) and records[-1]["lr"] < records[0]["lr"]
     assert log[-1]["steps"] == steps  # the final summary line
 
-    assert (tmp_path / f"sample-{steps:06d}.png").is_file()
+    # the grid: up to 8 images of 16 px, each scaled up 6x to 96 px, a 2 px gap, the row names on the left
+    grid = Image.open(tmp_path / f"sample-{steps:06d}.png")
+    rows = 5 if objective == "revdet" else 4
+    assert grid.height == rows * (96 + 2) + 2 and (grid.width - 2) % (96 + 2) > 0  # the names' margin
 
     ckpt = load(tmp_path / "checkpoint-latest.pth")
     assert ckpt["step"] == steps and ckpt["args"]["objective"] == objective

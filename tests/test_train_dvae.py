@@ -94,6 +94,7 @@ def test_training_learns_and_writes_a_loadable_tokenizer(tmp_path, monkeypatch):
 
     pngs = sorted(p.name for p in tmp_path.glob("recon-*.png"))
     assert pngs == [f"recon-{steps:06d}.png"]
+    assert Image.open(tmp_path / pngs[0]).height == 2 * (96 + 2) + 2  # 16 px images shown at 96 px
     with Image.open(tmp_path / pngs[0]) as im:
         assert im.size[0] > im.size[1] > 16  # 16 images wide, originals above reconstructions
 

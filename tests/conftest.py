@@ -56,3 +56,18 @@ def refused(parser, argv, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"{parser.prog}: error: "), err
     return err
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory, tiny_dvae_ckpt):
+    """One real pre-training run per test run (2 CIM steps, vit_mini at 16 px, patch 4): its
+    checkpoint-latest.pth and backbone.pth, the --init of the downstream tests."""
+    import pretrain
+
+    out = tmp_path_factory.mktemp("pretrain")
+    pretrain.main(pretrain.get_args_parser().parse_args(
+        ["--img-size", "16", "--patch-size", "4", "--batch-size", "4", "--gen-dim", "32", "--gen-depth", "1",
+         "--gen-heads", "2", "--arch", "vit_mini", "--knn-k", "0", "--num-workers", "0", "--device", "cpu",
+         "--min-tokenizer-perplexity", "0", "--dvae", tiny_dvae_ckpt, "--output-dir", str(out),
+         "--max-steps", "2", "--lr", "1e-3", "--warmup-epochs", "0"]))
+    return out

@@ -18,7 +18,6 @@ from PIL import Image
 import data
 import enhancer as enh
 import finetune
-import pretrain
 import training
 from conftest import REPO, free_port, refused, subprocess_env
 
@@ -55,18 +54,6 @@ def folder(tmp_path_factory):
 def tiny(folder, out, *extra):
     return [str(a) for a in ["--data", folder, "--output-dir", out, "--batch-size", "4", "--num-workers", "0",
             "--device", "cpu", "--eval-batch-size", "3", "--warmup-epochs", "0", "--lr", "1e-3", *extra]]
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, tiny_dvae_ckpt):
-    """A real pre-training run (2 CIM steps, vit_mini at 16 px, patch 4): its checkpoint and export."""
-    out = tmp_path_factory.mktemp("pretrain")
-    pretrain.main(pretrain.get_args_parser().parse_args(
-        ["--img-size", "16", "--patch-size", "4", "--batch-size", "4", "--gen-dim", "32", "--gen-depth", "1",
-         "--gen-heads", "2", "--arch", "vit_mini", "--knn-k", "0", "--num-workers", "0", "--device", "cpu",
-         "--min-tokenizer-perplexity", "0", "--dvae", tiny_dvae_ckpt, "--output-dir", str(out),
-         "--max-steps", "2", "--lr", "1e-3", "--warmup-epochs", "0"]))
-    return out
 
 
 def tiny_vit(depth=2, img=16):

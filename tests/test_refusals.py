@@ -23,7 +23,7 @@ import pretrain
 import segment
 import study
 from conftest import REPO, TINY_DVAE, subprocess_env
-from test_finetune import image_folder, pretrained, tiny  # noqa: F401 (pretrained: a fixture)
+from test_finetune import image_folder, tiny
 from test_segment import ade_folder, seg_flags
 
 
@@ -107,7 +107,7 @@ def test_a_wrong_init_file_says_what_it_is_and_what_init_takes(tmp_path, kind, s
     assert "weights_only" not in str(err.value) and "KeyError" not in str(err.value)
 
 
-def test_resume_from_another_stage_or_an_export_names_what_wrote_it(tmp_path, pretrained):  # noqa: F811
+def test_resume_from_another_stage_or_an_export_names_what_wrote_it(tmp_path, pretrained):
     photos = image_folder(tmp_path / "photos")
     with pytest.raises(ValueError, match=r"was written by pretrain.py, not finetune.py"):
         ft(*tiny(photos, tmp_path / "a", "--init", "scratch", "--arch", "vit_mini", "--img-size", "16",

@@ -52,7 +52,7 @@ PRETRAIN = {  # name -> (group, flags)
     "gen-depth-4": ("generator depth", ["--gen-depth", "4"]),
 }
 # the reference each ablation is read against (the same recipe) and the pretrain.py setting it varies;
-# an ablation cell that the recipe already is on this data (mask 0.5 on the built-in data) is not
+# an ablation cell that the recipe already is on this data (mask 0.5 under the imagenet recipe) is not
 # run twice: the reference is that row
 BASELINE = {"mask ratio": "revdet-vit", "sampling": "revdet-vit", "generator depth": "revdet-vit",
             "respix normalisation": "respix-vit"}

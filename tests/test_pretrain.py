@@ -26,7 +26,7 @@ from conftest import REPO, free_port, refused, subprocess_env
 
 TINY = ["--img-size", "16", "--patch-size", "4", "--batch-size", "8", "--gen-dim", "32",
         "--gen-depth", "1", "--gen-heads", "2", "--arch", "vit_mini", "--knn-k", "0",
-        "--log-every", "1", "--num-workers", "0", "--device", "cpu",
+        "--log-every", "1", "--num-workers", "0", "--device", "cpu", "--mask-ratio", "0.5",
         # the builtin recipe warms up over one epoch (1024 steps here): lr would stay ~0
         "--warmup-epochs", "0", "--lr", "1e-3",
         # the session's 3-step tokenizer uses few codes; these tests are about the mechanics (the
@@ -368,7 +368,7 @@ def test_explain_without_a_tokenizer_starts_with_an_untrained_one(tmp_path, caps
     args = pretrain.get_args_parser().parse_args(argv)
     result = pretrain.main(args)
     text = capsys.readouterr().out
-    assert "UNTRAINED small tokenizer stands in" in text
+    assert "UNTRAINED kmeans tokenizer stands in" in text
     assert math.isfinite(result["loss"]) and (tmp_path / "explain.png").is_file()
     assert not (tmp_path / "tokenizer").exists()  # nothing was trained
 
@@ -528,7 +528,7 @@ def test_recipe_follows_the_image_size_of_data(tmp_path):
         recipe(str(tmp_path / "none"))
 
 
-def test_builtin_recipe_trains_the_small_dvae_on_the_builtin_data_once(tmp_path, monkeypatch, capsys):
+def test_tokenizer_small_trains_the_small_dvae_on_the_builtin_data_once(tmp_path, monkeypatch, capsys):
     calls, real_main = [], dvae.main
 
     def tiny_main(targs):  # the real training stage, shrunk to 2 steps of a tiny dVAE
@@ -538,7 +538,7 @@ def test_builtin_recipe_trains_the_small_dvae_on_the_builtin_data_once(tmp_path,
         return real_main(targs)
 
     monkeypatch.setattr(dvae, "main", tiny_main)
-    args = TINY + ["--output-dir", str(tmp_path), "--max-steps", "1"]
+    args = TINY + ["--output-dir", str(tmp_path), "--max-steps", "1", "--tokenizer", "small"]
     for _ in range(2):
         pretrain.main(pretrain.get_args_parser().parse_args(args))
     assert len(calls) == 1  # the second run reuses the cached tokenizer
@@ -553,6 +553,7 @@ def test_photos_recipe_fits_a_kmeans_tokenizer_on_the_data_and_trains(tmp_path, 
     out = tmp_path / "out"
     args = TINY + ["--output-dir", str(out), "--data", root, "--max-steps", "2", "--knn-k", "3"]
     args[args.index("--batch-size") + 1] = "4"
+    del args[args.index("--mask-ratio"):args.index("--mask-ratio") + 2]  # the recipe's
     stats = pretrain.main(pretrain.get_args_parser().parse_args(args))
     text = capsys.readouterr().out
     assert "recipe photos" in text and "fitting dvae.py --preset kmeans on " + root in text
@@ -744,7 +745,8 @@ def test_help_shows_each_recipe_and_the_run_prints_its_recipe(tmp_path, tiny_dva
     assert "[recipe: builtin vit_mini, photos vit_mini, imagenet vit_b]" in text
     assert "[recipe: builtin [0.9, 0.98], photos [0.9, 0.98], imagenet [0.9, 0.999]]" in text
     assert "[recipe: builtin 0.0, photos 0.0, imagenet 0.4]" in text  # colour jitter
-    assert "[recipe: builtin small, photos kmeans, imagenet None]" in text  # tokenizer
+    assert "[recipe: builtin kmeans, photos kmeans, imagenet None]" in text  # tokenizer
+    assert "[recipe: builtin 0.25, photos 0.25, imagenet 0.5]" in text  # mask ratio
     imagenet = pretrain.resolve_args(pretrain.get_args_parser().parse_args(["--data", "x", "--recipe",
                                                                             "imagenet"]))
     assert (imagenet.recipe, imagenet.arch, imagenet.opt_betas, imagenet.color_jitter) == \

@@ -16,13 +16,12 @@ import torch
 from PIL import Image
 
 import data
-import dvae
 import enhancer as enh
 import finetune
 import pretrain
 import segment
 import study
-from conftest import REPO, TINY_DVAE, subprocess_env
+from conftest import REPO, subprocess_env
 from test_finetune import image_folder, tiny
 from test_segment import ade_folder, seg_flags
 
@@ -89,7 +88,7 @@ def test_cim_debug_shows_the_traceback(tmp_path):
     ("folder", "is a folder"),
     ("tokenizer", "is a dvae.py tokenizer checkpoint (pretrain.py's --dvae), not a backbone"),
 ])
-def test_a_wrong_init_file_says_what_it_is_and_what_init_takes(tmp_path, kind, says):
+def test_a_wrong_init_file_says_what_it_is_and_what_init_takes(tmp_path, kind, says, tiny_dvae_ckpt):
     path = tmp_path / "init"
     if kind == "text":
         path.write_text("just some notes\n")
@@ -98,9 +97,7 @@ def test_a_wrong_init_file_says_what_it_is_and_what_init_takes(tmp_path, kind, s
     elif kind == "folder":
         path.mkdir()
     else:
-        dvae.main(dvae.get_args_parser().parse_args(TINY_DVAE + ["--output-dir", str(tmp_path / "tok"),
-                                                                 "--max-steps", "1", "--warmup-steps", "0"]))
-        path = tmp_path / "tok" / "checkpoint-latest.pth"
+        path = tiny_dvae_ckpt  # the session's tokenizer (tests/conftest.py)
     with pytest.raises(ValueError) as err:
         enh.read_backbone(str(path))
     assert says in str(err.value) and "--init takes a pre-training checkpoint" in str(err.value)

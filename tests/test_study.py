@@ -13,7 +13,8 @@ TINY = dict(
     dvae_flags=[f for f in TINY_DVAE if f not in ("--device", "cpu")] + ["--max-steps", "3", "--warmup-steps", "1"],
     pretrain_flags=["--img-size", "16", "--patch-size", "4", "--batch-size", "8", "--gen-dim", "32",
                     "--gen-depth", "1", "--gen-heads", "2", "--max-steps", "2", "--num-workers", "0",
-                    "--device", "cpu", "--warmup-epochs", "0", "--lr", "1e-3"],
+                    "--device", "cpu", "--warmup-epochs", "0", "--lr", "1e-3",
+                    "--knn-every", "0"],  # the curve's extra k-NN pass: its flag is checked in the plan test
     finetune_flags=["--max-steps", "2", "--batch-size", "8", "--num-workers", "0", "--device", "cpu"],
     segment_flags=[])
 
@@ -31,6 +32,8 @@ def test_plan_links_each_downstream_cell_to_its_pretraining_and_one_scratch_per_
     assert len(keys) == len(set(keys))
     pre = [c for c in cells if c[1] == "pretrain.py"]
     assert len(pre) == 4 * 2  # 4 main settings x 2 seeds
+    curve = [c[2] for c in pre if c[0].startswith("pretrain/revdet-vit/")]
+    assert len(curve) == 2 and all(f[f.index("--knn-every") + 1] == "32" for f in curve)  # study.py --plot
     for key, script, flags, metric, needs in cells:
         if script == "pretrain.py":
             continue
@@ -46,7 +49,7 @@ def test_plan_links_each_downstream_cell_to_its_pretraining_and_one_scratch_per_
     assert scratch == sorted(f"{t}/scratch-{a}/s{s}" for t in study.DOWNSTREAM for a in ("vit_mini", "resnet18")
                              for s in (0, 1))
     ablation = study.plan(args(tmp_path, "--only", "mask ratio", "--seeds", "0"))
-    assert [c[0] for c in ablation] == ["pretrain/mask-0.3/s0", "pretrain/mask-0.7/s0"]
+    assert [c[0] for c in ablation] == ["pretrain/mask-0.3/s0", "pretrain/mask-0.5/s0", "pretrain/mask-0.7/s0"]
     third = study.plan(args(tmp_path, "--cells", "respix-vit", "respix-norm-patch", "--seeds", "2"))
     assert [c[0] for c in third] == ["pretrain/respix-vit/s2", "pretrain/respix-norm-patch/s2"]
 
@@ -110,7 +113,7 @@ def test_report_prints_the_readme_tables_and_names_cells_within_the_spread(capsy
     assert "| vit_mini, scratch (random init) | 13.0 | 25.0 ± 0.0 (1) | - | - |" in out
     assert "| vit_mini, CIM-revdet | 21.0 ± 1.4 | 30.0 ± 0.0 (1) | - | - |" in out
     assert "| mask ratio | 0.3 | 18.0 ± 1.4 | -3.0 |" in out
-    assert "| mask ratio | 0.5 (recipe) | 21.0 ± 1.4 |  |" in out
+    assert "| mask ratio | 0.25 (recipe) | 21.0 ± 1.4 |  |" in out
     assert "| sampling | argmax | 21.5 ± 0.7 | +0.5 |" in out
     # mask 0.3 is 3.0 below the default with a spread of 1.4: settled; argmax is 0.5 off: 3 seeds
     close = out.split("within the seed-to-seed spread")[1]
@@ -145,13 +148,16 @@ def test_plot_draws_each_seed_curve_from_the_runs_logs(tmp_path):
 
 def test_ablations_are_read_against_the_recipe_pretrain_py_picks_for_the_data(tmp_path):
     from PIL import Image
-    for split in ("train", "val"):  # 32 px photos: pretrain.py's "photos" recipe, mask ratio 0.25
-        (tmp_path / "photos" / split / "a").mkdir(parents=True)
-        Image.new("RGB", (32, 32)).save(tmp_path / "photos" / split / "a" / "0.png")
+    for name, side in (("photos", 32), ("large", 128)):  # pretrain.py's photos / imagenet recipe
+        for split in ("train", "val"):
+            (tmp_path / name / split / "a").mkdir(parents=True)
+            Image.new("RGB", (side, side)).save(tmp_path / name / split / "a" / "0.png")
     builtin = [c[0] for c in study.plan(args(tmp_path, "--only", "mask ratio", "--seeds", "0"))]
-    photos = [c[0] for c in study.plan(args(tmp_path, "--only", "mask ratio", "--seeds", "0",
-                                            "--data", str(tmp_path / "photos")))]
-    assert builtin == ["pretrain/mask-0.3/s0", "pretrain/mask-0.7/s0"]  # 0.5 is the built-in recipe's
-    assert photos == ["pretrain/mask-0.3/s0", "pretrain/mask-0.5/s0", "pretrain/mask-0.7/s0"]
+    large = [c[0] for c in study.plan(args(tmp_path, "--only", "mask ratio", "--seeds", "0",
+                                           "--data", str(tmp_path / "large")))]
+    assert builtin == ["pretrain/mask-0.3/s0", "pretrain/mask-0.5/s0", "pretrain/mask-0.7/s0"]  # recipe: 0.25
+    assert large == ["pretrain/mask-0.3/s0", "pretrain/mask-0.7/s0"]  # 0.5 is the imagenet recipe's
     assert study.ablation_values(args(tmp_path, "--data", str(tmp_path / "photos")), "mask ratio") == \
         {"revdet-vit": 0.25, "mask-0.3": 0.3, "mask-0.5": 0.5, "mask-0.7": 0.7}
+    assert study.ablation_values(args(tmp_path, "--data", str(tmp_path / "large")), "mask ratio") == \
+        {"revdet-vit": 0.5, "mask-0.3": 0.3, "mask-0.5": 0.5, "mask-0.7": 0.7}

@@ -19,6 +19,7 @@ import data
 import dvae
 import training
 from conftest import TINY_DVAE, refused, subprocess_env
+from test_finetune import image_folder
 
 
 def dvae_args(out, *extra):
@@ -123,8 +124,9 @@ def test_training_learns_and_writes_a_loadable_tokenizer(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------------
 
 def test_kmeans_preset_fits_saves_reuses_and_refuses_dvae_flags(tmp_path, capsys):
+    photos = image_folder(tmp_path / "photos", n_train=(12, 12))  # 24 images of 16 patches for 16 codes
     args = ["--preset", "kmeans", "--vocab-size", "16", "--img-size", "16", "--batch-size", "16",
-            "--device", "cpu", "--output-dir", str(tmp_path)]
+            "--device", "cpu", "--output-dir", str(tmp_path), "--data", str(photos)]
     stats = dvae.main(dvae.get_args_parser().parse_args(args))
     assert stats["val_recon_mse"] < 0.05 and stats["val_perplexity"] > 4 and stats["step"] == 25
     enc, dec = dvae.load_tokenizer(str(tmp_path / "checkpoint-latest.pth"))

@@ -4,8 +4,8 @@ Every command of the README's copy-paste block (pre-train ViT-B/16 and ResNet-50
 tokenizer, fine-tune, linear probe, k-NN, ADE20K UperNet train and evaluate) runs in order, literally,
 in a temporary folder that holds generated ImageNet-layout photos at 224 px, an ADE20K-layout set and
 DALL-E tokenizer files in the official whole-module pickle format (random weights). The test adds
-only size flags (steps, batch, image and crop size, workers) and runs each `torchrun` as 2 gloo
-processes; every stage must find the previous stage's output where the block says it is.
+only size flags (steps, batch, image and crop size, workers) and runs each `torchrun` as one gloo
+process (two-process runs of every stage have their own tests); every stage must find the previous stage's output where the block says it is.
 """
 import os
 import re
@@ -81,7 +81,7 @@ def expand(command, variables):
 
 
 def to_argv(command, port):
-    """A README command -> argv: the script from the repository, torchrun as 2 local processes,
+    """A README command -> argv: the script from the repository, torchrun as 1 local process,
     plus the size flags for its kind."""
     argv = shlex.split(command)
     script = next(a for a in argv if a.endswith(".py"))
@@ -89,7 +89,7 @@ def to_argv(command, port):
     rest = argv[argv.index(script) + 1:]
     launcher = [sys.executable]
     if argv[0] == "torchrun":
-        launcher += ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        launcher += ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "1",
                      "--master_addr", "127.0.0.1", "--master_port", str(port)]
     else:
         assert argv[0] == "python", command

@@ -8,6 +8,7 @@ import torch
 
 import study
 from conftest import TINY_DVAE
+from test_finetune import image_folder
 
 TINY = dict(
     dvae_flags=[f for f in TINY_DVAE if f not in ("--device", "cpu")] + ["--max-steps", "3", "--warmup-steps", "1"],
@@ -57,7 +58,8 @@ def test_plan_links_each_downstream_cell_to_its_pretraining_and_one_scratch_per_
 def test_a_tiny_study_runs_resumes_and_reports(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(study, "PRETRAIN", {"revdet-vit": ("main", ["--objective", "revdet", "--arch", "vit_mini"])})
     monkeypatch.setattr(study, "DOWNSTREAM", {"finetune": ("finetune.py", [], "top1")})
-    rows = study.main(args(tmp_path, "--seeds", "0"))
+    photos = image_folder(tmp_path / "photos")  # 25 images: the k-NN and evaluations take no time
+    rows = study.main(args(tmp_path, "--seeds", "0", "--data", str(photos)))
     lines = [json.loads(l) for l in open(tmp_path / "results.jsonl")]
     assert [r["cell"] for r in lines] == ["pretrain/revdet-vit/s0", "finetune/revdet-vit/s0",
                                           "finetune/scratch-vit_mini/s0"]
@@ -66,8 +68,8 @@ def test_a_tiny_study_runs_resumes_and_reports(tmp_path, monkeypatch, capsys):
     assert set(rows) == {"pretrain/revdet-vit", "finetune/revdet-vit", "finetune/scratch-vit_mini"}
     # a second call finds every cell done: nothing runs again, the report is the same
     monkeypatch.setattr(study, "run_stage", lambda *a: pytest.fail("a finished cell ran again"))
-    assert study.main(args(tmp_path, "--seeds", "0")) == rows
-    study.main(args(tmp_path, "--list", "--seeds", "0"))
+    assert study.main(args(tmp_path, "--seeds", "0", "--data", str(photos))) == rows
+    study.main(args(tmp_path, "--list", "--seeds", "0", "--data", str(photos)))
     assert capsys.readouterr().out.count("done ") == 3
 
 

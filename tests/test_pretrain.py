@@ -803,3 +803,16 @@ def test_the_photos_recipe_gives_a_resnet_the_small_stem(tmp_path, tiny_dvae_ckp
     exported = load(tmp_path / "out" / "backbone.pth")
     assert exported["model"]["conv1.weight"].shape == (64, 3, 3, 3)
     assert exported["args"]["resnet_stem"] == "small" and exported["args"]["recipe"] == "photos"
+    assert exported["args"]["epochs"] == pretrain.PHOTOS_RESNET_EPOCHS == 5  # longer collapses its last stage
+
+
+def test_the_photos_recipe_trains_a_resnet_for_fewer_epochs_unless_told(tmp_path):
+    root = image_folder(tmp_path / "photos", 16)
+
+    def epochs(*argv):
+        return pretrain.resolve_args(pretrain.get_args_parser().parse_args(["--data", root, *argv])).epochs
+
+    assert epochs("--arch", "resnet18") == 5 and epochs("--arch", "resnet50") == 5
+    assert epochs() == epochs("--arch", "vit_mini") == pretrain.RECIPES["photos"]["epochs"] == 60
+    assert epochs("--arch", "resnet18", "--epochs", "7") == 7
+    assert pretrain.resolve_args(pretrain.get_args_parser().parse_args(["--arch", "resnet18"])).epochs == 4  # builtin

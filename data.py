@@ -71,6 +71,17 @@ def typical_image_side(root, n=16):
     return sorted(sides)[len(sides) // 2]
 
 
+PHOTOS_MAX_SIDE = 64  # --data of images this small (median longer side) gets a stage's photos recipe
+
+
+def default_recipe(data_dir):
+    """The recipe a stage picks when --recipe is not given: builtin without --data, photos for a folder
+    of images up to PHOTOS_MAX_SIDE px (typical_image_side of its train/), imagenet otherwise."""
+    if data_dir is None:
+        return "builtin"
+    return "photos" if typical_image_side(os.path.join(data_dir, "train")) <= PHOTOS_MAX_SIDE else "imagenet"
+
+
 def to_rgb(img):
     """Grayscale, palette, RGBA/LA, CMYK and 16/32-bit images -> 8-bit RGB."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):

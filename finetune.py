@@ -105,7 +105,6 @@ RECIPES = {
                  "linear": MAE_LINEAR},
 }
 MODES = ("finetune", "linear", "knn")
-PHOTOS_MAX_SIDE = 64  # --data of images this small (median longer side) gets the photos recipe, as pretrain.py
 
 def get_args_parser():
     """Every flag once: its type and range check (training.number), whether a resume may change it
@@ -127,7 +126,7 @@ def get_args_parser():
       help="finetune: all weights; linear: frozen backbone + BN + linear head; knn: weighted k-NN")
     a("--recipe", default=None, choices=list(RECIPES),
       help="defaults of every flag marked [recipe]: builtin without --data (CPU minutes), photos with "
-           f"--data of images up to {PHOTOS_MAX_SIDE} px, imagenet "
+           f"--data of images up to {data.PHOTOS_MAX_SIDE} px, imagenet "
            "with --data (BEiT-B for ViTs, MAE-L for ViT-L, 'ResNet strikes back' A2 for ResNets, MAE's "
            "linear probe)")
     a("--init", default=None, help="pre-training checkpoint, exported backbone.pth, timm/torchvision "
@@ -469,8 +468,7 @@ def resolve_args(args, init=None):
         raise ValueError("--init is required: a pre-training checkpoint, backbone.pth, a timm/torchvision "
                          "state dict, or 'scratch' for the random-init baseline")
     if args.recipe is None:
-        args.recipe = "builtin" if args.data is None else "photos" if data.typical_image_side(
-            os.path.join(args.data, "train")) <= PHOTOS_MAX_SIDE else "imagenet"
+        args.recipe = data.default_recipe(args.data)
     family = args.arch
     if family is None and args.init != "scratch":
         family = enh.backbone_shape((init or enh.read_backbone(args.init))[0])[1] or "vit"

@@ -64,7 +64,6 @@ RECIPES = {
                      color_jitter=0.4, norm_window=9, drop_path=0.1, num_workers=10, knn_k=20,
                      tokenizer=None, mask_ratio=0.5, temperature=1.0, resnet_stem="imagenet"),
 }
-PHOTOS_MAX_SIDE = 64  # --data of images this small (median longer side) gets the photos recipe
 # a ResNet's last stage collapses under the 1x1 RevDet head when trained longer: k-NN +5.0 over random
 # init at 5 epochs, +1.0 at 15 (photos-dev, 2 seeds; docs/study.md)
 PHOTOS_RESNET_EPOCHS = 5
@@ -113,7 +112,7 @@ class CIM(nn.Module):
         mask = mask.bool()  # a 0/1 integer mask would index by value, not select
         # 1. targets: the frozen dVAE's token for every patch (no grad, fp32 inside dvae.tokenize)
         tokens = dvae.tokenize(encoder, tok_images, self.tokenizer_dtype)  # (B, G, G)
-        self.check_grid(tokens, encoder)
+        check_token_grid(tokens, self.generator, encoder, "generator")
         tokens = tokens.flatten(1)                                    # (B, N)
         trace("tokens", tokens)
         # 2. the generator predicts the masked tokens; L_gen is the only loss that reaches it
@@ -168,14 +167,17 @@ class CIM(nn.Module):
         return {f"generator.{n}" for n in self.generator.no_weight_decay()} | \
             {f"enhancer.{n}" for n in self.enhancer.no_weight_decay()}
 
-    def check_grid(self, tokens, encoder):
-        """The tokenizer view must be (S/P)*f px: a clear error instead of a shape crash."""
-        G = self.generator.grid
-        if tuple(tokens.shape[1:]) != (G, G):
-            raise ValueError(f"the tokenizer gives a {tokens.shape[1]}x{tokens.shape[2]} token grid but the "
-                             f"generator expects {G}x{G} (image {self.generator.patch_embed.img_size} / "
-                             f"patch {self.generator.patch_embed.patch_size}): feed the tokenizer "
-                             f"{G}*downsample = {G * encoder.downsample} px images")
+
+
+def check_token_grid(tokens, vit, encoder, who):
+    """The tokenizer view must be (S/P)*f px, the grid of `vit` (the generator, or BEiT's backbone):
+    a clear error instead of a shape crash."""
+    embed = vit.patch_embed
+    G = embed.grid_size
+    if tuple(tokens.shape[1:]) != (G, G):
+        raise ValueError(f"the tokenizer gives a {tokens.shape[1]}x{tokens.shape[2]} token grid but the {who} "
+                         f"expects {G}x{G} (image {embed.img_size} / patch {embed.patch_size}): feed the "
+                         f"tokenizer {G}*downsample = {G * encoder.downsample} px images")
 
 
 def build_backbone(args):
@@ -229,9 +231,7 @@ class BEiT(nn.Module):
     def forward(self, images, tok_images, mask, trace=no_trace):
         mask = mask.bool()
         tokens = dvae.tokenize(self.tokenizer[0], tok_images, self.tokenizer_dtype)  # (B, G, G), no grad
-        if tuple(tokens.shape[1:]) != (self.grid, self.grid):
-            raise ValueError(f"the tokenizer gives a {tokens.shape[1]}x{tokens.shape[2]} token grid, the ViT "
-                             f"has {self.grid}x{self.grid} patches")
+        check_token_grid(tokens, self.backbone, self.tokenizer[0], "backbone")
         tokens = tokens.flatten(1)                                    # (B, N)
         trace("tokens", tokens)
         x = self.backbone(images, mask, self.mask_token)[:, 1:]      # (B, N, D), masked patches -> [MASK]
@@ -499,7 +499,7 @@ def get_args_parser():
 
     a("--recipe", default=None, choices=list(RECIPES),
       help="defaults of every flag marked [recipe]: builtin (CPU minutes; the default without --data), "
-           f"photos (the default for --data of images up to {PHOTOS_MAX_SIDE} px) or imagenet (the "
+           f"photos (the default for --data of images up to {data.PHOTOS_MAX_SIDE} px) or imagenet (the "
            "paper's ViT-B setting; the default for --data of larger images)")
     # what to train
     a("--method", default="cim", choices=["cim", "beit"],
@@ -587,8 +587,7 @@ def resolve_args(args):
     """Fill unset flags from the recipe (see --recipe); the checks that involve more than one flag.
     (Each flag's own range is checked as it is parsed: training.number.)"""
     if args.recipe is None:
-        args.recipe = "builtin" if args.data is None else "photos" if data.typical_image_side(
-            os.path.join(args.data, "train")) <= PHOTOS_MAX_SIDE else "imagenet"
+        args.recipe = data.default_recipe(args.data)
     recipe = dict(RECIPES[args.recipe])
     if args.recipe == "photos" and (args.arch or recipe["arch"]).startswith("resnet"):
         recipe["epochs"] = PHOTOS_RESNET_EPOCHS

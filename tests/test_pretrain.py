@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import dvae
 import enhancer as enh
 import generator as gen
@@ -521,8 +522,8 @@ def test_recipe_follows_the_image_size_of_data(tmp_path):
     def recipe(root):
         return pretrain.resolve_args(pretrain.get_args_parser().parse_args(["--data", root])).recipe
 
-    assert recipe(image_folder(tmp_path / "small", pretrain.PHOTOS_MAX_SIDE)) == "photos"
-    assert recipe(image_folder(tmp_path / "large", pretrain.PHOTOS_MAX_SIDE + 1)) == "imagenet"
+    assert recipe(image_folder(tmp_path / "small", data.PHOTOS_MAX_SIDE)) == "photos"
+    assert recipe(image_folder(tmp_path / "large", data.PHOTOS_MAX_SIDE + 1)) == "imagenet"
     assert pretrain.resolve_args(pretrain.get_args_parser().parse_args([])).recipe == "builtin"
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "none" / "train"))):
         recipe(str(tmp_path / "none"))

@@ -2,7 +2,10 @@
 a tiny tokenizer trained once per session by `dvae.main` (the checkpoint pretrain.py reads via --dvae)."""
 import os
 import socket
+import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 import torch
@@ -33,6 +36,41 @@ def subprocess_env():
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
     return env
+
+
+def torchrun(argv, nproc=2, cwd=REPO, timeout=240):
+    """What `torchrun --nproc_per_node NPROC argv` runs, without the launcher process: NPROC Python
+    processes with the environment torchrun gives each (RANK, LOCAL_RANK, WORLD_SIZE,
+    LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT). The launcher itself costs ~1.2 s of CPU a call;
+    test_pretrain.py's two-process run keeps it. A rank that fails stops the others (they would
+    wait at their next collective). Returns one CompletedProcess: the first failure's exit status
+    (else 0), and every rank's stdout and stderr, in rank order."""
+    port, procs, logs = str(free_port()), [], []
+    for rank in range(nproc):
+        env = dict(subprocess_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                   LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        logs.append((tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")))  # no pipe to fill
+        procs.append(subprocess.Popen([sys.executable, *map(str, argv)], cwd=cwd, env=env,
+                                      stdout=logs[-1][0], stderr=logs[-1][1], text=True))
+    deadline, status = time.time() + timeout, 0
+    while any(p.poll() is None for p in procs):
+        status = status or next((p.returncode for p in procs if p.returncode), 0)
+        if status or time.time() > deadline:
+            for p in procs:
+                p.kill()
+            status = status or -9
+        time.sleep(0.02)
+    status = status or next((p.returncode for p in procs if p.returncode), 0)
+    out = []
+    for f in (0, 1):
+        text = ""
+        for rank, pair in enumerate(logs):
+            pair[f].seek(0)
+            text += f"[rank {rank}]\n" + pair[f].read()
+        out.append(text)
+    for pair in logs:
+        pair[0].close(), pair[1].close()
+    return subprocess.CompletedProcess(argv, status, *out)
 
 
 @pytest.fixture(scope="session")

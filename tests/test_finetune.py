@@ -7,8 +7,6 @@ import json
 import os
 import random
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ import data
 import enhancer as enh
 import finetune
 import training
-from conftest import REPO, free_port, refused, subprocess_env
+from conftest import REPO, refused, torchrun
 
 
 def run(*argv):
@@ -524,10 +522,7 @@ training.finish_distributed()
 def test_two_process_evaluation_counts_each_sample_once(tmp_path, folder):
     driver = tmp_path / "eval_driver.py"
     driver.write_text(EVAL_DRIVER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(driver), str(folder),
-           str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    proc = torchrun([driver, folder, tmp_path])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = {r: json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)}
     assert sorted(r["shard"] for r in res.values()) == [4, 5]  # 9 images: 5 + 4, nothing padded
@@ -549,13 +544,11 @@ def test_eval_sampler_splits_an_odd_count_without_repeats():
 
 
 def test_two_process_gloo_finetune_run(tmp_path, folder, pretrained):
-    """DDP training (replicas all-reduce), exact evaluation and rank-0 saving, through torchrun."""
+    """DDP training (replicas all-reduce), exact evaluation and rank-0 saving, as torchrun starts it."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), os.path.join(REPO, "finetune.py"),
-           *tiny(folder, out, "--init", pretrained / "backbone.pth", "--epochs", "1", "--dist-backend", "gloo",
-                 "--batch-size", "2")]
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    proc = torchrun([os.path.join(REPO, "finetune.py"),
+                     *tiny(folder, out, "--init", pretrained / "backbone.pth", "--epochs", "1", "--dist-backend",
+                           "gloo", "--batch-size", "2")])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert len(log) == 1 and log[0]["step"] == 4 and log[0]["n_val"] == 9  # 16 images / (2 x 2) per step

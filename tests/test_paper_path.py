@@ -4,8 +4,10 @@ Every command of the README's copy-paste block (pre-train ViT-B/16 and ResNet-50
 tokenizer, fine-tune, linear probe, k-NN, ADE20K UperNet train and evaluate) runs in order, literally,
 in a temporary folder that holds generated ImageNet-layout photos at 224 px, an ADE20K-layout set and
 DALL-E tokenizer files in the official whole-module pickle format (random weights). The test adds
-only size flags (steps, batch, image and crop size, workers) and runs each `torchrun` as one gloo
-process (two-process runs of every stage have their own tests); every stage must find the previous stage's output where the block says it is.
+only size flags (steps, batch, image and crop size, workers) and starts each `torchrun` command as
+the one process torchrun would start, with its environment (conftest.torchrun; the two-process runs
+of every stage have their own tests); every stage must find the previous stage's output where the
+block says it is.
 """
 import os
 import re
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, free_port, subprocess_env
+from conftest import REPO, subprocess_env, torchrun
 from dalle_standin import write_official_pickles
 
 MARKER = "<!-- paper path: tests/test_paper_path.py runs this block as written -->"
@@ -80,20 +82,18 @@ def expand(command, variables):
     return re.sub(r"\$\{?([A-Z_0-9]+)\}?", lambda m: variables[m.group(1)], command)
 
 
-def to_argv(command, port):
-    """A README command -> argv: the script from the repository, torchrun as 1 local process,
-    plus the size flags for its kind."""
+def run(command, cwd):
+    """Run a README command: its script from the repository plus the size flags for its kind; a
+    `torchrun` command as one process with torchrun's environment."""
     argv = shlex.split(command)
+    assert argv[0] in ("torchrun", "python"), command
     script = next(a for a in argv if a.endswith(".py"))
     kind = script + (" --eval-only" if "--eval-only" in argv else "")
-    rest = argv[argv.index(script) + 1:]
-    launcher = [sys.executable]
-    if argv[0] == "torchrun":
-        launcher += ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "1",
-                     "--master_addr", "127.0.0.1", "--master_port", str(port)]
-    else:
-        assert argv[0] == "python", command
-    return launcher + [os.path.join(REPO, script)] + rest + SIZE_FLAGS[kind].split()
+    argv = [os.path.join(REPO, script)] + argv[argv.index(script) + 1:] + SIZE_FLAGS[kind].split()
+    if command.startswith("torchrun"):
+        return torchrun(argv, nproc=1, cwd=cwd, timeout=600)
+    return subprocess.run([sys.executable] + argv, cwd=cwd, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=600)
 
 
 def test_readme_paper_path_block_is_complete():
@@ -130,8 +130,7 @@ def test_readme_paper_path_runs_as_written(tmp_path, arch):
         command = expand(command, variables)
         for path in re.findall(r"--init (\S+)", command):  # an earlier stage left it there
             assert (tmp_path / path).is_file(), f"{command}: no {path}"
-        proc = subprocess.run(to_argv(command, free_port()), cwd=tmp_path, env=subprocess_env(),
-                              capture_output=True, text=True, timeout=600)
+        proc = run(command, tmp_path)
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     for path in ("pretrain/backbone.pth", "finetune/classifier.pth", "linear/classifier.pth", "ade20k/metrics.json"):
         assert (out / path).is_file(), path

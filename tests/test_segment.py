@@ -8,8 +8,6 @@ import json
 import os
 import random
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,7 +19,7 @@ import data
 import enhancer as enh
 import segment
 import training
-from conftest import REPO, free_port, refused, subprocess_env
+from conftest import REPO, refused, torchrun
 
 
 def run(*argv):
@@ -347,10 +345,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(EVAL_DRIVER)
     flags = [str(a) for a in seg_flags(root, tmp_path / "unused")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(driver), str(root), str(tmp_path),
-           *flags]
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    proc = torchrun([driver, root, tmp_path, *flags])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
     assert sorted(r["shard"] for r in res) == [1, 2]  # 3 images: 2 + 1
@@ -363,13 +358,11 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
 
 
 def test_two_process_gloo_training_run(tmp_path):
-    """DDP training through torchrun: both ranks step, rank 0 saves, evaluation is summed."""
+    """DDP training as torchrun starts it: both ranks step, rank 0 saves, evaluation is summed."""
     root = ade_folder(tmp_path / "ade", sizes=((40, 28), (20, 20), (64, 48), (30, 50)))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), os.path.join(REPO, "segment.py"),
-           *[str(a) for a in seg_flags(root, out, "--iters", "2", "--eval-every", "2", "--dist-backend", "gloo")]]
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    proc = torchrun([os.path.join(REPO, "segment.py"),
+                     *seg_flags(root, out, "--iters", "2", "--eval-every", "2", "--dist-backend", "gloo")])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ckpt = load(out / "checkpoint-latest.pth")
     assert ckpt["step"] == 2 and len(ckpt["rng"]) == 2

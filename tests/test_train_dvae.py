@@ -18,7 +18,7 @@ from PIL import Image
 import data
 import dvae
 import training
-from conftest import TINY_DVAE, refused, subprocess_env
+from conftest import TINY_DVAE, refused, subprocess_env, torchrun
 from test_finetune import image_folder
 
 
@@ -329,17 +329,9 @@ def test_two_process_gloo_tokenizer_run_and_bf16(tmp_path):
     """`torchrun --nproc_per_node 2 dvae.py` trains one tokenizer: every rank's RNG state lands in the
     checkpoint (they differ: each rank draws its own Gumbel noise) and the log counts both ranks'
     images. With --amp bf16 the loss stays finite and tokens are still computed in fp32."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(port), "dvae.py", *TINY_DVAE,
-           "--output-dir", str(out), "--max-steps", "3", "--log-every", "1", "--dist-backend", "gloo",
-           "--amp", "bf16"]
-    proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    proc = torchrun(["dvae.py", *TINY_DVAE, "--output-dir", out, "--max-steps", "3", "--log-every", "1",
+                     "--dist-backend", "gloo", "--amp", "bf16"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ckpt = torch.load(out / "checkpoint-latest.pth", map_location="cpu", weights_only=True)
     assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2

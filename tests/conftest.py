@@ -109,3 +109,10 @@ def pretrained(tmp_path_factory, tiny_dvae_ckpt):
          "--min-tokenizer-perplexity", "0", "--dvae", tiny_dvae_ckpt, "--output-dir", str(out),
          "--max-steps", "2", "--lr", "1e-3", "--warmup-epochs", "0"]))
     return out
+
+
+def pytest_collection_modifyitems(items):
+    """The README paper-path runs (a minute each on two cores) go first: `-n auto --dist worksteal`
+    then starts them at once on separate workers and spreads the short tests around them."""
+    slow = [item for item in items if item.nodeid.startswith("tests/test_paper_path.py::test_readme_paper_path_runs")]
+    items[:] = slow + [item for item in items if item not in slow]

@@ -2,6 +2,7 @@
 scratch baseline per arch and seed), a real tiny study through the stage scripts, resuming without
 re-running a finished cell, and the mean +- spread report."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -25,6 +26,14 @@ def args(tmp_path, *extra):
     for k, v in TINY.items():
         setattr(a, k, list(v))
     return a
+
+
+def trained_tokenizer(tmp_path, tiny_dvae_ckpt):
+    """The session's tiny tokenizer where the study keeps its own: the study reuses a finished one
+    (test_a_tokenizer_stopped_midway_is_trained_on_and_a_finished_one_reused checks the command that
+    would train it)."""
+    (tmp_path / "tokenizer").mkdir()
+    shutil.copy(tiny_dvae_ckpt, tmp_path / "tokenizer" / "checkpoint-latest.pth")
 
 
 def test_plan_links_each_downstream_cell_to_its_pretraining_and_one_scratch_per_arch(tmp_path):
@@ -55,7 +64,8 @@ def test_plan_links_each_downstream_cell_to_its_pretraining_and_one_scratch_per_
     assert [c[0] for c in third] == ["pretrain/respix-vit/s2", "pretrain/respix-norm-patch/s2"]
 
 
-def test_a_tiny_study_runs_resumes_and_reports(tmp_path, monkeypatch, capsys):
+def test_a_tiny_study_runs_resumes_and_reports(tmp_path, monkeypatch, capsys, tiny_dvae_ckpt):
+    trained_tokenizer(tmp_path, tiny_dvae_ckpt)
     monkeypatch.setattr(study, "PRETRAIN", {"revdet-vit": ("main", ["--objective", "revdet", "--arch", "vit_mini"])})
     monkeypatch.setattr(study, "DOWNSTREAM", {"finetune": ("finetune.py", [], "top1")})
     photos = image_folder(tmp_path / "photos")  # 25 images: the k-NN and evaluations take no time
@@ -94,7 +104,8 @@ def test_report_gives_mean_and_spread_over_seeds():
     assert rows["finetune/a"] == (50.0, 0.0, 1, None)
 
 
-def test_a_failing_stage_names_its_command_and_log(tmp_path, monkeypatch):
+def test_a_failing_stage_names_its_command_and_log(tmp_path, monkeypatch, tiny_dvae_ckpt):
+    trained_tokenizer(tmp_path, tiny_dvae_ckpt)
     monkeypatch.setattr(study, "PRETRAIN", {"bad": ("main", ["--arch", "no_such_arch"])})
     monkeypatch.setattr(study, "DOWNSTREAM", {})
     with pytest.raises(ChildProcessError, match=r"pretrain.py .*--arch no_such_arch.* failed \(exit 2\): "

@@ -29,7 +29,8 @@ Three modes (--mode):
 
 Evaluation: resize + center crop (--crop-pct), top-1 / top-5, each validation image counted once
 under DDP (data.EvalSampler). Per-epoch JSON log, checkpoint-latest.pth (resume: rerun the command),
-checkpoint-best.pth, and at the end classifier.pth under timm / torchvision names.
+checkpoint-best.pth (the best epoch's weights), and at the end classifier.pth under timm /
+torchvision names.
 """
 import copy
 import json
@@ -608,6 +609,15 @@ def main(args):
                  **state, "step": step, "best": best, **skips.state(), "args": vars(args), "rng": rng},
                 os.path.join(args.output_dir, path_name))
 
+    def save_best(epoch):
+        """The weights of the best epoch so far, without the optimiser's state (a third of the bytes
+        under AdamW): a run resumes from checkpoint-latest.pth."""
+        if rank == 0:
+            training.save_checkpoint(
+                {"stage": "finetune.py", "model": model.state_dict(), "ema": ema.module.state_dict() if ema else None,
+                 "epoch": epoch + 1, "step": step, "best": best, "args": vars(args)},
+                os.path.join(args.output_dir, "checkpoint-best.pth"))
+
     def end_of_epoch(epoch, lr, img_per_s):
         """Evaluate the epoch just trained (its checkpoint is already saved: a bad validation set
         costs no training), log it, keep the best."""
@@ -624,7 +634,7 @@ def main(args):
         state.update(pending_eval=False, loss_sum=0.0, n_loss=0)
         if stats["top1"] > best:
             best = stats["top1"]
-            checkpoint("checkpoint-best.pth")
+            save_best(epoch)
         result["best_top1"] = best
         log.write(**result)
         if rank == 0:
@@ -704,6 +714,9 @@ def resume(args, model, optimizer, scaler, ema, rank, world_size, device):
     state = {"step": 0, "best": -1.0, "pending_eval": False, "loss_sum": 0.0, "n_loss": 0}
     if ckpt is None:
         return state, skips
+    if "optimizer" not in ckpt:
+        raise ValueError(f"--resume {path!r} holds the best epoch's weights, not a training state: resume from "
+                         f"the run's checkpoint-latest.pth, or start a run from these weights with --init")
     saved = ckpt.get("args", {})
     training.check_same_network(saved, args, ("arch", "mode", "img_size", "patch_size", "nb_classes", "pool"),
                                 path)

@@ -399,6 +399,13 @@ def test_finetune_from_a_pretraining_checkpoint_logs_evaluates_and_exports(tmp_p
     assert result["best_top1"] == max(r["val_top1"] for r in log) and "ema_top1" in result
     best, latest = load(out / "checkpoint-best.pth"), load(out / "checkpoint-latest.pth")
     assert latest["step"] == 8 and best["best"] == result["best_top1"]
+    best_epoch = next(r for r in log if r["val_top1"] == result["best_top1"])  # the first to reach it
+    assert (best["epoch"], best["step"]) == (best_epoch["epoch"], best_epoch["step"])
+    assert "optimizer" not in best and set(best["ema"]) == set(best["model"])  # weights only
+    with pytest.raises(ValueError, match=r"checkpoint-best.pth' holds the best epoch's weights, not a training "
+                                         r"state: resume from the run's checkpoint-latest.pth"):
+        run(*tiny(folder, out, "--init", pretrained / "checkpoint-latest.pth", "--epochs", "2", "--model-ema",
+                  "--model-ema-decay", "0.5", "--resume", out / "checkpoint-best.pth"))
     # classifier.pth under timm names: norm is Identity in avg pooling, fc_norm + head instead
     sd = load(out / "classifier.pth")
     assert {"fc_norm.weight", "head.weight", "pos_embed", "blocks.5.mlp.fc2.weight"} <= set(sd)

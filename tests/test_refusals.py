@@ -18,7 +18,6 @@ from PIL import Image
 import data
 import enhancer as enh
 import finetune
-import pretrain
 import segment
 import study
 from conftest import REPO, subprocess_env

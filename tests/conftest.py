@@ -114,5 +114,5 @@ def pretrained(tmp_path_factory, tiny_dvae_ckpt):
 def pytest_collection_modifyitems(items):
     """The README paper-path runs (a minute each on two cores) go first: `-n auto --dist worksteal`
     then starts them at once on separate workers and spreads the short tests around them."""
-    slow = [item for item in items if item.nodeid.startswith("tests/test_paper_path.py::test_readme_paper_path_runs")]
+    slow = [item for item in items if item.get_closest_marker("paper_path")]
     items[:] = slow + [item for item in items if item not in slow]

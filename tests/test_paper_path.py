@@ -111,6 +111,7 @@ def test_readme_paper_path_block_is_complete():
     assert all(c.startswith("torchrun --nproc_per_node 8 ") for c in commands)
 
 
+@pytest.mark.paper_path
 @pytest.mark.parametrize("arch", ["vit_b", "resnet50"])
 def test_readme_paper_path_runs_as_written(tmp_path, arch):
     """One backbone's chain of the block (its commands write and read $OUT/<arch>/...), in order."""

@@ -61,16 +61,13 @@ def torchrun(argv, nproc=2, cwd=REPO, timeout=240):
             status = status or -9
         time.sleep(0.02)
     status = status or next((p.returncode for p in procs if p.returncode), 0)
-    out = []
-    for f in (0, 1):
-        text = ""
-        for rank, pair in enumerate(logs):
-            pair[f].seek(0)
-            text += f"[rank {rank}]\n" + pair[f].read()
-        out.append(text)
-    for pair in logs:
-        pair[0].close(), pair[1].close()
-    return subprocess.CompletedProcess(argv, status, *out)
+    stdout, stderr = "", ""
+    for rank, (out, err) in enumerate(logs):
+        out.seek(0), err.seek(0)
+        stdout += f"[rank {rank}]\n{out.read()}"
+        stderr += f"[rank {rank}]\n{err.read()}"
+        out.close(), err.close()
+    return subprocess.CompletedProcess(argv, status, stdout, stderr)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """CIM pre-training: a small BEiT generator corrupts images, an enhancer learns from the corruption.
 
-    python pretrain.py                         # built-in data on a CPU, ~5 minutes: fits a k-means
+    python pretrain.py                         # built-in data on a CPU, ~4 minutes: fits a k-means
                                                # tokenizer first, pre-trains, prints a k-NN check
     python pretrain.py --explain               # one batch through one step, every tensor printed
     torchrun --nproc_per_node 8 pretrain.py --arch vit_b --objective revdet --data /path/imagenet \\
@@ -166,7 +166,6 @@ class CIM(nn.Module):
         """Position embeddings, cls / mask tokens and the relative position table of both networks."""
         return {f"generator.{n}" for n in self.generator.no_weight_decay()} | \
             {f"enhancer.{n}" for n in self.enhancer.no_weight_decay()}
-
 
 
 def check_token_grid(tokens, vit, encoder, who):

@@ -206,6 +206,8 @@ class ImageFolder(DatasetBase):
         return len(self.samples)
 
     def __getitem__(self, index):
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")  # ends `for x in dataset`
         draft = getattr(self.transform, "draft_size", None)
         loaded = self.load_with_skip(
             index, lambda i: (load_rgb(self.samples[i][0], draft), self.samples[i][1]),
@@ -327,7 +329,7 @@ class SyntheticShapes(DatasetBase):
     """
 
     CLASSES = ("disc", "square", "triangle", "cross", "ring", "star", "bar", "diamond")
-    SPLIT_LENGTH = {"train": 8192, "val": 1024}
+    SPLIT_LENGTH = {"train": 8192, "val": 1024, "select": 1024}  # select: data.SELECT_FRACTION's split
     # large labelled objects: at 32 px the class must be readable from a handful of 4 x 4 tokens
     # (radius 0.22-0.36 with distractor blobs gave a k-NN of 17% after the default run, 0.32-0.45 20-23%)
     OBJECT_RADIUS = (0.32, 0.45)
@@ -770,14 +772,44 @@ class SegEvalTransform:
 # Dataset and loader construction shared by the stage scripts
 # ----------------------------------------------------------------------------------------------------
 
+# The selection split: choices (recipe values, epochs, lr) are made on a part of train/ carved out with
+# a fixed seed, so that val/ reports numbers no choice has seen. `--eval-split select` in pretrain.py
+# and finetune.py trains on "fit" (train/ less the selection) and evaluates on "select".
+SELECT_FRACTION = 0.1   # of each class of train/
+SPLITS = ("train", "val", "fit", "select")
+
+
 def build_dataset(data, split, transform, synthetic_size=64, seed=0):
-    """`--data DIR` -> ImageFolder(DIR/<split>); no --data -> the built-in SyntheticShapes."""
-    if data is None:
-        return SyntheticShapes(split, size=synthetic_size, seed=seed, transform=transform)
-    folder = os.path.join(data, split)
-    if not os.path.isdir(folder) and split == "train" and os.path.isdir(data):
+    """`--data DIR` -> ImageFolder(DIR/<split>); no --data -> the built-in SyntheticShapes. Split
+    "fit" / "select": train/ less / only the selection split (`carve_selection`)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if data is None:  # the built-in data draws its selection split as a stream of its own
+        return SyntheticShapes("train" if split == "fit" else split, size=synthetic_size, seed=seed,
+                               transform=transform)
+    folder = os.path.join(data, "train" if split in ("fit", "select") else split)
+    if not os.path.isdir(folder) and split != "val" and os.path.isdir(data):
         folder = data  # --data may point straight at a class-folder root
-    return ImageFolder(folder, transform, seed=seed)  # seed: the augmentation stream (--seed)
+    dataset = ImageFolder(folder, transform, seed=seed)  # seed: the augmentation stream (--seed)
+    return carve_selection(dataset, split == "select") if split in ("fit", "select") else dataset
+
+
+def carve_selection(dataset, select):
+    """Keep the selection split of an ImageFolder (select=True) or all but it: round(SELECT_FRACTION * n)
+    images of each class of n, drawn by a seed fixed to the class name (not --seed), so every run, seed
+    and stage carves the same images."""
+    by_class = {}
+    for i, (_, label) in enumerate(dataset.samples):
+        by_class.setdefault(label, []).append(i)
+    chosen = set()
+    for label, indices in by_class.items():
+        random.Random(f"select/{dataset.classes[label]}").shuffle(indices)
+        chosen.update(indices[:round(SELECT_FRACTION * len(indices))])
+    dataset.samples = [s for i, s in enumerate(dataset.samples) if (i in chosen) == select]
+    if not dataset.samples:
+        raise ValueError(f"image folder {dataset.root!r} is too small for a selection split "
+                         f"({SELECT_FRACTION:.0%} of each class): add images or use --eval-split val")
+    return dataset
 
 
 def build_loader(dataset, batch_size, num_workers=4, rank=0, world_size=1, shuffle=True,

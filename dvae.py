@@ -255,19 +255,27 @@ def build_dvae(enc_cfg, dec_cfg):
 # A k-means patch codebook: the tokenizer for small images (`--preset kmeans`)
 # ----------------------------------------------------------------------------------------------------
 # On 32 px photos a CPU-sized dVAE needs minutes and still reconstructs worse than a k-means codebook
-# of 4 x 4 patches fitted in seconds, and its convolutional decoder smears a replaced token over its
-# neighbours (docs/study.md, "Your own photos"). The codebook has the dVAE's interface: the encoder gives
+# of patches fitted in seconds (docs/study.md). The codebook has the dVAE's interface: the encoder gives
 # logits over codes (minus the distance to each centroid), the decoder gives pre-sigmoid values whose
-# `decode` is the centroid's pixels, so `tokenize`, `decode` and CIM need no second code path.
+# `decode` is the rendered image, so `tokenize`, `decode` and CIM need no second code path.
+#
+# Each of the G x G tokens stands for an f x f cell; its code is chosen by, and its centroid is, the
+# cell with a margin of m pixels around it, (f + 2m) x (f + 2m) (the image reflect-padded by m). The
+# decoder overlap-adds the centroids and divides each pixel by the number of centroids covering it.
+# With m = 0 that is pasting the f x f centroids on the grid: a replaced token then ends in a jump
+# exactly on the cell's borders, a cue a detector with no parameters finds (pretrain.border_cue_auc).
+# With m = f/2 a pixel is the mean of the 4 centroids around it, so a replaced token blends into its
+# neighbours as a dVAE decoder renders one (docs/tokenizer.md, "The border cue").
 
 class PatchEncoder(nn.Module):
-    """map_pixels'ed images (B, C, H, W) -> logits (B, V, H/f, W/f): -||patch - centroid_v||."""
+    """map_pixels'ed images (B, C, H, W) -> logits (B, V, H/f, W/f): -||context - centroid_v||, the
+    context being each f x f cell with `margin` pixels around it."""
 
-    def __init__(self, codebook, patch_size):
+    def __init__(self, codebook, patch_size, margin=0):
         super().__init__()
-        self.register_buffer("codebook", codebook)  # (V, C*f*f) pixels in [0, 1], channel-major
-        self.vocab_size, self.downsample = codebook.shape[0], patch_size
-        self.input_channels = codebook.shape[1] // patch_size ** 2
+        self.register_buffer("codebook", codebook)  # (V, C*k*k) pixels in [0, 1], channel-major, k = f + 2m
+        self.vocab_size, self.downsample, self.margin = codebook.shape[0], patch_size, margin
+        self.input_channels = codebook.shape[1] // (patch_size + 2 * margin) ** 2
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -275,46 +283,57 @@ class PatchEncoder(nn.Module):
         if C != self.input_channels or H % f or W % f:
             raise ValueError(f"patch encoder expects (B, {self.input_channels}, H, W) with H, W multiples "
                              f"of {f}, got {tuple(x.shape)}")
-        patches = F.unfold(unmap_pixels(x), f, stride=f).transpose(1, 2)     # (B, L, C*f*f)
+        patches = cell_contexts(unmap_pixels(x), f, self.margin)                 # (B, L, C*k*k)
         dist = torch.cdist(patches.reshape(-1, patches.shape[2]), self.codebook)  # (B*L, V)
         return -dist.view(B, H // f, W // f, -1).permute(0, 3, 1, 2)           # (B, V, H/f, W/f)
 
 
 class PatchDecoder(nn.Module):
-    """One-hot tokens (B, V, h, w) -> (B, C, h*f, w*f), the centroids' pixels before `decode`'s
-    sigmoid and unmap_pixels (so decode(tokens) is the centroids exactly)."""
+    """One-hot tokens (B, V, h, w) -> (B, C, h*f, w*f): the centroids overlap-added and averaged where
+    they overlap, before `decode`'s sigmoid and unmap_pixels (so decode(tokens) is that average)."""
 
-    def __init__(self, codebook, patch_size):
+    def __init__(self, codebook, patch_size, margin=0):
         super().__init__()
         self.register_buffer("codebook", codebook)
-        self.vocab_size, self.downsample = codebook.shape[0], patch_size
-        self.output_channels = codebook.shape[1] // patch_size ** 2
+        self.vocab_size, self.downsample, self.margin = codebook.shape[0], patch_size, margin
+        self.output_channels = codebook.shape[1] // (patch_size + 2 * margin) ** 2
 
     def forward(self, z):
         B, V, h, w = z.shape
         if V != self.vocab_size:
             raise ValueError(f"decoder expects one-hot tokens (B, {self.vocab_size}, h, w), got {tuple(z.shape)}")
-        f = self.downsample
-        patches = torch.einsum("bvl,vd->bdl", z.flatten(2).float(), self.codebook)  # (B, C*f*f, h*w)
-        pixels = F.fold(patches, (h * f, w * f), f, stride=f)                     # (B, C, h*f, w*f)
-        return torch.logit(map_pixels(pixels))
+        f, m = self.downsample, self.margin
+        k, size = f + 2 * m, (h * f, w * f)
+        patches = torch.einsum("bvl,vd->bdl", z.flatten(2).float(), self.codebook)  # (B, C*k*k, h*w)
+        pixels = F.fold(patches, size, k, stride=f, padding=m)                    # (B, C, h*f, w*f) sums
+        cover = F.fold(torch.ones_like(patches[:1]), size, k, stride=f, padding=m)  # centroids per pixel
+        return torch.logit(map_pixels(pixels / cover))
 
 
-def build_patch_tokenizer(codebook, patch_size):
-    """(PatchEncoder, PatchDecoder) sharing one codebook (V, C*f*f)."""
-    return PatchEncoder(codebook, patch_size), PatchDecoder(codebook, patch_size)
+def cell_contexts(images, patch_size, margin=0):
+    """(B, C, H, W) -> (B, L, C*k*k): each f x f cell with `margin` pixels around it (k = f + 2m),
+    row-major over the cells, the image reflect-padded at its borders."""
+    if margin:
+        images = F.pad(images, (margin,) * 4, mode="reflect")
+    return F.unfold(images, patch_size + 2 * margin, stride=patch_size).transpose(1, 2)
+
+
+def build_patch_tokenizer(codebook, patch_size, margin=0):
+    """(PatchEncoder, PatchDecoder) sharing one codebook (V, C*k*k), k = patch_size + 2 * margin."""
+    return PatchEncoder(codebook, patch_size, margin), PatchDecoder(codebook, patch_size, margin)
 
 
 @torch.no_grad()
-def fit_patch_kmeans(images, vocab_size, patch_size, iters=25, max_patches=2 ** 18, seed=0):
-    """Lloyd's k-means with k-means++ seeding on the f x f patches of `images` (N, C, H, W) in [0, 1].
+def fit_patch_kmeans(images, vocab_size, patch_size, iters=25, max_patches=2 ** 18, seed=0, margin=0):
+    """Lloyd's k-means with k-means++ seeding on the cells of `images` (N, C, H, W) in [0, 1], each f x f
+    cell with `margin` pixels around it (cell_contexts).
 
     Returns the codebook (V, C*f*f) and the mean squared error per pixel. Deterministic for a seed;
     an empty cluster is re-seeded with the patch worst served by its centroid.
     """
     g = torch.Generator().manual_seed(seed)
-    patches = F.unfold(images.float(), patch_size, stride=patch_size).transpose(1, 2)
-    patches = patches.reshape(-1, patches.shape[2])                  # (N*L, D)
+    patches = cell_contexts(images.float(), patch_size, margin)
+    patches = patches.reshape(-1, patches.shape[2])                  # (N*L, D), D = C*k*k
     patches = patches[torch.randperm(len(patches), generator=g)[:max_patches]]
     if len(patches) < vocab_size:
         raise ValueError(f"{len(patches)} patches cannot seed {vocab_size} codes: add images or lower "
@@ -522,8 +541,9 @@ DVAE_PRESETS = {
     "dalle": dict(group_count=4, n_hid=256, n_blk_per_group=2, vocab_size=8192, n_init=128,
                   img_size=256, lr=1e-3, kl_weight=1e-2, kl_warmup=0.0),
     # not a dVAE: a k-means codebook of 4 x 4 pixel patches (section above), seconds on a CPU; the
-    # tokenizer of pretrain.py's photos recipe
-    "kmeans": dict(vocab_size=512, img_size=32, patch_size=4),
+    # tokenizer of pretrain.py's builtin and photos recipes. Margin 0: the blended corruptions of a 2 px
+    # margin remove the border cue but taught less in every downstream measure tried (docs/tokenizer.md)
+    "kmeans": dict(vocab_size=512, img_size=32, patch_size=4, margin=0),
 }
 KMEANS_ITERS = 25          # Lloyd iterations of the kmeans preset (--kmeans-iters)
 KMEANS_MAX_IMAGES = 10000  # images spread over the training split; their patches are capped at 2**18
@@ -600,6 +620,11 @@ def get_args_parser():
     for name in ("group_count", "n_hid", "n_blk_per_group", "vocab_size", "n_init", "img_size", "patch_size"):
         a("--" + name.replace("_", "-"), type=pos_int, default=None,
           help=f"override the preset's {name}" + (" (kmeans only: f)" if name == "patch_size" else ""))
+    a("--margin", type=nonneg_int, default=None,
+      help="kmeans preset: pixels of context around each f x f cell in its code and centroid; the decoder "
+           "overlap-adds the centroids. 0 (preset): pasted cells, a replaced token ends in jumps on the cell "
+           "borders, a cue pretrain.py's border check finds; 2 (f/2): a replaced token blends into its "
+           "neighbours, no such cue, but less learnt at CPU scale (docs/tokenizer.md)")
     a("--kmeans-iters", type=pos_int, default=None, help=f"kmeans preset: Lloyd iterations ({KMEANS_ITERS})")
     a("--lr", type=pos_float, default=None,
       help="peak AdamW learning rate, not scaled by batch (preset: small 1e-2, dalle 1e-3)")
@@ -641,7 +666,7 @@ def get_args_parser():
 def resolve_config(args):
     """Preset values, overridden by explicit flags; a flag the preset's kind has no use for is an error."""
     cfg = dict(DVAE_PRESETS[args.preset])
-    unused = ("patch_size", "kmeans_iters") if args.preset != "kmeans" else DVAE_ONLY
+    unused = ("patch_size", "margin", "kmeans_iters") if args.preset != "kmeans" else DVAE_ONLY
     given = [k for k in unused if getattr(args, k) is not None]
     if given:
         raise ValueError(f"--preset {args.preset} takes no " + ", ".join("--" + k.replace("_", "-")
@@ -663,7 +688,7 @@ def load_tokenizer(path):
     import training
     ckpt = training.load_checkpoint(path, "tokenizer checkpoint (--dvae)")
     if ckpt.get("kind") == "kmeans":
-        enc, dec = build_patch_tokenizer(ckpt["codebook"], ckpt["patch_size"])
+        enc, dec = build_patch_tokenizer(ckpt["codebook"], ckpt["patch_size"], ckpt.get("margin", 0))
         return enc.eval().requires_grad_(False), dec.eval().requires_grad_(False)
     if "encoder_config" not in ckpt:
         raise ValueError(f"{path!r} is not a dvae.py checkpoint (no 'encoder_config'); for OpenAI's "
@@ -820,9 +845,12 @@ def fit_codebook(args, cfg, rank, device):
     import data
     import training
     t0 = time.time()
-    f, iters = cfg["patch_size"], args.kmeans_iters or KMEANS_ITERS
+    f, m, iters = cfg["patch_size"], cfg["margin"], args.kmeans_iters or KMEANS_ITERS
     if cfg["img_size"] % f:
         raise ValueError(f"--img-size {cfg['img_size']} is not a multiple of --patch-size {f}")
+    if m > f or m >= cfg["img_size"]:
+        raise ValueError(f"--margin {m} is larger than --patch-size {f}: a centroid would reach past the "
+                         f"cells next to its own (f/2 = {f / 2:g} averages 4 centroids per pixel)")
     tf = data.EvalTransform(cfg["img_size"], crop_pct=1.0, normalized=False)
     train_set = data.build_dataset(args.data, "train", tf, seed=args.seed)
     val_set = data.build_dataset(args.data, "val", tf, seed=args.seed)
@@ -840,12 +868,13 @@ def fit_codebook(args, cfg, rank, device):
     else:
         n = min(len(train_set), KMEANS_MAX_IMAGES)
         images = torch.stack([train_set[int(i)][0] for i in torch.linspace(0, len(train_set) - 1, n)])
-        codebook, train_mse = fit_patch_kmeans(images, cfg["vocab_size"], f, iters, seed=args.seed)
+        codebook, train_mse = fit_patch_kmeans(images, cfg["vocab_size"], f, iters, seed=args.seed, margin=m)
         if rank == 0:
             training.save_checkpoint({"stage": "dvae.py", "kind": "kmeans", "codebook": codebook, "patch_size": f,
+                                      "margin": m,
                                       "train_recon_mse": train_mse, "step": iters, "total_steps": iters,
                                       "args": vars(args)}, os.path.join(args.output_dir, "checkpoint-latest.pth"))
-    enc, dec = (m.to(device) for m in build_patch_tokenizer(codebook, f))
+    enc, dec = (part.to(device) for part in build_patch_tokenizer(codebook, f, ckpt.get("margin", 0) if ckpt else m))
     stats = {}
     if rank == 0:
         val_loader, _ = data.build_loader(val_set, args.batch_size, 0, shuffle=False, drop_last=False)
@@ -860,7 +889,7 @@ def fit_codebook(args, cfg, rank, device):
 def save_reconstructions(enc, dec, dataset, device, path, n=16):
     """PNG: a row of validation images above their hard-token reconstructions."""
     import data
-    x = torch.stack([dataset[i][0] for i in range(n)]).to(device)
+    x = torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))]).to(device)
     data.save_grid([x, decode(dec, tokenize(enc, x))], path, ["input x", "decode(tokenize(x))"])
 
 

@@ -19,13 +19,17 @@ Three modes (--mode):
               targets, repeated augmentation).
     linear    frozen backbone, BatchNorm without affine + one linear layer on the cls token, LARS
               (MAE's linear probe).
-    knn       no training: weighted k-NN on pooled features (DINO's protocol).
+    knn       no training: weighted k-NN on pooled features (DINO's protocol), next to the k-NN of the
+              raw pixels; --knn-blocks adds one k-NN per ViT block / ResNet stage.
 
     python finetune.py --init out/pretrain/backbone.pth                    # built-in data, CPU minutes
-    python finetune.py --init scratch --arch vit_mini                      # the same recipe from scratch
+    python finetune.py --init scratch --arch vit_mini                      # the random-init baseline
     python finetune.py --init out/pretrain/backbone.pth --mode knn
     torchrun --nproc_per_node 8 finetune.py --data /path/imagenet --init cim_vit_b.pth --amp bf16 \\
         --batch-size 128 --output-dir out/ft_vit_b                        # BEiT-B recipe, 1024 images/step
+
+--eval-split select trains on train/ less a fixed 10% of each class and evaluates on that 10%
+(data.SELECT_FRACTION): for choosing lr, epochs or layer decay without looking at val/.
 
 Evaluation: resize + center crop (--crop-pct), top-1 / top-5, each validation image counted once
 under DDP (data.EvalSampler). Per-epoch JSON log, checkpoint-latest.pth (resume: rerun the command),
@@ -96,12 +100,22 @@ BUILTIN = {"vit": dict(BEIT_B, **CPU, arch="vit_mini", patch_size=4, epochs=2, b
                           loss="bce", head_init_scale=1.0),
            "linear": dict(MAE_LINEAR, **CPU, arch="vit_mini", patch_size=4, epochs=3, batch_size=256, opt="sgd",
                           pool="avg")}
+# A ViT fine-tuned from random init (--init scratch, --mode finetune): layer decay is a setting for a
+# pre-trained network, whose lower layers already hold general features and should move little (BEiT's
+# fine-tuning recipe). Kept for a random network, its patch embedding would train at decay^(L+1) of the
+# lr (0.75^7 for vit_mini's 6 blocks): the baseline would be held back by a setting, not by the lack of
+# pre-training. So every layer trains at the lr.
+BUILTIN["vit_scratch"] = dict(BUILTIN["vit"], layer_decay=1.0)
 RECIPES = {
     "builtin": BUILTIN,
     # a folder of small photos (a few thousand, 32-64 px): the built-in recipe, long enough for scratch to
     # stop improving (10 epochs: docs/study.md), and the ResNet's small-image stem
+    # (a ViT from scratch gets 30 epochs: with no pre-trained features to start from it is given a
+    # longer schedule, so that the baseline is not cut short)
     "photos": {"vit": dict(BUILTIN["vit"], epochs=10), "resnet": dict(BUILTIN["resnet"], epochs=10, resnet_stem="small"),
-               "linear": dict(BUILTIN["linear"], epochs=10)},
+               "linear": dict(BUILTIN["linear"], epochs=10),
+               "vit_scratch": dict(BUILTIN["vit_scratch"], epochs=30)},
+    # (no scratch kind: a ViT from scratch takes the recipe of its size)
     "imagenet": {"vit": BEIT_B, "vit_s": VIT_S, "vit_b": BEIT_B, "vit_l": MAE_L, "resnet": RSB_A2,
                  "linear": MAE_LINEAR},
 }
@@ -149,6 +163,10 @@ def get_args_parser():
     # data and augmentation
     a("--data", default=None, help="ImageNet-layout root (DIR/train/<class>/*, DIR/val/<class>/*); omit "
       "to use the built-in procedural dataset")
+    a("--eval-split", default="val", choices=["val", "select"],
+      help="what every mode evaluates on: val (DIR/val/, for numbers you report) or select (a fixed "
+           f"{100 * data.SELECT_FRACTION:.0f}%% of each class of train/, left out of training: for choosing lr, "
+           "epochs or layer decay without looking at val/; no val/ needed)")
     r("--crop-min", "random-resized-crop min scale", type=unit)
     r("--crop-pct", "eval: resize the shorter side to size / crop_pct, center-crop size (0.875: 256 "
       "-> 224)", type=unit)
@@ -190,6 +208,10 @@ def get_args_parser():
     # k-NN
     a("--knn-k", type=pos_int, default=20, help="k-NN neighbours (DINO: 20)")
     a("--knn-t", type=pos_float, default=0.07, help="k-NN temperature of the exp(sim / T) vote weights")
+    a("--knn-blocks", action="store_true", help="--mode knn: also the k-NN of every ViT block's output "
+      "(a LayerNorm without affine parameters, then the mean of the patch tokens) or ResNet stage's "
+      "(global average), to see where in the network the features are best; holds one feature bank "
+      "per block in memory")
     a("--seed", type=int, default=0, help="seed for data order, augmentation, mixing, head init")
     # more flags free on resume (training.stage_parser adds output, logging, processes)
     r("--num-workers", "DataLoader workers per process", type=nonneg_int, resume_free=True)
@@ -476,6 +498,10 @@ def resolve_args(args, init=None):
     family = family or RECIPES[args.recipe]["vit"]["arch"]
     kind = "linear" if args.mode == "linear" else "resnet" if family.startswith("resnet") else \
         family if family in RECIPES[args.recipe] else "vit"  # a recipe per ViT size where there is one
+    if kind == "vit" and args.init == "scratch" and args.mode == "finetune" and "vit_scratch" in RECIPES[args.recipe]:
+        kind = "vit_scratch"  # no layer decay for a random network (see BUILTIN["vit_scratch"])
+    if args.knn_blocks and args.mode != "knn":
+        raise ValueError(f"--knn-blocks is a k-NN of every block: it needs --mode knn, not {args.mode}")
     recipe = dict(RECIPES[args.recipe][kind])
     if args.init != "scratch":  # the checkpoint decides the network and its input size
         for k in ("arch", "img_size", "patch_size"):
@@ -501,17 +527,24 @@ def parse_aa(spec):
         raise ValueError(f"--aa {spec!r}: expected 'mM' or 'mM-mstdS' (e.g. m9-mstd0.5) or none") from None
 
 
+def split_names(args):
+    """The (training, evaluation) splits of data.build_dataset that --eval-split stands for."""
+    return ("fit", "select") if args.eval_split == "select" else ("train", "val")
+
+
 def build_data(args, rank, world_size):
     train_tf = data.FinetuneTransform(args.img_size, scale=(args.crop_min, 1.0), rand_augment=parse_aa(args.aa),
                                       color_jitter=args.color_jitter, reprob=args.reprob)
     if args.mode == "linear":  # MAE's linear probe: crop + flip only
         train_tf = data.FinetuneTransform(args.img_size, scale=(args.crop_min, 1.0))
     eval_tf = data.EvalTransform(args.eval_size, crop_pct=args.crop_pct)
-    train_set = data.build_dataset(args.data, "train", train_tf, seed=args.seed)
-    if args.data is not None and not os.path.isdir(os.path.join(args.data, "val")):
+    train_split, eval_split = split_names(args)
+    train_set = data.build_dataset(args.data, train_split, train_tf, seed=args.seed)
+    if args.eval_split == "val" and args.data is not None and not os.path.isdir(os.path.join(args.data, "val")):
         raise FileNotFoundError(f"--data {args.data}: no val/ split (expected "
-                                f"{os.path.join(args.data, 'val', '<class>', '*')})")
-    val_set = data.build_dataset(args.data, "val", eval_tf, seed=args.seed)
+                                f"{os.path.join(args.data, 'val', '<class>', '*')}); add one, or pass "
+                                f"--eval-split select to evaluate on a part of train/")
+    val_set = data.build_dataset(args.data, eval_split, eval_tf, seed=args.seed)
     if train_set.classes != val_set.classes:
         raise ValueError(f"--data {args.data}: train/ and val/ have different class folders "
                          f"({len(train_set.classes)} vs {len(val_set.classes)})")
@@ -527,17 +560,58 @@ def build_data(args, rank, world_size):
 
 def knn_main(args, backbone, rank, world_size, device):
     tf = data.EvalTransform(args.eval_size, crop_pct=args.crop_pct)
-    sets = [data.build_dataset(args.data, s, tf, seed=args.seed) for s in ("train", "val")]
+    sets = [data.build_dataset(args.data, s, tf, seed=args.seed) for s in split_names(args)]
     loaders = [data.build_eval_loader(s, args.eval_batch_size, args.num_workers, rank, world_size)
                for s in sets]
-    knn = training.knn_accuracy(backbone.to(device), *loaders, len(sets[0].classes), device,
-                                args.knn_k, args.knn_t, ks=(1, 5), pool=args.pool)
-    result = {"mode": "knn", "init": args.init, "arch": args.arch, "knn_k": args.knn_k, **knn,
-              "n_train": len(sets[0]), "n_val": len(sets[1])}
+    num_classes, backbone = len(sets[0].classes), backbone.to(device)
+    knn = training.knn_accuracy(backbone, *loaders, num_classes, device, args.knn_k, args.knn_t, ks=(1, 5),
+                                pool=args.pool)
+    # the floor the features must beat: the same evaluation view's mean-centred pixels
+    pixels = training.raw_pixel_knn(*loaders, num_classes, device, len(sets[0]), args.eval_size, args.knn_k,
+                                    args.knn_t)
+    result = {"mode": "knn", "init": args.init, "arch": args.arch, "knn_k": args.knn_k, "top1": knn["top1"],
+              "knn_raw_pixels": pixels, "top5": knn["top5"], "feature_rank": knn["feature_rank"]}
+    if args.knn_blocks:
+        name = "knn_blocks" if isinstance(backbone, enh.VisionTransformer) else "knn_stages"
+        result[name] = knn_per_layer(backbone, *loaders, num_classes, device, args.knn_k, args.knn_t)
+    train_split, eval_split = split_names(args)
+    result.update(n_train=len(sets[0]), n_val=len(sets[1]), train_split=train_split, eval_split=eval_split)
     if rank == 0:
         training.JsonLog(os.path.join(args.output_dir, "log.jsonl")).write(**result)
         print(json.dumps(result))
     return result
+
+
+@torch.no_grad()
+def knn_per_layer(backbone, train_loader, val_loader, num_classes, device, k=20, temperature=0.07):
+    """k-NN top-1 (%) of the feature after every ViT block or ResNet stage, train -> val, with the
+    features of all of them taken in one pass over each loader. ViT: a LayerNorm without affine
+    parameters on the block's tokens (the blocks' outputs are un-normalised; the backbone's own final
+    norm belongs to the last block only), then the mean of the patch tokens. ResNet: the global
+    average of the stage's map. Exact under DDP as training.knn_accuracy."""
+    vit = isinstance(backbone, enh.VisionTransformer)
+    layers = list(range(1, (len(backbone.blocks) if vit else backbone.num_stages) + 1))
+    was_training = backbone.training
+    backbone.eval()
+    banks = []  # per loader: (one (n, D_l) feature bank per layer, labels (n,))
+    for loader in (train_loader, val_loader):
+        feats, labels = [[] for _ in layers], []
+        for groups, _ in loader:
+            for x, y in groups:
+                for bank, out in zip(feats, backbone.get_layer_outputs(x.to(device), layers)):
+                    pooled = (F.layer_norm(out, out.shape[-1:], eps=1e-6)[:, 1:].mean(1) if vit  # (B, D)
+                              else out.mean((2, 3)))                                             # (B, C)
+                    bank.append(F.normalize(pooled.float(), dim=1))
+                labels.append(y.to(device))
+        banks.append(([training.all_gather_uneven(torch.cat(f)) for f in feats],
+                      training.all_gather_uneven(torch.cat(labels))))
+    backbone.train(was_training)
+    (train_feats, train_y), (val_feats, val_y) = banks
+    top1 = []
+    for t, v in zip(train_feats, val_feats):
+        votes = training.knn_classify(t, train_y, v, num_classes, k, temperature)  # (n_val, classes)
+        top1.append(100.0 * training.topk_correct(votes, val_y, (1,))[0] / len(val_y))
+    return top1
 
 
 def main(args):
@@ -564,6 +638,7 @@ def main(args):
 
     # ---------------------------------------------------------------- data
     train_set, val_set = build_data(args, rank, world_size)
+    train_split, eval_split = split_names(args)
     loader, sampler = data.build_loader(train_set, args.batch_size, args.num_workers, rank, world_size,
                                         seed=args.seed, repeats=args.aug_repeats)
     val_loader = data.build_eval_loader(val_set, args.eval_batch_size, args.num_workers, rank, world_size)
@@ -627,7 +702,8 @@ def main(args):
                   "train_loss": state["loss_sum"] / max(state["n_loss"], 1), "img_per_s": img_per_s,
                   "val_top1": stats["top1"], "val_top5": stats["top5"], "val_loss": stats["loss"],
                   "n_val": stats["n"], "n_val_unreadable": stats["n_unreadable"],
-                  "peak_mem_mb": training.peak_memory_mb(device), **skips.state()}
+                  "peak_mem_mb": training.peak_memory_mb(device), **skips.state(), "train_split": train_split,
+                  "eval_split": eval_split}
         if ema is not None:
             ema_stats = evaluate(ema.module, val_loader, device, args.amp)
             result.update(ema_top1=ema_stats["top1"], ema_top5=ema_stats["top5"])
@@ -686,7 +762,8 @@ def main(args):
         torch.save(export_classifier(model), os.path.join(args.output_dir, "classifier.pth"))
         print(json.dumps({"mode": args.mode, "init": args.init, "seed": args.seed, "epochs": result.get("epoch"),
                           "top1": result.get("val_top1"), "top5": result.get("val_top5"),
-                          "best_top1": best, "minutes": round((time.time() - start) / 60, 2)}))
+                          "best_top1": best, "train_split": train_split, "eval_split": eval_split,
+                          "minutes": round((time.time() - start) / 60, 2)}))
     training.finish_distributed()
     return result
 

@@ -19,6 +19,7 @@ import json
 import os
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -67,6 +68,8 @@ RECIPES = {
 # a ResNet's last stage collapses under the 1x1 RevDet head when trained longer: k-NN +5.0 over random
 # init at 5 epochs, +1.0 at 15 (photos-dev, 2 seeds; docs/study.md)
 PHOTOS_RESNET_EPOCHS = 5
+# --method beit masks as BEiT does, whatever the recipe's CIM masking: blockwise, 75 of 196 patches
+BEIT_MASKING = dict(mask_type="block", mask_ratio=75 / 196)
 TOKENIZER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -267,8 +270,8 @@ def train_step(ddp_model, model, batches, optimizer, scaler, args, device, trace
     for i, (images, tok_images) in enumerate(batches):
         images = images.to(device, non_blocking=True)
         tok_images = tok_images.to(device, non_blocking=True)
-        mask = gen.mask_patches(args.mask_type, images.shape[0], model.grid,
-                                args.mask_ratio).to(device)  # (B, N), True = masked
+        mask = gen.mask_patches(args.mask_type, images.shape[0], model.grid, args.mask_ratio,
+                                args.mask_min_patches).to(device)  # (B, N), True = masked
         trace("images", images)
         trace("tokenizer view", tok_images)
         trace("mask", mask)
@@ -287,15 +290,64 @@ def train_step(ddp_model, model, batches, optimizer, scaler, args, device, trace
 
 
 def binary_auc(scores, labels):
-    """ROC-AUC of `scores` for binary `labels` via the rank-sum statistic (None if one class only:
-    log.jsonl stays standard JSON)."""
-    scores, labels = scores.float().flatten(), labels.bool().flatten()
+    """ROC-AUC of `scores` for binary `labels` via the rank-sum statistic, tied scores sharing their
+    average rank (a tie counts half, as in the pairwise definition; bf16 logits tie often). None if
+    one class only: log.jsonl stays standard JSON."""
+    scores, labels = scores.double().flatten(), labels.bool().flatten()
     n_pos, n_neg = labels.sum().item(), (~labels).sum().item()
     if n_pos == 0 or n_neg == 0:
         return None
-    ranks = torch.empty_like(scores)
-    ranks[scores.argsort()] = torch.arange(1, len(scores) + 1, dtype=scores.dtype, device=scores.device)
-    return ((ranks[labels].sum().item() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)  # sorted values
+    last = counts.cumsum(0).double()                  # rank of each distinct value's last copy
+    ranks = (last - (counts - 1) / 2)[inverse]        # average rank of each score
+    return (ranks[labels].sum().item() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def border_jumps(images, patch):
+    """(B, C, S, S) -> (B, G, G): for each patch, the mean absolute pixel difference across its borders
+    with its neighbours (G = S / patch; the image's own edges do not count). The score of a detector
+    with no parameters: a corruption that pastes replacements on the patch grid makes jumps there."""
+    B, _, S, _ = images.shape
+    G = S // patch
+    rows = (images[:, :, 1:] - images[:, :, :-1]).abs().mean(1)          # (B, S-1, S): row i vs i+1
+    cols = (images[..., 1:] - images[..., :-1]).abs().mean(1)            # (B, S, S-1)
+    h = rows[:, patch - 1::patch].reshape(B, G - 1, G, patch).mean(-1)   # (B, G-1, G): cell row r | r+1
+    v = cols[..., patch - 1::patch].reshape(B, G, patch, G - 1).mean(2)  # (B, G, G-1): cell col c | c+1
+    total, count = images.new_zeros(B, G, G), images.new_zeros(G, G)
+    total[:, :-1] += h                                                   # a border counts for both cells
+    total[:, 1:] += h
+    total[:, :, :-1] += v
+    total[:, :, 1:] += v
+    for side in (np.s_[:-1], np.s_[1:]):
+        count[side] += 1
+        count[:, side] += 1
+    return total / count
+
+
+def gradient_energy(images, patch, ring=0):
+    """(B, C, S, S) -> (B, G, G): the mean absolute difference between neighbouring pixels over each
+    patch grown by `ring` px on every side. A second detector with no parameters, for cues that sit
+    inside a patch or just outside it rather than on its borders (a decoder can move a jump there)."""
+    rows = F.pad((images[:, :, 1:] - images[:, :, :-1]).abs().mean(1, keepdim=True), (0, 0, 0, 1))
+    cols = F.pad((images[..., 1:] - images[..., :-1]).abs().mean(1, keepdim=True), (0, 1, 0, 0))
+    grown = F.pad(rows + cols, (ring,) * 4, mode="replicate")                # (B, 1, S+2r, S+2r)
+    return F.avg_pool2d(grown, patch + 2 * ring, stride=patch).squeeze(1)    # (B, G, G)
+
+
+def local_cue_auc(corrupted, replaced, patch):
+    """The best ROC-AUC of gradient_energy over rings of 0 .. patch/2 px: a replaced token found from
+    the sharpness of its own neighbourhood, wherever the decoder put the jump."""
+    labels = replaced.view(replaced.shape[0], -1)
+    return max(binary_auc(gradient_energy(corrupted.float(), patch, r), labels) for r in range(patch // 2 + 1))
+
+
+def border_cue_auc(corrupted, replaced, patch):
+    """ROC-AUC with which border_jumps alone tells replaced patches from kept ones: 0.5 = no cue at
+    the patch borders (what a dVAE decoder gives, rendering the whole mixed map), near 1 = the
+    corruption is solved from patch borders without looking at content."""
+    if corrupted.shape[-1] // patch < 2:
+        return None  # a single patch has no borders with neighbours
+    return binary_auc(border_jumps(corrupted.float(), patch), replaced.view(replaced.shape[0], -1))
 
 
 def log_record(out, args):
@@ -308,6 +360,8 @@ def log_record(out, args):
     if args.objective == "revdet":
         rec["revdet_acc"] = out["revdet_acc"].item()
         rec["revdet_auc"] = binary_auc(out["out"].detach(), out["replaced"])
+        # the zero-parameter detector on the same corruptions: how much of the AUC borders explain
+        rec["border_cue_auc"] = border_cue_auc(out["corrupted"], out["replaced"], args.patch_size)
     else:
         rec["respix_mse"] = out["respix_mse"].item()
     return rec
@@ -351,7 +405,8 @@ def main(args):
     # ---------------------------------------------------------------- data (all of it checked now)
     transform = data.PretrainTransform(args.img_size, tok_size, scale=(args.crop_min, 1.0),
                                        color_jitter=args.color_jitter)
-    train_set = data.build_dataset(args.data, "train", transform, seed=args.seed)
+    train_set = data.build_dataset(args.data, "fit" if args.eval_split == "select" else "train", transform,
+                                   seed=args.seed)
     knn_sets = knn_datasets(args) if args.knn_k and not args.explain else None  # a missing val/ now
     loader, sampler = data.build_loader(train_set, args.batch_size, args.num_workers, rank, world_size,
                                         seed=args.seed)
@@ -368,8 +423,15 @@ def main(args):
         args.min_lr = args.lr  # a constant schedule after the warm-up
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
     source = args.dvae or args.dalle_encoder or os.path.join(args.output_dir, "tokenizer")
-    tok_stats = {} if args.explain else check_tokenizer_usage(
-        tokenizer[0], train_set, device, args.min_tokenizer_perplexity, what=f"tokenizer {source}")
+    tok_stats = {}
+    if not args.explain:
+        codes = tokenizer_sample(tokenizer[0], train_set, device)
+        tok_stats = dict(check_tokenizer_usage(codes, tokenizer[0].vocab_size, args.min_tokenizer_perplexity,
+                                               what=f"tokenizer {source}"),
+                         **check_border_cue(codes, tokenizer[1], args))
+    if args.check_tokenizer:  # the start checks alone, as a tool
+        print(json.dumps(tok_stats))
+        return tok_stats
 
     # ---------------------------------------------------------------- model, optimiser, resume
     model = build_model(args, *tokenizer).to(device)
@@ -520,10 +582,16 @@ def get_args_parser():
     r("--gen-dim", "generator width", type=pos_int)
     r("--gen-depth", "generator blocks; the paper finds 4-6 best", type=pos_int)
     r("--gen-heads", "generator attention heads", type=pos_int)
-    a("--mask-type", default="random", choices=["random", "block"],
-      help="random: exact round(r*N) patches per image (CIM's choice); block: BEiT blockwise")
-    r("--mask-ratio", "fraction of patches the generator re-draws (the paper: 0.5)",
-      type=training.number(float, "in (0, 1)"))
+    a("--mask-type", default=None, choices=["random", "block"],
+      help="random: exact round(r*N) patches per image (CIM's choice; the default for --method cim); "
+           "block: BEiT blockwise (the default for --method beit)")
+    a("--mask-ratio", type=training.number(float, "in (0, 1)"), default=None,
+      help=f"fraction of patches the generator re-draws (the paper: 0.5); --method beit: the fraction "
+           f"masked, {BEIT_MASKING['mask_ratio']:.3f} as BEiT's 75 of 196 [recipe: " +
+           ", ".join(f"{k} {v['mask_ratio']}" for k, v in RECIPES.items()) + "]")
+    a("--mask-min-patches", type=pos_int, default=None,
+      help="--mask-type block: fewest patches in one block; default BEiT's 16 of 196 scaled to the "
+           "grid (5 on an 8x8 grid, where 16 would draw about one rectangle per image)")
     a("--sample", default="softmax", choices=["softmax", "argmax"],
       help="how replacement tokens are drawn; softmax sampling beats argmax in the paper")
     r("--temperature", "softmax temperature T for sampling", type=pos_float)
@@ -548,6 +616,10 @@ def get_args_parser():
     # data
     a("--data", default=None, help="ImageNet-layout root (DIR/train/<class>/*, DIR/val/...); omit to "
       "use the built-in procedural dataset")
+    a("--eval-split", default="val", choices=["val", "select"],
+      help="what the k-NN checks read: val (DIR/val/, for numbers you report) or select (a fixed "
+           f"{100 * data.SELECT_FRACTION:.0f}%% of each class of train/, left out of training: for choosing "
+           "settings without looking at val/)")
     r("--crop-min", "random-resized-crop min scale", type=training.number(float, "in (0, 1]"))
     r("--color-jitter", "colour jitter strength (0 = off)", type=nonneg_float)
     # optimisation
@@ -577,6 +649,9 @@ def get_args_parser():
     free("--knn-every", type=nonneg_int, default=0, help="also log the enhancer's k-NN accuracy at step 0 "
          "and every N optimiser steps (0 = only at the end); the curve of k-NN against steps")
     free("--compile", action="store_true", help="torch.compile the generator, the enhancer and the tokenizer")
+    free("--check-tokenizer", action="store_true", help="run the start checks on the tokenizer (its code "
+         "usage, and the border cue of its corruptions at --mask-ratio: docs/tokenizer.md), print them as "
+         "one JSON line, exit")
     free("--explain", action="store_true", help="print every tensor of one step and draw it (a teaching "
          "aid), exit")
     return p
@@ -590,9 +665,12 @@ def resolve_args(args):
     recipe = dict(RECIPES[args.recipe])
     if args.recipe == "photos" and (args.arch or recipe["arch"]).startswith("resnet"):
         recipe["epochs"] = PHOTOS_RESNET_EPOCHS
+    recipe.update(BEIT_MASKING if args.method == "beit" else dict(mask_type="random"))
     for k, v in recipe.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.mask_min_patches is None:  # BEiT's 16 of 196, scaled to this grid
+        args.mask_min_patches = max(1, round(16 * (args.img_size // args.patch_size) ** 2 / 196))
     if args.img_size % args.patch_size:
         raise ValueError(f"--img-size {args.img_size} is not a multiple of --patch-size {args.patch_size}")
     if args.method == "beit" and args.arch.startswith("resnet"):
@@ -635,8 +713,8 @@ def untrained_tokenizer(args, device):
     trained one exists yet. A random k-means codebook costs what a fitted one does."""
     if args.tokenizer == "kmeans":
         cfg = dvae.DVAE_PRESETS["kmeans"]
-        codebook = torch.rand(cfg["vocab_size"], 3 * cfg["patch_size"] ** 2)
-        parts = dvae.build_patch_tokenizer(codebook, cfg["patch_size"])
+        codebook = torch.rand(cfg["vocab_size"], 3 * (cfg["patch_size"] + 2 * cfg["margin"]) ** 2)
+        parts = dvae.build_patch_tokenizer(codebook, cfg["patch_size"], cfg["margin"])
     else:
         parts = dvae.build_from_config(dvae.DVAE_PRESETS[args.tokenizer or "dalle"])
     return tuple(m.to(device).eval().requires_grad_(False) for m in parts)
@@ -670,29 +748,68 @@ def train_own_tokenizer(args):
 
 
 @torch.no_grad()
-def check_tokenizer_usage(encoder, dataset, device, floor, n=512, what="the tokenizer"):
-    """Code perplexity and usage of the tokenizer on n training images spread over the dataset.
-
-    A collapsed codebook (a few codes for every patch) gives the generator nothing to predict and the
-    enhancer nothing to find: training goes on with 100% RevDet accuracy and learns nothing. Stop
-    before that, naming the cause. Deterministic (fixed indices, per-sample augmentation seeds), so
-    every rank decides alike without a collective."""
+def tokenizer_sample(encoder, dataset, device, n=512):
+    """Tokens (n, G, G) of n training images spread over the dataset (fixed indices, per-sample
+    augmentation seeds: every rank gets the same without a collective)."""
     indices = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).long().tolist()
     codes = []
     for chunk in torch.tensor(indices).split(64):
         tok_images = torch.stack([dataset[i][0][1] for i in chunk.tolist()]).to(device)
-        codes.append(dvae.tokenize(encoder, tok_images).cpu())
-    perplexity, usage = dvae.codebook_stats(torch.cat(codes), encoder.vocab_size)
+        codes.append(dvae.tokenize(encoder, tok_images))
+    return torch.cat(codes)
+
+
+def check_tokenizer_usage(codes, vocab_size, floor, what="the tokenizer"):
+    """Code perplexity and usage of the tokenizer on the tokens of tokenizer_sample.
+
+    A collapsed codebook (a few codes for every patch) gives the generator nothing to predict and the
+    enhancer nothing to find: training goes on with 100% RevDet accuracy and learns nothing. Stop
+    before that, naming the cause."""
+    perplexity, usage = dvae.codebook_stats(codes.cpu(), vocab_size)
     stats = {"tokenizer_perplexity": perplexity, "tokenizer_usage": usage}
-    print(f"pretrain.py: {what} uses {100 * usage:.1f}% of its {encoder.vocab_size} codes on "
-          f"{len(indices)} training images, perplexity {perplexity:.1f}")
+    print(f"pretrain.py: {what} uses {100 * usage:.1f}% of its {vocab_size} codes on "
+          f"{len(codes)} training images, perplexity {perplexity:.1f}")
     if perplexity < floor:
         raise ValueError(f"{what} has collapsed: code perplexity {perplexity:.1f} (of "
-                         f"{encoder.vocab_size} codes, {100 * usage:.1f}% in use) on {len(indices)} "
+                         f"{vocab_size} codes, {100 * usage:.1f}% in use) on {len(codes)} "
                          f"training images, below --min-tokenizer-perplexity {floor:g}. Retrain it "
                          f"(dvae.py: more steps, a larger --kl-weight) or pass "
                          f"--min-tokenizer-perplexity 0 to train on it anyway")
     return stats
+
+
+@torch.no_grad()
+def check_border_cue(codes, decoder, args, seed=0):
+    """The border-cue check: how well border_jumps, a detector with no parameters, finds the replaced
+    tokens of this run's corruptions. The tokens of tokenizer_sample are re-drawn at --mask-ratio
+    (--mask-type) from their own code frequencies (what the generator samples after its first
+    steps), decoded and resized to the input size as CIM.forward does; the AUC is of the enhancer's
+    patch grid. Near 0.5: replacements are plausible at their borders and must be found from their
+    content (the DALL-E decoder's case); near 1: the task is solved from patch borders, a shortcut
+    (docs/tokenizer.md, "The border cue"). Its own RNG: the run's random stream is not touched."""
+    n, G, _ = codes.shape
+    if G != args.img_size // args.patch_size:
+        return {}  # the first step refuses the grid by name (check_token_grid)
+    g = torch.Generator(codes.device).manual_seed(seed)
+    mask = gen.mask_patches(args.mask_type, n, G, args.mask_ratio, args.mask_min_patches,
+                            device=codes.device, generator=g)                   # (n, N)
+    freq = torch.bincount(codes.flatten(), minlength=decoder.vocab_size).float()
+    drawn = torch.multinomial(freq, int(mask.sum()), replacement=True, generator=g)
+    mixed = codes.flatten(1).masked_scatter(mask, drawn)                        # (n, N)
+    replaced = mixed != codes.flatten(1)
+    corrupted = torch.cat([dvae.decode(decoder, m.view(-1, G, G)) for m in mixed.split(64)])
+    if corrupted.shape[-1] != args.img_size:
+        corrupted = F.interpolate(corrupted, size=(args.img_size, args.img_size), mode="bilinear",
+                                  align_corners=False)                          # (n, 3, S, S)
+    auc = border_cue_auc(corrupted, replaced, args.patch_size)
+    if auc is None:
+        return {}
+    local = local_cue_auc(corrupted, replaced, args.patch_size)
+    print(f"pretrain.py: border cue: pixel jumps across patch borders alone find the replaced tokens "
+          f"with ROC-AUC {auc:.3f} (local sharpness: {local:.3f}) on {n} training images "
+          f"({100 * replaced.float().mean():.0f}% replaced; 0.5 = no cue, 1 = solved without looking at "
+          f"content; docs/tokenizer.md)")
+    return {"border_cue_auc": auc, "local_cue_auc": local}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -803,28 +920,30 @@ def knn_datasets(args):
     """The k-NN check's train and val sets, built at start so a missing val/ split stops the run
     before training, not after it."""
     tf = data.EvalTransform(args.img_size, crop_pct=1.0)
-    if args.data is not None and not os.path.isdir(os.path.join(args.data, "val")):
+    if args.eval_split == "val" and args.data is not None and not os.path.isdir(os.path.join(args.data, "val")):
         raise FileNotFoundError(f"--data {args.data}: no val/ split for the final k-NN check "
                                 f"(expected {os.path.join(args.data, 'val', '<class>', '*')}); add "
                                 f"one or pass --knn-k 0")
-    train_set = data.build_dataset(args.data, "train", tf, seed=args.seed)
-    val_set = data.build_dataset(args.data, "val", tf, seed=args.seed)
+    splits = ("fit", "select") if args.eval_split == "select" else ("train", "val")
+    train_set, val_set = (data.build_dataset(args.data, s, tf, seed=args.seed) for s in splits)
     if args.data is None:  # a 4096-image memory bank keeps the CPU check to seconds
         train_set.length = 4096
     return train_set, val_set
 
 
 def knn_report(backbone, knn_sets, loaders, args, device):
-    """The run's evidence: k-NN accuracy of the pre-trained enhancer next to the same architecture
-    at random init (a random network's features already beat chance), and the effective rank of
+    """The run's evidence: k-NN accuracy of the pre-trained enhancer next to its two floors, the same
+    architecture at random init (a random network's features already beat chance) and the
+    mean-centred pixels of the same evaluation view (training.RawPixels), and the effective rank of
     both networks' features (training.effective_rank: near 1 is a collapsed representation)."""
     num_classes = len(knn_sets[0].classes)
     torch.manual_seed(args.seed)
     random_init = build_backbone(args).eval().to(device)
     ours, rand = (training.knn_accuracy(b, *loaders, num_classes, device, args.knn_k)
                   for b in (backbone, random_init))
+    pixels = training.raw_pixel_knn(*loaders, num_classes, device, len(knn_sets[0]), args.img_size, args.knn_k)
     return {"knn_pretrained": ours["top1"], "knn_random_init": rand["top1"],
-            "knn_chance": 100.0 / num_classes,
+            "knn_raw_pixels": pixels, "knn_chance": 100.0 / num_classes,
             "rank_pretrained": ours["feature_rank"], "rank_random_init": rand["feature_rank"]}
 
 

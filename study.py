@@ -41,6 +41,9 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 PRETRAIN = {  # name -> (group, flags)
     "revdet-vit": ("main", ["--objective", "revdet"]),
     "respix-vit": ("main", ["--objective", "respix"]),
+    # the baseline the paper compares with: the same ViT by BEiT's masked image modelling, with BEiT's
+    # own masking (pretrain.py --method beit: blockwise, 75 of 196, the min block scaled to the grid)
+    "beit-vit": ("main", ["--method", "beit"]),
     "revdet-resnet18": ("main", ["--objective", "revdet", "--arch", "resnet18"]),
     "respix-resnet18": ("main", ["--objective", "respix", "--arch", "resnet18"]),
     "mask-0.3": ("mask ratio", ["--mask-ratio", "0.3"]),
@@ -62,7 +65,11 @@ DOWNSTREAM = {  # name -> (script, flags, metric in its last JSON line); run for
     "linear": ("finetune.py", ["--mode", "linear", "--recipe", "builtin"], "top1"),
     "finetune": ("finetune.py", ["--recipe", "builtin"], "top1"),
     "segment": ("segment.py", ["--recipe", "builtin"], "mIoU"),
+    # where in the network the features are: k-NN of every block (ViT) or stage (ResNet); its scratch
+    # cell reads the random-init network the same way
+    "blocks": ("finetune.py", ["--mode", "knn", "--recipe", "builtin", "--knn-blocks"], "top1"),
 }
+SPLIT_AWARE = ("pretrain.py", "finetune.py")  # the scripts that take --eval-split
 # The study's budget: every run is cut to a fixed number of optimiser steps, the same on any data,
 # so one dataset's study takes about an hour on 2 CPU cores (two 1-thread runs at a time). Flags
 # given with --pretrain-flags etc. come after these and win.
@@ -199,13 +206,17 @@ def main(args):
             flags = flags + (args.finetune_flags if script == "finetune.py" else args.segment_flags)
         print(f"study.py: {key}", flush=True)
         data = args.seg_data if script == "segment.py" else args.data  # None: the built-in data
-        data = ["--data", data] if data else []
+        data = (["--data", data] if data else []) + (["--eval-split", args.eval_split] if script in SPLIT_AWARE else [])
         result, minutes = run_stage(script, data + flags + ["--output-dir", run_dir], log_path)
         record = {"cell": key, "script": script, "flags": flags, "minutes": round(minutes, 2)}
         if metric == "knn":
-            record.update(value=result.get("knn_pretrained"), random_init=result.get("knn_random_init"))
+            record.update(value=result.get("knn_pretrained"), random_init=result.get("knn_random_init"),
+                          raw_pixels=result.get("knn_raw_pixels"))
         else:
             record.update(value=result.get(metric))
+        layers = result.get("knn_blocks") or result.get("knn_stages")
+        if layers:
+            record["layers"] = layers
         if any(v is None for k, v in record.items() if k in ("value", "random_init")):
             # recorded only complete: a rerun does the cell again
             raise ChildProcessError(f"{script} (cell {key}) printed no {metric} in {json.dumps(result)}; see {log_path}")
@@ -254,17 +265,32 @@ def report(done, args=None):
     data whose recipe names the reference rows (default: the built-in data)."""
     args = args or get_args_parser().parse_args([])
     rows = summarise(done)
+    tasks = [t for t in DOWNSTREAM if t != "blocks"]
+    pixels = [r["raw_pixels"] for r in done.values() if r.get("raw_pixels") is not None]
+    split = getattr(args, "eval_split", "val")
+    print(f"evaluated on {'val/' if split == 'val' else 'the selection split carved from train/'}\n")
     print("| pre-training | k-NN | linear probe | fine-tuning | segmentation mIoU |\n| --- | --- | --- | --- | --- |")
+    print(f"| raw pixels, mean-centred (no network) | {statistics.mean(pixels):.1f} | - | - | - |" if pixels else
+          "| raw pixels, mean-centred (no network) | - | - | - | - |")
     close = []
-    for arch, names in (("vit_mini", ("revdet-vit", "respix-vit")), ("resnet18", ("revdet-resnet18", "respix-resnet18"))):
+    for arch, names in (("vit_mini", ("revdet-vit", "respix-vit", "beit-vit")),
+                        ("resnet18", ("revdet-resnet18", "respix-resnet18"))):
         rand = [r for n in names for r in [rows.get(f"pretrain/{n}")] if r and r[3] is not None]
         knn_rand = f"{statistics.mean(r[3] for r in rand):.1f}" if rand else "-"
         print(f"| {arch}, scratch (random init) | {knn_rand} | "
-              + " | ".join(cell(rows, f"{t}/scratch-{arch}") for t in DOWNSTREAM) + " |")
+              + " | ".join(cell(rows, f"{t}/scratch-{arch}") for t in tasks) + " |")
         for n in names:
-            print(f"| {arch}, CIM-{n.split('-')[0]} | {cell(rows, f'pretrain/{n}')} | "
-                  + " | ".join(cell(rows, f"{t}/{n}") for t in DOWNSTREAM) + " |")
-            close += [(f"{t}/{n}", f"{t}/scratch-{arch}", "main") for t in DOWNSTREAM]
+            label = "BEiT" if n.startswith("beit") else f"CIM-{n.split('-')[0]}"
+            print(f"| {arch}, {label} | {cell(rows, f'pretrain/{n}')} | "
+                  + " | ".join(cell(rows, f"{t}/{n}") for t in tasks) + " |")
+            close += [(f"{t}/{n}", f"{t}/scratch-{arch}", "main") for t in tasks]
+    layer_rows = [(k, [r["layers"] for r in done.values() if r["cell"].rsplit("/", 1)[0] == k and "layers" in r])
+                  for k in sorted({key.rsplit("/", 1)[0] for key in done if key.startswith("blocks/")})]
+    if layer_rows:
+        print("\n| k-NN per block / stage (mean over seeds) | 1 | 2 | ... |\n| --- | --- | --- | --- |")
+        for k, runs in layer_rows:
+            means = [statistics.mean(v) for v in zip(*runs)]
+            print(f"| {k.split('/', 1)[1]} ({len(runs)} seeds) | " + " | ".join(f"{m:.1f}" for m in means) + " |")
     print("\n| ablation | setting | k-NN | vs the recipe |\n| --- | --- | --- | --- |")
     for group, base in BASELINE.items():
         if base not in PRETRAIN:
@@ -355,6 +381,10 @@ def get_args_parser():
       "in --segment-flags (default: the built-in masks, also when --data is photos: a transfer test)")
     a("--output-dir", default="out/study", help="runs/, results.jsonl (one line per finished cell), study.log")
     a("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every cell")
+    a("--eval-split", default="val", choices=["val", "select"],
+      help="what pretrain.py's k-NN and finetune.py evaluate on: select (a fixed 10%% of each class of "
+           "train/, left out of training) to make choices, then val (DIR/val/) for the numbers you report, "
+           "in another --output-dir")
     a("--only", nargs="+", default=None, choices=sorted({g for g, _ in PRETRAIN.values()}), metavar="GROUP",
       help=f"groups to run, of {sorted({g for g, _ in PRETRAIN.values()})}")
     a("--cells", nargs="+", default=None, choices=list(PRETRAIN), metavar="NAME",

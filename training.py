@@ -567,6 +567,8 @@ def pooled_features(backbone, x, pool="avg"):
     """Global feature of a backbone: of a ViT's tokens (B, 1+N, D) the mean of the patch tokens (avg)
     or the cls token (cls; MAE's linear probe), of a CNN's map (B, C, H, W) the mean."""
     f = backbone(x)
+    if f.ndim == 2:  # already one vector per image (RawPixels)
+        return f
     if f.ndim == 4:
         return f.mean((2, 3))  # (B, C)
     return f[:, 1:].mean(1) if pool == "avg" else f[:, 0]  # (B, D)
@@ -632,18 +634,46 @@ def topk_correct(scores, labels, ks=(1, 5)):
 
 
 def knn_accuracy(backbone, train_loader, val_loader, num_classes, device, k=20, temperature=0.07,
-                 ks=(1,), pool="avg"):
+                 ks=(1,), pool="avg", center=False):
     """Weighted k-NN of the backbone's pooled features (pooled_features), train -> val. Exact under
-    DDP with data.build_eval_loader. Returns {"top1": %, ... one "top<k>" per k in `ks`,
-    "feature_rank": effective_rank of the training features}."""
+    DDP with data.build_eval_loader. center: subtract the training features' mean from both sets
+    before the cosine similarity (RawPixels' floor is read so). Returns {"top1": %, ... one
+    "top<k>" per k in `ks`, "feature_rank": effective_rank of the training features}."""
     was_training = backbone.training
     backbone.eval()
     tr_f, tr_y = extract_features(backbone, train_loader, device, pool)
     va_f, va_y = extract_features(backbone, val_loader, device, pool)
     backbone.train(was_training)
+    if center:
+        mean = tr_f.mean(0)
+        tr_f, va_f = F.normalize(tr_f - mean, dim=1), F.normalize(va_f - mean, dim=1)
     votes = knn_classify(tr_f, tr_y, va_f, num_classes, k, temperature)
     result = {f"top{j}": 100.0 * c / len(va_y) for j, c in zip(ks, topk_correct(votes, va_y, ks))}
     return dict(result, feature_rank=effective_rank(tr_f))
+
+
+class RawPixels(torch.nn.Module):
+    """The floor a pre-trained network's frozen features must beat: the evaluation view's normalised
+    pixels themselves, (B, C, H, W) -> (B, C*H*W), for knn_accuracy(..., center=True)."""
+
+    def forward(self, x):
+        return x.flatten(1)
+
+
+# the raw-pixel floor holds every training image's pixels: 1.28M ImageNet images at 224 px would take
+# 3 * 224^2 * 4 bytes each, 770 GB, so above this it is left out
+RAW_PIXELS_MAX_BYTES = 8 * 2 ** 30
+
+
+def raw_pixel_knn(train_loader, val_loader, num_classes, device, n_train, img_size, k=20, temperature=0.07):
+    """knn_accuracy's top-1 of RawPixels, mean-centred; None (and a line saying why) when the
+    n_train training images of img_size px would exceed RAW_PIXELS_MAX_BYTES."""
+    if n_train * 3 * img_size ** 2 * 4 > RAW_PIXELS_MAX_BYTES:
+        print(f"knn_raw_pixels left out: {n_train} training images of {img_size} px would hold more than "
+              f"{RAW_PIXELS_MAX_BYTES / 2 ** 30:.0f} GiB of pixels")
+        return None
+    return knn_accuracy(RawPixels(), train_loader, val_loader, num_classes, device, k, temperature,
+                        center=True)["top1"]
 
 
 def effective_rank(feats):

@@ -351,3 +351,47 @@ def test_codebook_tokenizer_ignores_the_half_type():
     enc, dec = dvae.build_patch_tokenizer(codebook, 4)
     x = shapes_batch(8, 16)
     assert torch.equal(dvae.tokenize(enc, x, torch.bfloat16), dvae.tokenize(enc, x))
+
+
+def test_patch_codebook_with_a_margin_overlap_adds_its_centroids():
+    """margin m: codes and centroids are (f + 2m)^2 contexts; decoding averages the centroids over each
+    pixel's cover, so one replaced token moves exactly its footprint (its cell and m px around it)."""
+    torch.manual_seed(0)
+    f, m = 4, 2
+    codebook = torch.rand(12, 3 * (f + 2 * m) ** 2)
+    enc, dec = dvae.build_patch_tokenizer(codebook, f, m)
+    x = torch.rand(2, 3, 16, 16)
+    tokens = dvae.tokenize(enc, x)                                        # (2, 4, 4)
+    contexts = dvae.cell_contexts(x, f, m)                                # (2, 16, 3*8*8)
+    nearest = torch.cdist(contexts.reshape(-1, contexts.shape[2]), codebook).argmin(1).view(2, 4, 4)
+    assert torch.equal(tokens, nearest)
+    # pixel (0, 0) of the image is covered by the top-left centroid only, at its offset (m, m); pixel
+    # (f - 1 + 1, f) = (4, 4) lies in cells (0..1, 0..1): the mean of those four centroids
+    out = dvae.decode(dec, tokens)
+    atoms = codebook[tokens].view(2, 4, 4, 3, f + 2 * m, f + 2 * m)
+    torch.testing.assert_close(out[:, :, 0, 0], atoms[:, 0, 0, :, m, m], atol=1e-5, rtol=0)
+    four = (atoms[:, 0, 0, :, m + 4, m + 4] + atoms[:, 0, 1, :, m + 4, m] + atoms[:, 1, 0, :, m, m + 4]
+            + atoms[:, 1, 1, :, m, m]) / 4
+    torch.testing.assert_close(out[:, :, 4, 4], four, atol=1e-5, rtol=0)
+    # one token replaced: the change stays inside its (f + 2m)^2 footprint and reaches its edge
+    mixed = tokens.clone()
+    mixed[:, 1, 2] = (tokens[:, 1, 2] + 1) % 12
+    changed = (dvae.decode(dec, mixed) - out).abs().amax((0, 1)) > 1e-6    # (16, 16)
+    footprint = torch.zeros(16, 16, dtype=torch.bool)
+    footprint[1 * f - m:2 * f + m, 2 * f - m:3 * f + m] = True
+    assert torch.equal(changed, footprint)
+    # margin 0 is the pasted codebook of before
+    enc0, dec0 = dvae.build_patch_tokenizer(codebook[:, :3 * f * f], f)
+    t0 = dvae.tokenize(enc0, x)
+    pasted = codebook[:, :3 * f * f][t0].view(2, 4, 4, 3, f, f).permute(0, 3, 1, 4, 2, 5).reshape(2, 3, 16, 16)
+    torch.testing.assert_close(dvae.decode(dec0, t0), pasted, atol=1e-6, rtol=0)
+
+
+def test_kmeans_with_a_margin_fits_contexts_and_a_flat_image_round_trips():
+    torch.manual_seed(0)
+    colours = torch.rand(5, 3)
+    flat = colours[:, :, None, None].expand(5, 3, 16, 16).repeat(4, 1, 1, 1)  # 20 flat images
+    codebook, mse = dvae.fit_patch_kmeans(flat, 5, 4, iters=5, seed=0, margin=2)
+    assert codebook.shape == (5, 3 * 8 * 8) and mse < 1e-6  # float32 rounding
+    enc, dec = dvae.build_patch_tokenizer(codebook, 4, 2)
+    torch.testing.assert_close(dvae.decode(dec, dvae.tokenize(enc, flat)), flat, atol=1e-5, rtol=0)

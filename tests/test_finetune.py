@@ -1,12 +1,14 @@
 """Tests for finetune.py: layer-decay groups and the no-decay set, mixup/cutmix targets, RandAugment
 and random erasing, LAMB against a hand-computed step, every --init kind (pre-training checkpoint,
 exported backbone, timm / torchvision / MAE state dicts, scratch) and the bad ones, position-embedding
-interpolation, exact evaluation counts over two gloo processes, a bit-exact resume, and the three
-modes on a tiny image folder. Tiny config: 16 px images, vit_mini with patch 4, 2 classes."""
+interpolation, exact evaluation counts over two gloo processes, a bit-exact resume, the three
+modes on a tiny image folder, --eval-split select, the k-NN of raw pixels and of every block, and the
+recipe of a ViT from scratch. Tiny config: 16 px images, vit_mini with patch 4, 2 classes."""
 import json
 import os
 import random
 import re
+import shutil
 
 import pytest
 import torch
@@ -483,6 +485,198 @@ def test_knn_mode_counts_every_validation_image(tmp_path, folder, pretrained):
     feats, _ = training.extract_features(backbone, data.build_eval_loader(train, 4, 0), torch.device("cpu"))
     assert result["feature_rank"] == pytest.approx(training.effective_rank(feats), rel=1e-4)
     assert 1.0 <= result["feature_rank"] <= feats.shape[1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# --eval-split select; the k-NN floor of raw pixels and the k-NN of every block
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["finetune", "linear", "knn"])
+def test_eval_split_select_trains_on_fit_and_evaluates_on_select_without_val(tmp_path, pretrained, monkeypatch,
+                                                                             mode):
+    """Every mode: the training images are exactly train/ less the selection split, the evaluation
+    images exactly the selection split (data.build_dataset's "fit" / "select"), and no val/ is read."""
+    root = image_folder(tmp_path / "data", n_train=(10, 10))
+    shutil.rmtree(root / "val")
+    fit, select = (data.build_dataset(str(root), s, None).samples for s in ("fit", "select"))
+    assert (len(fit), len(select)) == (18, 2) and not set(fit) & set(select)  # round(10%) of each class of 10
+    seen = {"train": [], "eval": []}
+    real_train, real_eval = data.build_loader, data.build_eval_loader
+    monkeypatch.setattr(data, "build_loader", lambda ds, *a, **k: seen["train"].append(ds.samples)
+                        or real_train(ds, *a, **k))
+    monkeypatch.setattr(data, "build_eval_loader", lambda ds, *a, **k: seen["eval"].append(ds.samples)
+                        or real_eval(ds, *a, **k))
+    out = tmp_path / "out"
+    result = run(*tiny(root, out, "--init", pretrained / "backbone.pth", "--mode", mode, "--eval-split", "select",
+                       "--max-steps", "1", "--knn-k", "3"))
+    if mode == "knn":  # both sets through evaluation loaders: the memory bank, then the queries
+        assert seen == {"train": [], "eval": [fit, select]}
+        assert (result["n_train"], result["n_val"]) == (18, 2)
+    else:
+        assert seen == {"train": [fit], "eval": [select]}
+        assert result["n_val"] == 2
+    record = [json.loads(line) for line in open(out / "log.jsonl")][-1]
+    assert (record["train_split"], record["eval_split"]) == ("fit", "select") == (result["train_split"],
+                                                                                  result["eval_split"])
+    if mode != "knn":  # a resume compares it: another split is another experiment
+        shutil.copytree(root / "train", root / "val")
+        with pytest.raises(ValueError, match=r"--eval-split 'select' -> 'val'"):
+            run(*tiny(root, out, "--init", pretrained / "backbone.pth", "--mode", mode, "--eval-split", "val",
+                      "--max-steps", "1"))
+
+
+def test_without_val_the_default_split_names_the_way_out(tmp_path, pretrained):
+    root = image_folder(tmp_path / "data")
+    shutil.rmtree(root / "val")
+    with pytest.raises(FileNotFoundError, match="no val/ split .* pass --eval-split select"):
+        run(*tiny(root, tmp_path / "out", "--init", pretrained / "backbone.pth", "--max-steps", "1"))
+
+
+class After(nn.Module):
+    """The output after block (ViT) or stage (ResNet) j, written out: a ViT's tokens through a
+    LayerNorm without affine parameters (B, 1+N, D), a ResNet's map (B, C, H, W); training's
+    pooled_features then averages the patch tokens or the map."""
+
+    def __init__(self, net, j):
+        super().__init__()
+        self.net, self.j = net, j
+
+    def forward(self, x):
+        if isinstance(self.net, enh.VisionTransformer):
+            t = self.net.embed(x)
+            for blk in self.net.blocks[:self.j]:
+                t = blk(t)
+            return nn.functional.layer_norm(t, t.shape[-1:], eps=1e-6)
+        x = self.net.stem(x)
+        for s in range(1, self.j + 1):
+            x = getattr(self.net, f"layer{s}")(x)
+        return x
+
+
+def noise_folder(root, n=(24, 24), side=16):
+    """root/{train,val}/c{0,1}/{i}.png: a brightness of its own per image plus noise, classes drawn at
+    random: nothing to learn, and the pixels' shared component large, so centring changes the k-NN."""
+    g = torch.Generator().manual_seed(0)
+    for split, count in zip(("train", "val"), n):
+        labels = torch.randint(0, 2, (count,), generator=g)
+        for i, k in enumerate(labels.tolist()):
+            (root / split / f"c{k}").mkdir(parents=True, exist_ok=True)
+            px = 200 * torch.rand(1, generator=g) + 55 * torch.rand(side, side, 3, generator=g)
+            Image.fromarray(px.byte().numpy(), "RGB").save(root / split / f"c{k}" / f"{i}.png")
+    return root
+
+
+def knn_top1(train, val, k=3, temperature=0.07):
+    """Weighted k-NN top-1 (%) written out: cosine similarity, the k nearest vote with exp(sim / T)."""
+    (xt, yt), (xv, yv) = train, val
+    sim = nn.functional.normalize(xv, dim=1) @ nn.functional.normalize(xt, dim=1).T  # (n_val, n_train)
+    top_sim, top_idx = sim.topk(k, dim=1)
+    votes = torch.zeros(len(yv), int(yt.max()) + 1).scatter_add_(1, yt[top_idx], (top_sim / temperature).exp())
+    return 100.0 * (votes.argmax(1) == yv).float().mean().item()
+
+
+def test_knn_mode_reports_the_raw_pixel_floor(tmp_path):
+    """knn_raw_pixels: the weighted k-NN of the evaluation view's pixels centred on the training
+    mean, against a brute-force computation on the images themselves."""
+    root = noise_folder(tmp_path / "data")
+    result = run(*tiny(root, tmp_path / "out", "--init", "scratch", "--arch", "vit_mini", "--img-size", "16",
+                       "--patch-size", "4", "--mode", "knn", "--knn-k", "3"))
+    tf = data.EvalTransform(16, crop_pct=finetune.RECIPES["photos"]["vit"]["crop_pct"])
+
+    def pixels(split):  # (n, 3*16*16), (n,): each image of the split through the evaluation transform
+        ds = data.build_dataset(str(root), split, tf)
+        xs, ys = zip(*[ds[i] for i in range(len(ds))])
+        return torch.stack(xs).flatten(1), torch.tensor(ys)
+
+    train, val = pixels("train"), pixels("val")
+    mean = train[0].mean(0)
+    centred = knn_top1((train[0] - mean, train[1]), (val[0] - mean, val[1]))
+    assert centred != knn_top1(train, val)  # the data tells the two apart
+    assert result["knn_raw_pixels"] == pytest.approx(centred)
+    assert list(result)[4:6] == ["top1", "knn_raw_pixels"]  # next to the features' k-NN
+
+
+@pytest.mark.parametrize("arch", ["vit_mini", "resnet18"])
+def test_knn_blocks_gives_each_blocks_own_knn_from_one_pass(tmp_path, folder, pretrained, monkeypatch, arch):
+    """--knn-blocks: one k-NN per ViT block / ResNet stage, each the k-NN of that layer's own feature
+    written out (After), the feature banks of all of them from one pass over each set."""
+    init = ["--init", pretrained / "backbone.pth"]
+    if arch == "resnet18":
+        init = ["--init", "scratch", "--arch", arch, "--img-size", "16"]
+    seen, banks = {}, []
+    real_per_layer, real_classify = finetune.knn_per_layer, training.knn_classify
+
+    def spy(backbone, train_loader, val_loader, *a):
+        seen.update(backbone=backbone, loaders=(train_loader, val_loader), passes=0)
+        with monkeypatch.context() as m:
+            m.setattr(training, "knn_classify",
+                      lambda t, ty, v, *r: banks.append((t, v)) or real_classify(t, ty, v, *r))
+            m.setattr(type(backbone), "get_layer_outputs", counted)
+            return real_per_layer(backbone, train_loader, val_loader, *a)
+
+    def counted(net, x, layers):
+        seen["passes"] += len(x)
+        return real_outputs(net, x, layers)
+
+    real_outputs = {"vit_mini": enh.VisionTransformer, "resnet18": enh.ResNet}[arch].get_layer_outputs
+    monkeypatch.setattr(finetune, "knn_per_layer", spy)
+    result = run(*tiny(folder, tmp_path, *init, "--mode", "knn", "--knn-k", "3", "--knn-blocks"))
+    backbone, loaders = seen["backbone"], seen["loaders"]
+    name, depth = ("knn_blocks", 6) if arch == "vit_mini" else ("knn_stages", 4)
+    other = ({"knn_blocks", "knn_stages"} - {name}).pop()
+    assert len(result[name]) == depth == len(banks) and other not in result
+    assert seen["passes"] == 16 + 9  # every image once, whatever the depth
+    cpu = torch.device("cpu")
+    for j in range(1, depth + 1):  # (eval mode: the recipe's drop path is on in training mode)
+        direct = [training.extract_features(After(backbone, j).eval(), loader, cpu)[0] for loader in loaders]
+        assert all(torch.allclose(got, want, atol=1e-5) for got, want in zip(banks[j - 1], direct)), j
+        assert result[name][j - 1] == pytest.approx(
+            training.knn_accuracy(After(backbone, j), *loaders, 2, cpu, 3)["top1"]), j
+
+
+def test_raw_pixels_are_left_out_past_their_memory_bound(tmp_path, folder, pretrained, monkeypatch, capsys):
+    monkeypatch.setattr(training, "RAW_PIXELS_MAX_BYTES", 16 * 3 * 16 ** 2 * 4 - 1)  # 16 images of 16 px
+    result = run(*tiny(folder, tmp_path, "--init", pretrained / "backbone.pth", "--mode", "knn", "--knn-k", "3"))
+    assert result["knn_raw_pixels"] is None and result["top1"] is not None
+    assert "knn_raw_pixels left out: 16 training images of 16 px" in capsys.readouterr().out
+
+
+def test_knn_blocks_needs_the_knn_mode(tmp_path, folder):
+    with pytest.raises(ValueError, match="--knn-blocks is a k-NN of every block: it needs --mode knn, not linear"):
+        finetune.resolve_args(finetune.get_args_parser().parse_args(
+            tiny(folder, tmp_path, "--init", "scratch", "--mode", "linear", "--knn-blocks")))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The recipe of a ViT from scratch
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("recipe, init, mode, expected", [
+    ("photos", "scratch", "finetune", (1.0, 30)),         # no layer decay for a random ViT, a longer run
+    ("photos", "checkpoint", "finetune", (0.75, 10)),     # the pre-trained recipe
+    ("photos", "scratch", "linear", (1.0, 10)),           # the linear probe's own recipe
+    ("photos", "scratch", "knn", (0.75, 10)),             # (nothing trains)
+    ("builtin", "scratch", "finetune", (1.0, 2)),         # the built-in run keeps its epochs
+    ("builtin", "checkpoint", "finetune", (0.75, 2)),
+    ("imagenet", "scratch", "finetune", (0.65, 100)),     # unchanged there: BEiT-B's
+])
+def test_a_vit_from_scratch_gets_no_layer_decay(tmp_path, folder, pretrained, recipe, init, mode, expected):
+    flags = ["--init", "scratch", "--arch", "vit_mini"]
+    if init == "checkpoint":
+        flags = ["--init", pretrained / "backbone.pth"]
+    flags += ["--data", folder] if recipe == "photos" else ["--recipe", recipe] if recipe == "imagenet" else []
+    args = finetune.resolve_args(finetune.get_args_parser().parse_args(
+        [str(f) for f in flags + ["--mode", mode, "--output-dir", tmp_path]]))
+    assert (args.recipe, args.layer_decay, args.epochs) == (recipe, *expected)
+    # the rest of the scratch recipe is the ViT recipe's
+    if (init, mode) == ("scratch", "finetune") and recipe != "imagenet":
+        kinds = finetune.RECIPES[recipe]
+        assert {k: v for k, v in kinds["vit_scratch"].items() if k not in ("layer_decay", "epochs")} == \
+            {k: v for k, v in kinds["vit"].items() if k not in ("layer_decay", "epochs")}
+    # a flag given beats the recipe
+    args = finetune.resolve_args(finetune.get_args_parser().parse_args(
+        [str(f) for f in flags + ["--mode", mode, "--output-dir", tmp_path, "--layer-decay", "0.9"]]))
+    assert args.layer_decay == 0.9
 
 
 def test_effective_rank_counts_the_directions_the_features_use():

@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import data
@@ -559,9 +560,15 @@ def test_photos_recipe_fits_a_kmeans_tokenizer_on_the_data_and_trains(tmp_path, 
     text = capsys.readouterr().out
     assert "recipe photos" in text and "fitting dvae.py --preset kmeans on " + root in text
     enc, dec = dvae.load_tokenizer(str(out / "tokenizer" / "checkpoint-latest.pth"))
-    assert isinstance(enc, dvae.PatchEncoder) and enc.downsample == 4 and enc.vocab_size == 512
-    assert read_log(out)[-1]["steps"] == 2 and set(stats) >= {"knn_pretrained", "knn_random_init",
+    assert isinstance(enc, dvae.PatchEncoder) and (enc.downsample, enc.margin, enc.vocab_size) == (4, 0, 512)
+    assert read_log(out)[-1]["steps"] == 2 and set(stats) >= {"knn_pretrained", "knn_random_init", "knn_raw_pixels",
                                                               "rank_pretrained", "rank_random_init"}
+    assert 0 <= stats["knn_raw_pixels"] <= 100
+    start = read_log(out)[0]
+    assert start["step"] == 0 and 0 <= start["border_cue_auc"] <= 1
+    assert f"border cue: pixel jumps across patch borders alone find the replaced tokens with ROC-AUC " \
+           f"{start['border_cue_auc']:.3f} (local sharpness: {start['local_cue_auc']:.3f})" in text
+    assert all(0 <= r["border_cue_auc"] <= 1 for r in read_log(out) if "revdet_auc" in r)
     assert [r["lr"] for r in read_log(out) if "lr" in r] == [1e-3, 1e-3]  # min-lr None: constant
     assert load(out / "checkpoint-latest.pth")["args"]["mask_ratio"] == 0.25
     # the same command again finds the finished run and the cached codebook: nothing is refitted
@@ -734,11 +741,79 @@ class Blocks(torch.utils.data.Dataset):
 
 def test_usage_check_measures_perplexity_over_spread_images():
     """The first 64 images would all be of block 0 (perplexity 1): the check samples the whole set."""
-    stats = pretrain.check_tokenizer_usage(ValueCoder(), Blocks(), torch.device("cpu"), floor=0, n=64)
+    codes = pretrain.tokenizer_sample(ValueCoder(), Blocks(), torch.device("cpu"), n=64)
+    stats = pretrain.check_tokenizer_usage(codes, 64, floor=0)
     assert stats["tokenizer_usage"] == 4 / 64
     assert 3.95 < stats["tokenizer_perplexity"] <= 4.0
     with pytest.raises(ValueError, match="perplexity 4.0 .*below --min-tokenizer-perplexity 5"):
-        pretrain.check_tokenizer_usage(ValueCoder(), Blocks(), torch.device("cpu"), floor=5, n=64)
+        pretrain.check_tokenizer_usage(codes, 64, floor=5)
+
+
+def test_binary_auc_is_the_pairwise_probability_with_ties_counted_half():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        scores = torch.randint(0, 4, (60,), generator=g).float()  # many ties
+        labels = torch.rand(60, generator=g) < 0.3
+        pos, neg = scores[labels], scores[~labels]
+        pairs = (pos[:, None] > neg).double() + 0.5 * (pos[:, None] == neg).double()
+        assert pretrain.binary_auc(scores, labels) == pytest.approx(pairs.mean().item(), abs=1e-12)
+    # all tied: 0.5 whatever the label order (the plain rank sum gave 0.25 / 0.75 / 1.0)
+    for labels in ([1, 0, 0, 0], [0, 0, 0, 1], [0, 1, 1, 0]):
+        assert pretrain.binary_auc(torch.zeros(4), torch.tensor(labels)) == 0.5
+    assert pretrain.binary_auc(torch.rand(5), torch.ones(5)) is None
+
+
+def smooth_images(B=64, S=32):
+    """Smooth random images (a coarse noise map upsampled): neighbouring pixels are close."""
+    g = torch.Generator().manual_seed(0)
+    return F.interpolate(torch.rand(B, 3, 4, 4, generator=g), size=(S, S), mode="bilinear", align_corners=False)
+
+
+def test_border_cue_is_chance_on_a_corruption_that_changes_nothing():
+    images = smooth_images()
+    replaced = gen.random_masking(64, 64, 0.25, generator=torch.Generator().manual_seed(1))
+    assert abs(pretrain.border_cue_auc(images, replaced, 4) - 0.5) < 0.03
+
+
+def test_border_cue_finds_pasted_flat_patches():
+    images = smooth_images()
+    replaced = gen.random_masking(64, 64, 0.25, generator=torch.Generator().manual_seed(1))  # (B, N)
+    colour = torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    cells = replaced.view(64, 1, 8, 8).float()
+    pasted = lambda x: x.repeat_interleave(4, 2).repeat_interleave(4, 3)  # noqa: E731  (8x8 -> 32x32, blocky)
+    blocky = images * (1 - pasted(cells)) + pasted(colour * cells)
+    assert pretrain.border_cue_auc(blocky, replaced, 4) > 0.93  # kept neighbours share a jumping border
+    assert pretrain.border_jumps(blocky, 4).shape == (64, 8, 8)
+    assert pretrain.local_cue_auc(blocky, replaced, 4) > 0.8
+    assert abs(pretrain.local_cue_auc(images, replaced, 4) - 0.5) < 0.05  # nothing changed: max of 3 near 0.5
+    assert pretrain.border_cue_auc(blocky, replaced, 32) is None  # one patch: no borders
+
+
+def test_the_start_check_reads_the_recipes_tokenizers():
+    """check_border_cue on flat images (one code each) re-drawn from 64 flat colours: a pasted codebook
+    (margin 0) puts every jump on a replaced cell's borders; overlap-added with a 2 px margin, a
+    replaced cell moves its whole footprint alike and its borders show nothing."""
+    args = pretrain.resolve_args(pretrain.get_args_parser().parse_args(["--recipe", "builtin", "--data", "x"]))
+    g = torch.Generator().manual_seed(0)
+    flat = torch.rand(64, 3, generator=g)
+    codes = torch.randint(64, (128, 1, 1), generator=g).expand(128, 8, 8)
+    pasted = dvae.build_patch_tokenizer(flat.repeat_interleave(16, 1), 4)[1]
+    blended = dvae.build_patch_tokenizer(flat.repeat_interleave(64, 1), 4, 2)[1]
+    hard, soft = (pretrain.check_border_cue(codes, d, args) for d in (pasted, blended))
+    assert hard["border_cue_auc"] > 0.95 and soft["border_cue_auc"] < 0.6
+    # the local detector sees the blended footprint's edges, 2 px into the neighbours, from a ring of 2 px
+    assert hard["local_cue_auc"] > 0.9 and soft["local_cue_auc"] > 0.7
+    assert pretrain.check_border_cue(codes[:, :4, :4], pasted, args) == {}  # a grid the model refuses later
+
+
+def test_beit_masks_blockwise_at_its_own_ratio_and_the_min_block_scales_with_the_grid():
+    parse = lambda *a: pretrain.resolve_args(pretrain.get_args_parser().parse_args(["--recipe", "builtin", "--data", "x", *a]))  # noqa: E731
+    cim, beit = parse(), parse("--method", "beit")
+    assert (cim.mask_type, cim.mask_ratio, cim.mask_min_patches) == ("random", 0.25, 5)  # 16 * 64 / 196
+    assert (beit.mask_type, beit.mask_ratio) == ("block", 75 / 196)
+    assert parse("--method", "beit", "--mask-ratio", "0.5", "--mask-type", "random").mask_type == "random"
+    assert parse("--img-size", "224", "--patch-size", "16").mask_min_patches == 16   # BEiT's own grid
+    assert parse("--mask-min-patches", "3").mask_min_patches == 3
 
 
 def test_help_shows_each_recipe_and_the_run_prints_its_recipe(tmp_path, tiny_dvae_ckpt, capsys):

@@ -41,7 +41,8 @@ def test_plan_links_each_downstream_cell_to_its_pretraining_and_one_scratch_per_
     keys = [c[0] for c in cells]
     assert len(keys) == len(set(keys))
     pre = [c for c in cells if c[1] == "pretrain.py"]
-    assert len(pre) == 4 * 2  # 4 main settings x 2 seeds
+    assert len(pre) == 5 * 2  # 5 main settings (BEiT among them) x 2 seeds
+    assert [c[2][:2] for c in pre if c[0].startswith("pretrain/beit-vit/")] == [["--method", "beit"]] * 2
     curve = [c[2] for c in pre if c[0].startswith("pretrain/revdet-vit/")]
     assert len(curve) == 2 and all(f[f.index("--knn-every") + 1] == "32" for f in curve)  # study.py --plot
     for key, script, flags, metric, needs in cells:
@@ -74,6 +75,9 @@ def test_a_tiny_study_runs_resumes_and_reports(tmp_path, monkeypatch, capsys, ti
     assert [r["cell"] for r in lines] == ["pretrain/revdet-vit/s0", "finetune/revdet-vit/s0",
                                           "finetune/scratch-vit_mini/s0"]
     assert 0 <= lines[0]["value"] <= 100 and 0 <= lines[0]["random_init"] <= 100
+    assert 0 <= lines[0]["raw_pixels"] <= 100
+    commands = [l for l in open(tmp_path / "study.log") if l.startswith("$ ")]
+    assert len(commands) == 3 and all("--eval-split val" in c for c in commands)  # every cell: the split asked
     assert "--init" in lines[1]["flags"] and lines[1]["flags"][1].endswith("pretrain-revdet-vit-s0/backbone.pth")
     assert set(rows) == {"pretrain/revdet-vit", "finetune/revdet-vit", "finetune/scratch-vit_mini"}
     # a second call finds every cell done: nothing runs again, the report is the same
@@ -121,8 +125,19 @@ def test_report_prints_the_readme_tables_and_names_cells_within_the_spread(capsy
             "pretrain/argmax/s0": {"value": 21.0, "random_init": 12.0},
             "pretrain/argmax/s1": {"value": 22.0, "random_init": 14.0},
             "linear/revdet-vit/s0": {"value": 30.0}, "linear/scratch-vit_mini/s0": {"value": 25.0}}
+    done["pretrain/revdet-vit/s0"]["raw_pixels"] = done["pretrain/revdet-vit/s1"]["raw_pixels"] = 19.0
+    done["pretrain/beit-vit/s0"] = {"value": 16.0, "random_init": 12.0, "raw_pixels": 19.0}
+    done["pretrain/beit-vit/s1"] = {"value": 18.0, "random_init": 14.0, "raw_pixels": 19.0}
+    for seed, layers in ((0, [10.0, 20.0]), (1, [12.0, 22.0])):
+        done[f"blocks/revdet-vit/s{seed}"] = {"cell": f"blocks/revdet-vit/s{seed}", "value": 22.0, "layers": layers}
+    for key in done:
+        done[key].setdefault("cell", key)
     study.report(done)
     out = capsys.readouterr().out
+    assert "evaluated on val/" in out
+    assert "| raw pixels, mean-centred (no network) | 19.0 | - | - | - |" in out
+    assert "| vit_mini, BEiT | 17.0 ± 1.4 | - | - | - |" in out
+    assert "| revdet-vit (2 seeds) | 11.0 | 21.0 |" in out
     assert "| vit_mini, scratch (random init) | 13.0 | 25.0 ± 0.0 (1) | - | - |" in out
     assert "| vit_mini, CIM-revdet | 21.0 ± 1.4 | 30.0 ± 0.0 (1) | - | - |" in out
     assert "| mask ratio | 0.3 | 18.0 ± 1.4 | -3.0 |" in out

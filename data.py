@@ -777,6 +777,7 @@ class SegEvalTransform:
 # and finetune.py trains on "fit" (train/ less the selection) and evaluates on "select".
 SELECT_FRACTION = 0.1   # of each class of train/
 SPLITS = ("train", "val", "fit", "select")
+EVAL_SPLITS = {"val": ("train", "val"), "select": ("fit", "select")}  # --eval-split -> (train on, evaluate on)
 
 
 def build_dataset(data, split, transform, synthetic_size=64, seed=0):

@@ -864,7 +864,7 @@ def fit_codebook(args, cfg, rank, device):
         ckpt = None  # --allow-flag-changes: fit again with the new flags (seconds)
     training.record_args(args, rank, "dvae.py")
     if ckpt is not None:
-        codebook, train_mse = ckpt["codebook"], ckpt["train_recon_mse"]
+        codebook, train_mse, m = ckpt["codebook"], ckpt["train_recon_mse"], ckpt.get("margin", 0)  # older: 0
     else:
         n = min(len(train_set), KMEANS_MAX_IMAGES)
         images = torch.stack([train_set[int(i)][0] for i in torch.linspace(0, len(train_set) - 1, n)])
@@ -874,7 +874,7 @@ def fit_codebook(args, cfg, rank, device):
                                       "margin": m,
                                       "train_recon_mse": train_mse, "step": iters, "total_steps": iters,
                                       "args": vars(args)}, os.path.join(args.output_dir, "checkpoint-latest.pth"))
-    enc, dec = (part.to(device) for part in build_patch_tokenizer(codebook, f, ckpt.get("margin", 0) if ckpt else m))
+    enc, dec = (part.to(device) for part in build_patch_tokenizer(codebook, f, m))
     stats = {}
     if rank == 0:
         val_loader, _ = data.build_loader(val_set, args.batch_size, 0, shuffle=False, drop_last=False)

@@ -498,7 +498,8 @@ def resolve_args(args, init=None):
     family = family or RECIPES[args.recipe]["vit"]["arch"]
     kind = "linear" if args.mode == "linear" else "resnet" if family.startswith("resnet") else \
         family if family in RECIPES[args.recipe] else "vit"  # a recipe per ViT size where there is one
-    if kind == "vit" and args.init == "scratch" and args.mode == "finetune" and "vit_scratch" in RECIPES[args.recipe]:
+    scratch = args.init == "scratch" and args.mode == "finetune"
+    if kind == "vit" and scratch and "vit_scratch" in RECIPES[args.recipe]:
         kind = "vit_scratch"  # no layer decay for a random network (see BUILTIN["vit_scratch"])
     if args.knn_blocks and args.mode != "knn":
         raise ValueError(f"--knn-blocks is a k-NN of every block: it needs --mode knn, not {args.mode}")
@@ -527,18 +528,13 @@ def parse_aa(spec):
         raise ValueError(f"--aa {spec!r}: expected 'mM' or 'mM-mstdS' (e.g. m9-mstd0.5) or none") from None
 
 
-def split_names(args):
-    """The (training, evaluation) splits of data.build_dataset that --eval-split stands for."""
-    return ("fit", "select") if args.eval_split == "select" else ("train", "val")
-
-
 def build_data(args, rank, world_size):
     train_tf = data.FinetuneTransform(args.img_size, scale=(args.crop_min, 1.0), rand_augment=parse_aa(args.aa),
                                       color_jitter=args.color_jitter, reprob=args.reprob)
     if args.mode == "linear":  # MAE's linear probe: crop + flip only
         train_tf = data.FinetuneTransform(args.img_size, scale=(args.crop_min, 1.0))
     eval_tf = data.EvalTransform(args.eval_size, crop_pct=args.crop_pct)
-    train_split, eval_split = split_names(args)
+    train_split, eval_split = data.EVAL_SPLITS[args.eval_split]
     train_set = data.build_dataset(args.data, train_split, train_tf, seed=args.seed)
     if args.eval_split == "val" and args.data is not None and not os.path.isdir(os.path.join(args.data, "val")):
         raise FileNotFoundError(f"--data {args.data}: no val/ split (expected "
@@ -560,7 +556,7 @@ def build_data(args, rank, world_size):
 
 def knn_main(args, backbone, rank, world_size, device):
     tf = data.EvalTransform(args.eval_size, crop_pct=args.crop_pct)
-    sets = [data.build_dataset(args.data, s, tf, seed=args.seed) for s in split_names(args)]
+    sets = [data.build_dataset(args.data, s, tf, seed=args.seed) for s in data.EVAL_SPLITS[args.eval_split]]
     loaders = [data.build_eval_loader(s, args.eval_batch_size, args.num_workers, rank, world_size)
                for s in sets]
     num_classes, backbone = len(sets[0].classes), backbone.to(device)
@@ -574,7 +570,7 @@ def knn_main(args, backbone, rank, world_size, device):
     if args.knn_blocks:
         name = "knn_blocks" if isinstance(backbone, enh.VisionTransformer) else "knn_stages"
         result[name] = knn_per_layer(backbone, *loaders, num_classes, device, args.knn_k, args.knn_t)
-    train_split, eval_split = split_names(args)
+    train_split, eval_split = data.EVAL_SPLITS[args.eval_split]
     result.update(n_train=len(sets[0]), n_val=len(sets[1]), train_split=train_split, eval_split=eval_split)
     if rank == 0:
         training.JsonLog(os.path.join(args.output_dir, "log.jsonl")).write(**result)
@@ -638,7 +634,7 @@ def main(args):
 
     # ---------------------------------------------------------------- data
     train_set, val_set = build_data(args, rank, world_size)
-    train_split, eval_split = split_names(args)
+    train_split, eval_split = data.EVAL_SPLITS[args.eval_split]
     loader, sampler = data.build_loader(train_set, args.batch_size, args.num_workers, rank, world_size,
                                         seed=args.seed, repeats=args.aug_repeats)
     val_loader = data.build_eval_loader(val_set, args.eval_batch_size, args.num_workers, rank, world_size)

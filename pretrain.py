@@ -405,8 +405,7 @@ def main(args):
     # ---------------------------------------------------------------- data (all of it checked now)
     transform = data.PretrainTransform(args.img_size, tok_size, scale=(args.crop_min, 1.0),
                                        color_jitter=args.color_jitter)
-    train_set = data.build_dataset(args.data, "fit" if args.eval_split == "select" else "train", transform,
-                                   seed=args.seed)
+    train_set = data.build_dataset(args.data, data.EVAL_SPLITS[args.eval_split][0], transform, seed=args.seed)
     knn_sets = knn_datasets(args) if args.knn_k and not args.explain else None  # a missing val/ now
     loader, sampler = data.build_loader(train_set, args.batch_size, args.num_workers, rank, world_size,
                                         seed=args.seed)
@@ -422,13 +421,7 @@ def main(args):
     if args.min_lr is None:
         args.min_lr = args.lr  # a constant schedule after the warm-up
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
-    source = args.dvae or args.dalle_encoder or os.path.join(args.output_dir, "tokenizer")
-    tok_stats = {}
-    if not args.explain:
-        codes = tokenizer_sample(tokenizer[0], train_set, device)
-        tok_stats = dict(check_tokenizer_usage(codes, tokenizer[0].vocab_size, args.min_tokenizer_perplexity,
-                                               what=f"tokenizer {source}"),
-                         **check_border_cue(codes, tokenizer[1], args))
+    tok_stats = {} if args.explain else check_tokenizer(tokenizer, train_set, args, device)
     if args.check_tokenizer:  # the start checks alone, as a tool
         print(json.dumps(tok_stats))
         return tok_stats
@@ -747,6 +740,16 @@ def train_own_tokenizer(args):
     return dvae.load_tokenizer(ckpt)
 
 
+def check_tokenizer(tokenizer, train_set, args, device):
+    """The start checks on 512 training images: code usage (stops on a collapsed codebook) and the
+    border cue of this run's corruptions. Returns their numbers for the step-0 log record."""
+    source = args.dvae or args.dalle_encoder or os.path.join(args.output_dir, "tokenizer")
+    codes = tokenizer_sample(tokenizer[0], train_set, device)
+    return dict(check_tokenizer_usage(codes, tokenizer[0].vocab_size, args.min_tokenizer_perplexity,
+                                      what=f"tokenizer {source}"),
+                **check_border_cue(codes, tokenizer[1], args))
+
+
 @torch.no_grad()
 def tokenizer_sample(encoder, dataset, device, n=512):
     """Tokens (n, G, G) of n training images spread over the dataset (fixed indices, per-sample
@@ -924,8 +927,8 @@ def knn_datasets(args):
         raise FileNotFoundError(f"--data {args.data}: no val/ split for the final k-NN check "
                                 f"(expected {os.path.join(args.data, 'val', '<class>', '*')}); add "
                                 f"one or pass --knn-k 0")
-    splits = ("fit", "select") if args.eval_split == "select" else ("train", "val")
-    train_set, val_set = (data.build_dataset(args.data, s, tf, seed=args.seed) for s in splits)
+    train_set, val_set = (data.build_dataset(args.data, split, tf, seed=args.seed)
+                          for split in data.EVAL_SPLITS[args.eval_split])
     if args.data is None:  # a 4096-image memory bank keeps the CPU check to seconds
         train_set.length = 4096
     return train_set, val_set

@@ -206,7 +206,9 @@ def main(args):
             flags = flags + (args.finetune_flags if script == "finetune.py" else args.segment_flags)
         print(f"study.py: {key}", flush=True)
         data = args.seg_data if script == "segment.py" else args.data  # None: the built-in data
-        data = (["--data", data] if data else []) + (["--eval-split", args.eval_split] if script in SPLIT_AWARE else [])
+        data = ["--data", data] if data else []
+        if script in SPLIT_AWARE:
+            data += ["--eval-split", args.eval_split]
         result, minutes = run_stage(script, data + flags + ["--output-dir", run_dir], log_path)
         record = {"cell": key, "script": script, "flags": flags, "minutes": round(minutes, 2)}
         if metric == "knn":

@@ -862,3 +862,34 @@ def test_repeated_augmentation_spreads_each_samples_copies_over_the_ranks():
     plain = data.ResumableSampler(ds, 2, 0, shuffle=True, seed=5)
     plain.set_epoch(1)
     assert len(list(plain)) == 6 and len(set(plain)) == 6
+
+
+def test_selection_split_carves_a_fixed_tenth_of_each_class_out_of_train(tmp_path):
+    """round(0.1 n) images per class, fit and select partition train/, the same whatever --seed, and
+    the carve depends on the class name, not on the folder's other classes."""
+    for name, n in (("a", 30), ("b", 14), ("c", 5)):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "train" / name / f"{i}.png")
+    train = data.build_dataset(str(tmp_path), "train", None).samples
+    fit, select = (data.build_dataset(str(tmp_path), s, None, seed=7).samples for s in ("fit", "select"))
+    assert sorted(fit + select) == sorted(train) and not set(fit) & set(select)
+    assert [sum(label == k for _, label in select) for k in range(3)] == [3, 1, 0]  # round(3.0, 1.4, 0.5)
+    assert select == data.build_dataset(str(tmp_path), "select", None, seed=0).samples
+    shutil.rmtree(tmp_path / "train" / "c")
+    assert [p for p, label in data.build_dataset(str(tmp_path), "select", None).samples if label == 0] == \
+        [p for p, label in select if label == 0]
+    assert data.EVAL_SPLITS == {"val": ("train", "val"), "select": ("fit", "select")}
+    with pytest.raises(ValueError, match="split must be one of"):
+        data.build_dataset(str(tmp_path), "test", None)
+    # the built-in data draws its selection split as a stream of its own
+    assert data.SyntheticShapes("select").sample(0)[2] != data.SyntheticShapes("train").sample(0)[2] or \
+        not np.array_equal(np.asarray(data.SyntheticShapes("select").sample(0)[0]),
+                           np.asarray(data.SyntheticShapes("train").sample(0)[0]))
+
+
+def test_image_folder_ends_iteration_at_its_last_image(tmp_path):
+    (tmp_path / "a").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / "a" / f"{i}.png")
+    assert len(list(data.ImageFolder(str(tmp_path)))) == 3

@@ -19,13 +19,22 @@ is trained first and shared by every pre-training run. A pre-training cell is on
 (its last line: k-NN of the pre-trained enhancer and of the same network at random init); a
 downstream cell (linear probe, fine-tuning, segmentation) runs on that cell's backbone.pth and on
 `--init scratch` with the same flags.
+
+An --output-dir holds one study: OUTPUT_DIR/study.json keeps what defines it (--data, --seg-data,
+--eval-split and the four --*-flags), and a run with other values there is refused (use another
+--output-dir). A cell is done when results.jsonl holds its record with the very command the plan
+gives it now; a record of the same cell with other flags (study.py's budget or a cell changed since)
+is refused before any work, naming the line to delete to run it again.
 """
+import contextlib
+import io
 import json
 import os
 import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -127,15 +136,258 @@ def plan(args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Running: one subprocess per cell, the last JSON line of its stdout is the result
+# The study's folder: what defines it (study.json) and what is done (results.jsonl), both replaced
+# whole, never appended to: a study killed mid-write leaves the old file or the new one
 # ----------------------------------------------------------------------------------------------------
 
+# what makes two runs one study (a field of study.json -> its flag); --seeds, --only and --cells only
+# choose which of its cells run
+STUDY_FIELDS = {"data": "--data", "seg_data": "--seg-data", "eval_split": "--eval-split",
+                "dvae_flags": "--dvae-flags", "pretrain_flags": "--pretrain-flags",
+                "finetune_flags": "--finetune-flags", "segment_flags": "--segment-flags"}
+
+
+def write_atomic(path, text):
+    """Write a temp file in the same folder, fsync, rename over `path`: readers (and a study that
+    crashes here) see the old file or the new one, never a cut line."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def folder_lock(output_dir):
+    """Hold OUTPUT_DIR/study.lock: study processes that share a folder (docs/study.md runs two at a time)
+    read, change and replace results.jsonl one after another; otherwise one's replace drops the other's
+    new record. Without fcntl (Windows) there is no lock: run one study process per folder there."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(os.path.join(output_dir, "study.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def read_results(path):
+    """{cell: record} from results.jsonl. A line that is not a JSON record (results.jsonl was appended
+    to before study.py wrote it whole, so a killed study could cut one) is refused with its number:
+    the study cannot tell which cells it held."""
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        return {r["cell"]: r for r in map(json.loads, f) if "cell" in r}
+    done = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue  # holds no cell: nothing to redo
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                record = err
+            if not isinstance(record, dict):
+                raise ValueError(f"{path} line {n} is not a JSON record ({line.strip()[:60]!r}: a write cut "
+                                 f"short?): delete that line and run the study again, which reruns its cell")
+            if "cell" in record:
+                done[record["cell"]] = record
+    return done
 
+
+def add_result(path, record):
+    """results.jsonl with `record` added (or put in place of its cell's), replaced whole."""
+    with folder_lock(os.path.dirname(path)):
+        done = read_results(path)  # again: another study process may have added cells since
+        done[record["cell"]] = record
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in done.values()))
+
+
+def read_study(output_dir):
+    """OUTPUT_DIR/study.json as a dict, or None where the folder holds no study yet."""
+    path = os.path.join(output_dir, "study.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        saved = err
+    if not isinstance(saved, dict) or set(saved) != set(STUDY_FIELDS):
+        raise ValueError(f"{path}: not the record of a study's flags ({str(saved).splitlines()[0][:80]}): restore "
+                         f"it, or delete it and the next run keys --output-dir {output_dir} to its own flags")
+    return saved
+
+
+def shown(field, value):
+    if field.endswith("_flags"):
+        return f'{STUDY_FIELDS[field]}="{shlex.join(value)}"'
+    return f"{STUDY_FIELDS[field]} {value}" if value is not None else f"no {STUDY_FIELDS[field]} (built-in data)"
+
+
+def study_changes(args, saved):
+    """'--data A, not --data B'-style differences between this run's study and the folder's."""
+    return [f"{shown(k, saved[k])}, not {shown(k, getattr(args, k))}" for k in STUDY_FIELDS
+            if saved is not None and saved[k] != getattr(args, k)]
+
+
+def check_study(args):
+    """Refuse a run whose study differs from the one OUTPUT_DIR holds; returns study.json's dict or None."""
+    saved = read_study(args.output_dir)
+    changes = study_changes(args, saved)
+    if changes:
+        raise ValueError(f"--output-dir {args.output_dir} holds another study: it ran with {'; '.join(changes)} "
+                         f"({os.path.join(args.output_dir, 'study.json')}): use another --output-dir for this one")
+    return saved
+
+
+def key_study(args):
+    """study.json written at a folder's first run; checked again under the lock, as another study
+    process may have keyed the folder since this one looked."""
+    path = os.path.join(args.output_dir, "study.json")
+    with folder_lock(args.output_dir):
+        if check_study(args) is None:
+            if os.path.isfile(os.path.join(args.output_dir, "results.jsonl")):
+                print(f"study.py: {args.output_dir} holds results from before study.json: keyed to this run's "
+                      f"{', '.join(shown(k, getattr(args, k)) for k in STUDY_FIELDS)}", flush=True)
+            write_atomic(path, json.dumps({k: getattr(args, k) for k in STUDY_FIELDS}, indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# A cell's command, and the checks of every command before the first runs
+# ----------------------------------------------------------------------------------------------------
+
+def tokenizer_path(args):
+    return os.path.join(args.output_dir, "tokenizer", "checkpoint-latest.pth")
+
+
+def tokenizer_flags(args):
+    return ["--output-dir", os.path.dirname(tokenizer_path(args))] + \
+        (["--preset", "kmeans", "--data", args.data] if args.data else [])
+
+
+def cell_command(args, cell):
+    """(data, flags, extra, run_dir) of one cell: its run is `script data flags extra --output-dir
+    run_dir`, with `data` the folder and split, `flags` the plan's (with the backbone or tokenizer it
+    starts from) and `extra` the stage's --*-flags, last so that they win."""
+    key, script, flags, _, needs = cell
+    if script == "pretrain.py":
+        flags, extra = flags + ["--dvae", tokenizer_path(args), "--min-tokenizer-perplexity", "0"], args.pretrain_flags
+    else:
+        flags = (["--init", os.path.join(args.output_dir, "runs", needs.replace("/", "-"), "backbone.pth")]
+                 if needs else []) + flags
+        extra = args.finetune_flags if script == "finetune.py" else args.segment_flags
+    folder = args.seg_data if script == "segment.py" else args.data  # None: the built-in data
+    data = (["--data", folder] if folder else []) + (["--eval-split", args.eval_split] if script in SPLIT_AWARE else [])
+    return data, flags, list(extra), os.path.join(args.output_dir, "runs", key.replace("/", "-"))
+
+
+def ran_as(data, flags):
+    """A command as results.jsonl compares it: the study's own files (its tokenizer, a cell's backbone)
+    named from OUTPUT_DIR, so a folder named another way (relative, absolute, moved) is the same study."""
+    out = list(data + flags)
+    for i in range(1, len(out)):
+        parts = os.path.normpath(out[i]).split(os.sep)
+        if out[i - 1] == "--dvae" and parts[-2:] == ["tokenizer", "checkpoint-latest.pth"]:
+            out[i] = "OUTPUT_DIR/tokenizer/checkpoint-latest.pth"
+        elif out[i - 1] == "--init" and len(parts) > 2 and parts[-3] == "runs" and parts[-1] == "backbone.pth":
+            out[i] = "OUTPUT_DIR/" + "/".join(parts[-3:])
+    return out
+
+
+def recorded_data(record, data):
+    """The --data/--eval-split of a record (one written before records held them: this run's)."""
+    if "data" not in record:
+        return data
+    return (["--data", record["data"]] if record["data"] else []) + \
+        (["--eval-split", record["eval_split"]] if "eval_split" in record else [])
+
+
+def cell_state(args, cell, done):
+    """("todo" | "done" | "stale", command as recorded, command as planned now): a record counts as
+    done only for the command it ran; "stale" where it ran another one."""
+    data, flags, extra, _ = cell_command(args, cell)
+    new = ran_as(data, flags + extra)
+    if cell[0] not in done:
+        return "todo", None, new
+    old = ran_as(recorded_data(done[cell[0]], data), done[cell[0]].get("flags", []))
+    return "done" if old == new else "stale", old, new
+
+
+def check_records(args, cells, done):
+    """Refuse to go on where results.jsonl holds a cell run with another command than the plan gives it
+    now (study.py's budget or the cell changed since), rather than redo it: its number answers another
+    question, and its folder holds a checkpoint of other flags, which the stage would refuse to resume.
+    The user chooses between it and the new one."""
+    stale = [(cell[0], old, new) for cell in cells for state, old, new in [cell_state(args, cell, done)]
+             if state == "stale"]
+    if stale:
+        key, old, new = stale[0]
+        more = f" (and {len(stale) - 1} more cells)" if len(stale) > 1 else ""
+        raise ValueError(f"{os.path.join(args.output_dir, 'results.jsonl')}: cell {key} ran as `{shlex.join(old)}`, "
+                         f"the plan now runs `{shlex.join(new)}`{more}: delete its line and its folder "
+                         f"runs/{key.replace('/', '-')} to run it again, or use another --output-dir")
+
+
+def parse_stage(script, argv):
+    """`script`'s own parser on argv (pretrain.py: and its recipe's checks), a refusal as a ValueError
+    'SCRIPT: MESSAGE' (no usage block, no exit): what the stage would say at its start."""
+    import dvae, finetune, pretrain, segment  # their parsers, for planning only: nothing here trains
+    module = {"dvae.py": dvae, "pretrain.py": pretrain, "finetune.py": finetune, "segment.py": segment}[script]
+    parser = module.get_args_parser()
+
+    def refuse(message):
+        raise ValueError(f"{script}: {message}")
+    parser.error = refuse  # training.ArgumentParser.error exits the process; here the study decides
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # --help/--version would print, then exit
+            parsed = parser.parse_args(argv)
+    except SystemExit:
+        raise ValueError(f"{script}: these flags make it exit before any work (--help?): run `python {script} "
+                         f"--help` yourself") from None
+    if script == "pretrain.py":
+        try:
+            pretrain.resolve_args(parsed)
+        except (ValueError, OSError) as err:
+            raise ValueError(f"{script}: {err}") from None
+    return parsed
+
+
+def check_flags(args, cells):
+    """Every command the study will run, parsed by its own script before the first (the tokenizer takes
+    minutes; a typo in --pretrain-flags used to surface after it). A refusal names the study flag that
+    brought it. The plan's own flags are left to the stage: its failure names its command and log."""
+    extra = {"dvae.py": args.dvae_flags, "pretrain.py": args.pretrain_flags, "finetune.py": args.finetune_flags,
+             "segment.py": args.segment_flags}
+    flag = {"dvae.py": "--dvae-flags", "pretrain.py": "--pretrain-flags", "finetune.py": "--finetune-flags",
+            "segment.py": "--segment-flags"}
+    commands = [("the tokenizer", "dvae.py", tokenizer_flags(args))]
+    for cell in cells:
+        data, flags, _, run_dir = cell_command(args, cell)
+        commands.append((cell[0], cell[1], data + flags + ["--output-dir", run_dir]))
+    for key, script, argv in commands:
+        try:
+            parse_stage(script, argv + extra[script])
+        except (ValueError, OSError) as err:
+            try:
+                parse_stage(script, argv)
+            except (ValueError, OSError):
+                continue  # the plan's own flags fail: not the user's to fix
+            raise ValueError(f"{flag[script]}: {err} (cell {key})") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running: one subprocess per cell, the last JSON line of its stdout is the result
+# ----------------------------------------------------------------------------------------------------
 
 def last_json(stdout, what):
     for line in reversed(stdout.splitlines()):
@@ -160,13 +412,22 @@ def run_stage(script, flags, log_path):
 
 def tokenizer(args, log_path):
     """The study's one tokenizer, trained once. A study stopped while it trained finds a checkpoint
-    short of its last step and runs the same dvae.py command again, which resumes from it."""
-    out = os.path.join(args.output_dir, "tokenizer")
-    ckpt = os.path.join(out, "checkpoint-latest.pth")
-    saved = torch.load(ckpt, map_location="cpu", weights_only=True) if os.path.isfile(ckpt) else None
+    short of its last step and runs the same dvae.py command again, which resumes from it. One that
+    cannot be read is refused, not refitted: the cells already run were pre-trained with it."""
+    ckpt = tokenizer_path(args)
+    saved = None
+    if os.path.isfile(ckpt):
+        try:
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+            if not isinstance(saved, dict) or not {"step", "total_steps"} <= saved.keys():
+                raise ValueError("no step and total_steps in it: not a dvae.py checkpoint")
+        except Exception as err:  # torch.load's errors run from EOFError to OSError [Errno 22]
+            why = (str(err).strip().splitlines() or [""])[0][:120]
+            raise ValueError(f"study tokenizer {ckpt} cannot be read ({type(err).__name__}: {why}): delete it "
+                             f"and run again to fit it anew (results.jsonl's pre-training cells used the old "
+                             f"one; redo them too, or use another --output-dir)") from None
     if saved is None or saved["step"] < saved["total_steps"]:
-        flags = ["--output-dir", out] + (["--preset", "kmeans", "--data", args.data] if args.data else [])
-        run_stage("dvae.py", flags + args.dvae_flags, log_path)
+        run_stage("dvae.py", tokenizer_flags(args) + args.dvae_flags, log_path)
     return ckpt
 
 
@@ -178,13 +439,19 @@ def main(args):
     for flag, path in (("--data", args.data), ("--seg-data", args.seg_data)):
         if path is not None and not os.path.isdir(path):
             raise FileNotFoundError(f"{flag} {path}: no such folder")
-    if not (args.list or args.report or args.plot):
-        os.makedirs(args.output_dir, exist_ok=True)
-    log_path = os.path.join(args.output_dir, "study.log")
+    # absolute: study.json keys the folders themselves, and the stages run from the repository (cwd=REPO),
+    # where a path relative to the caller's folder names another one
+    args.data, args.seg_data = (os.path.abspath(p) if p else None for p in (args.data, args.seg_data))
+    args.output_dir = os.path.abspath(args.output_dir)
+    results_path, log_path = (os.path.join(args.output_dir, f) for f in ("results.jsonl", "study.log"))
     done, cells = read_results(results_path), plan(args)
     if args.list:
-        for key, script, flags, _, needs in cells:
-            print(f"{'done' if key in done else 'todo':<5} {key:<34} {script} {' '.join(flags)}"
+        changes = study_changes(args, read_study(args.output_dir))
+        if changes:
+            print(f"note: {args.output_dir} holds another study ({'; '.join(changes)}): a run would be refused")
+        for cell in cells:
+            key, script, flags, _, needs = cell
+            print(f"{cell_state(args, cell, done)[0]:<5} {key:<34} {script} {' '.join(flags)}"
                   + (f"  (from {needs})" if needs else ""))
         return done
     if args.report:
@@ -193,24 +460,23 @@ def main(args):
         plot_knn(knn_curves(args.output_dir), args.plot, "k-NN top-1 of the enhancer against pre-training "
                  f"steps: CIM-RevDet, vit_mini, {os.path.basename(os.path.normpath(args.data)) if args.data else 'built-in data'}")
         return done
-    tok = tokenizer(args, log_path)
-    for key, script, flags, metric, needs in cells:
+    check_study(args)
+    check_flags(args, cells)
+    check_records(args, cells, done)
+    os.makedirs(args.output_dir, exist_ok=True)
+    key_study(args)
+    tokenizer(args, log_path)  # at tokenizer_path(args), which every pre-training command names
+    for cell in cells:
+        key, script, _, metric, _ = cell
         if key in done:
             continue
-        run_dir = os.path.join(args.output_dir, "runs", key.replace("/", "-"))
-        if script == "pretrain.py":
-            flags = flags + ["--dvae", tok, "--min-tokenizer-perplexity", "0"] + args.pretrain_flags
-        else:
-            flags = (["--init", os.path.join(args.output_dir, "runs", needs.replace("/", "-"), "backbone.pth")]
-                     if needs else []) + flags
-            flags = flags + (args.finetune_flags if script == "finetune.py" else args.segment_flags)
+        data, flags, extra, run_dir = cell_command(args, cell)
         print(f"study.py: {key}", flush=True)
-        data = args.seg_data if script == "segment.py" else args.data  # None: the built-in data
-        data = ["--data", data] if data else []
+        result, minutes = run_stage(script, data + flags + extra + ["--output-dir", run_dir], log_path)
+        record = {"cell": key, "script": script, "data": args.seg_data if script == "segment.py" else args.data,
+                  "flags": flags + extra, "minutes": round(minutes, 2)}
         if script in SPLIT_AWARE:
-            data += ["--eval-split", args.eval_split]
-        result, minutes = run_stage(script, data + flags + ["--output-dir", run_dir], log_path)
-        record = {"cell": key, "script": script, "flags": flags, "minutes": round(minutes, 2)}
+            record["eval_split"] = args.eval_split
         if metric == "knn":
             record.update(value=result.get("knn_pretrained"), random_init=result.get("knn_random_init"),
                           raw_pixels=result.get("knn_raw_pixels"))
@@ -222,8 +488,7 @@ def main(args):
         if any(v is None for k, v in record.items() if k in ("value", "random_init")):
             # recorded only complete: a rerun does the cell again
             raise ChildProcessError(f"{script} (cell {key}) printed no {metric} in {json.dumps(result)}; see {log_path}")
-        with open(results_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        add_result(results_path, record)
         done[key] = record
     return report(done, args)
 
@@ -381,7 +646,8 @@ def get_args_parser():
     a("--data", default=None, help="ImageNet-layout photo folder (default: the built-in data)")
     a("--seg-data", default=None, help="ADE20K-layout root for the segmentation cells, with --nb-classes "
       "in --segment-flags (default: the built-in masks, also when --data is photos: a transfer test)")
-    a("--output-dir", default="out/study", help="runs/, results.jsonl (one line per finished cell), study.log")
+    a("--output-dir", default="out/study", help="runs/, results.jsonl (one line per finished cell), study.log, "
+      "study.json (the --data, --seg-data, --eval-split and --*-flags of the one study it holds)")
     a("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every cell")
     a("--eval-split", default="val", choices=["val", "select"],
       help="what pretrain.py's k-NN and finetune.py evaluate on: select (a fixed 10%% of each class of "

@@ -19,11 +19,18 @@ Needs torch, numpy and pillow; nothing else (no torchvision: the transforms belo
 Unreadable images: an image that PIL cannot decode (corrupt or truncated file) is SKIPPED: a warning
 naming the file and the running count is printed and the next image is returned instead, so one bad
 file in 1.28M does not kill a multi-day run. Ten unreadable files in a row stop with an error naming
-the last one (that is a broken dataset, not a bad file).
+the last one (that is a broken dataset, not a bad file). `check_readable` opens every image of a set
+by its header before training: a set none of whose images can be read stops at once, and some
+unreadable ones are warned about once. Images are loaded upright (EXIF orientation applied).
+
+Symlinks: class folders may be links, and links inside them are followed, each real folder once per
+class; each image file counts once by its real path, and one reached from two class folders (a link
+into another class, a loop through the root) is refused, since it would carry two labels.
 """
 import math
 import os
 import random
+import struct
 import sys
 
 import numpy as np
@@ -42,32 +49,75 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 # ----------------------------------------------------------------------------------------------------
 
 def load_rgb(path, draft_size=None):
-    """Open any image PIL reads and return it as 8-bit RGB.
+    """Open any image PIL reads and return it as 8-bit RGB, upright (its EXIF orientation applied).
 
     JPEG draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale while staying >= draft_size on both
     sides: much faster for large photos, and lossless for what the transform keeps.
     """
     with Image.open(path) as img:
         if draft_size is not None and img.format == "JPEG":
-            img.draft("RGB", (draft_size, draft_size))
-        return to_rgb(img)
+            img.draft("RGB", (draft_size, draft_size))  # square: the same for either orientation
+        return to_rgb(upright(img))
+
+
+# EXIF tag 0x0112: how the stored pixels must be turned for display (1 = as stored). Phones store a
+# portrait photo as landscape pixels with orientation 6 or 8; every viewer shows it upright, and the
+# network must see what the labeller saw (values 5..8 swap width and height).
+EXIF_ORIENTATION = 0x0112
+
+
+def exif_orientation(img):
+    """The EXIF orientation of an opened image (headers only), 1 where there is none or it cannot be
+    parsed: a damaged EXIF block must not make a decodable photo unreadable."""
+    try:
+        return int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except (OSError, ValueError, SyntaxError, TypeError, KeyError, struct.error):
+        return 1
+
+
+def upright(img):
+    """The image turned as its EXIF orientation says (ImageOps.exif_transpose), or itself (no copy)."""
+    return img if exif_orientation(img) == 1 else ImageOps.exif_transpose(img)
+
+
+def image_size(path):
+    """(width, height) of an image file as load_rgb returns it, from its header (no pixel decoded)."""
+    with Image.open(path) as img:
+        w, h = img.size
+        return (h, w) if exif_orientation(img) in (5, 6, 7, 8) else (w, h)
+
+
+# What PIL raises for a file it cannot read as an image: not an image, truncated, a decompression bomb
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def first_readable_side(folder):
+    """Longer side of the first image below `folder` that PIL can open (headers only), or None. An
+    unreadable file is passed over, as training skips it: one corrupt first file must not stop the
+    recipe choice."""
+    for dirpath, files in walk_once(folder, warn=False):  # ImageFolder warns about links, once
+        for name, _ in files:
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                try:
+                    with Image.open(os.path.join(dirpath, name)) as img:
+                        return max(img.size)
+                except UNREADABLE:
+                    continue
+    return None
 
 
 def typical_image_side(root, n=16):
-    """Median longer side of the first image of up to n class folders of `root` (headers only), to
-    tell a folder of small photos from an ImageNet-sized one without scanning it."""
+    """Median longer side of the first readable image of up to n class folders of `root` (headers
+    only), to tell a folder of small photos from an ImageNet-sized one without scanning it."""
     check_folder(root, "image folder", ImageFolder.LAYOUT)
     sides = []
     for name in sorted(e.name for e in os.scandir(root) if e.is_dir())[:n]:
-        for dirpath, files in walk_once(os.path.join(root, name)):
-            image = next((f for f in sorted(files) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS), None)
-            if image is not None:
-                with Image.open(os.path.join(dirpath, image)) as img:
-                    sides.append(max(img.size))
-                break
+        side = first_readable_side(os.path.join(root, name))
+        if side is not None:
+            sides.append(side)
     if not sides:
-        raise FileNotFoundError(f"image folder {root!r} holds no images in class sub-folders; expected "
-                                f"layout: {ImageFolder.LAYOUT}")
+        raise FileNotFoundError(f"image folder {root!r} holds no images in class sub-folders (or none PIL "
+                                f"can open); expected layout: {ImageFolder.LAYOUT}")
     return sorted(sides)[len(sides) // 2]
 
 
@@ -137,7 +187,7 @@ class DatasetBase(torch.utils.data.Dataset):
                 return load_fn(index)
             except LabelFileError:
                 raise
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            except UNREADABLE as err:
                 print(f"data.py: WARNING unreadable image {path_fn(index)} ({err}) left out of the evaluation",
                       file=sys.stderr)
                 return None
@@ -147,7 +197,7 @@ class DatasetBase(torch.utils.data.Dataset):
                 return load_fn(i)
             except LabelFileError:
                 raise
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            except UNREADABLE as err:
                 self.num_skipped = getattr(self, "num_skipped", 0) + 1
                 print(f"data.py: WARNING skipping unreadable image {path_fn(i)} ({err}); "
                       f"{self.num_skipped} skipped so far in this process", file=sys.stderr)
@@ -159,27 +209,46 @@ class DatasetBase(torch.utils.data.Dataset):
 # Datasets
 # ----------------------------------------------------------------------------------------------------
 
-def walk_once(top):
-    """(folder, sorted file names) for `top` and every folder below it, sorted, following symlinks
-    (datasets are often assembled from links) but entering each real folder once: a link loop
-    (`cls/loop -> ..`) or two links to one folder would otherwise list the same images again and
-    again. A folder reached a second time is skipped with a warning naming the link."""
-    seen = set()
-    for dirpath, dirnames, files in os.walk(top, followlinks=True):
+def walk_once(top, warn=True):
+    """(folder, sorted [(file name, real path)]) for `top` and every folder below it, depth first in
+    sorted order (as os.walk with sorted sub-folders), following symlinks (datasets are often
+    assembled from links) but entering each real folder once: a link loop (`cls/loop -> ..`) or two
+    links to one folder would otherwise list the same images again and again. A folder reached a
+    second time is skipped (with a warning naming the link). Real paths cost no system call for plain
+    files (the real folder + the name); only a file that is itself a link is resolved."""
+    seen, stack = set(), [top]
+    while stack:
+        dirpath = stack.pop()
         real = os.path.realpath(dirpath)
         if real in seen:
-            print(f"data.py: WARNING {dirpath} leads to {real}, already listed (a symlink loop or a "
-                  f"second link to it); its images are counted once", file=sys.stderr)
-            dirnames[:] = []  # do not descend: everything below was listed too
-            continue
+            if warn:
+                print(f"data.py: WARNING {dirpath} leads to {real}, already listed under {top} (a symlink "
+                      f"loop or a second link to it); its images are counted once", file=sys.stderr)
+            continue  # do not descend: everything below was listed too
         seen.add(real)
-        dirnames.sort()  # os.walk visits sub-folders in this (now sorted) order
-        yield dirpath, sorted(files)
+        try:
+            entries = sorted(os.scandir(dirpath), key=lambda e: e.name)
+        except OSError:
+            continue  # as os.walk: a folder that cannot be listed lists nothing
+        dirs, files = [], []
+        for e in entries:
+            try:
+                is_dir = e.is_dir()  # follows a link to a folder
+            except OSError:
+                is_dir = False
+            (dirs if is_dir else files).append(e)
+        yield dirpath, [(e.name, os.path.realpath(e.path) if e.is_symlink() else os.path.join(real, e.name))
+                        for e in files]
+        stack.extend(e.path for e in reversed(dirs))  # the first sub-folder is popped next
 
 
 class ImageFolder(DatasetBase):
     """`root/<class>/**/<image>` -> (transform(RGB image), class index). Classes are the sorted
-    sub-folder names, images sorted within each, so indices agree on every rank and machine."""
+    sub-folder names, images sorted within each, so indices agree on every rank and machine.
+
+    Each image file counts once, by its real path: reached twice within its class (two links to it),
+    it is listed once with a warning; reached from two class folders (`train/cat/dogs -> ../dog`, or
+    a loop `train/cat/loop -> ..`) it is refused, since it would be a sample of both classes."""
 
     LAYOUT = "root/<class_name>/<image>.{jpg,JPEG,png,...} (ImageNet's train/ or val/ folder)"
 
@@ -188,19 +257,44 @@ class ImageFolder(DatasetBase):
         self.root, self.transform, self.seed = root, transform, seed
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
         self.samples = []
+        listed = {}  # real path of an image -> index of its sample
+        twice = []   # (path, the sample path it repeats) within one class
         for label, name in enumerate(self.classes):
             before = len(self.samples)
             for dirpath, files in walk_once(os.path.join(root, name)):
-                for f in files:
-                    if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
-                        self.samples.append((os.path.join(dirpath, f), label))
+                for f, real in files:
+                    if os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
+                        continue
+                    path = os.path.join(dirpath, f)
+                    first = listed.get(real)
+                    if first is None:
+                        listed[real] = len(self.samples)
+                        self.samples.append((path, label))
+                    elif self.samples[first][1] == label:
+                        twice.append((path, self.samples[first][0]))
+                    else:
+                        raise ValueError(self.two_classes_message(real, self.samples[first], (path, label)))
             if len(self.samples) == before:
                 print(f"data.py: WARNING class folder {os.path.join(root, name)} holds no images; the class "
                       f"keeps its index {label} but has no samples", file=sys.stderr)
+        if twice:
+            print(f"data.py: WARNING {len(twice)} image file(s) of {root} are reached twice within their class "
+                  f"through symlinks (the first: {twice[0][0]} is {twice[0][1]}); each is counted once",
+                  file=sys.stderr)
         if not self.samples:
             raise FileNotFoundError(f"image folder {root!r} holds no images in class sub-folders "
                                     f"({len(self.classes)} sub-folders found); expected layout: "
                                     f"{self.LAYOUT}")
+
+    def two_classes_message(self, real, first, second):
+        """The refusal of an image reached from two class folders: the file, both folders, the links."""
+        folders = [os.path.join(self.root, self.classes[label]) for _, label in (first, second)]
+        links = [link for link in (last_link(path, self.root) for path, _ in (first, second)) if link]
+        fix = (f"remove the link {links[0]}" if len(links) == 1 else
+               f"remove one of the links {' and '.join(links)}" if links else "remove the second copy")
+        return (f"image {real!r} is reached from two class folders, {folders[0]} (as {first[0]}) and "
+                f"{folders[1]} (as {second[0]}), so it would be a sample of both classes; {fix} (a class "
+                f"folder must not lead into another class's images)")
 
     def __len__(self):
         return len(self.samples)
@@ -216,6 +310,17 @@ class ImageFolder(DatasetBase):
             return None
         img, label = loaded
         return (self.transform(img, self.sample_rng(index)) if self.transform else img), label
+
+
+def last_link(path, root):
+    """The last symlink on `path` below `root` (the one to remove when a path leads where it should
+    not: class folders themselves are often links into a shared store), or None."""
+    link, cur = None, root
+    for part in os.path.relpath(path, root).split(os.sep):
+        cur = os.path.join(cur, part)
+        if os.path.islink(cur):
+            link = cur
+    return link
 
 
 def reduce_zero_label(label):
@@ -240,13 +345,14 @@ class ADE20K(DatasetBase):
     """
 
     LAYOUT = "root/images/{training,validation}/*.jpg and root/annotations/{training,validation}/*.png"
+    LABEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")  # one channel of class indices
 
     def __init__(self, root, split="training", transform=None, seed=0, reduce_zero_label=True,
                  num_classes=None):
         img_dir, ann_dir = (os.path.join(root, d, split) for d in ("images", "annotations"))
         check_folder(img_dir, "ADE20K images", self.LAYOUT)
         check_folder(ann_dir, "ADE20K annotations", self.LAYOUT)
-        self.transform, self.seed = transform, seed
+        self.img_dir, self.transform, self.seed = img_dir, transform, seed
         self.reduce_zero_label, self.num_classes = reduce_zero_label, num_classes
         names = sorted(f for f in os.listdir(img_dir)
                        if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
@@ -258,33 +364,43 @@ class ADE20K(DatasetBase):
             ann = os.path.join(ann_dir, os.path.splitext(f)[0] + ".png")
             if not os.path.isfile(ann):
                 raise FileNotFoundError(f"ADE20K: image {os.path.join(img_dir, f)!r} has no "
-                                        f"annotation {ann!r}")
+                                        f"annotation {ann!r}; add its label file or remove the image")
             self.samples.append((os.path.join(img_dir, f), ann))
 
     def __len__(self):
         return len(self.samples)
 
     def check_labels(self):
-        """Check every label file against its image without decoding the image (PIL reads the size
-        from the header): mode, size, values. Raises LabelFileError naming the first bad file;
-        returns how many labelled (not ignored) pixels the split has."""
+        """Check every label file against its image without decoding the image (its size comes from
+        the header): mode, size, values. Raises LabelFileError naming the first bad file; returns how
+        many labelled (not ignored) pixels the split has. A sample whose image or label cannot be read
+        is passed over: training skips it and evaluation leaves it out (check_readable warns)."""
         labelled = 0
         for img_path, ann_path in self.samples:
-            with Image.open(img_path) as img:
-                size = img.size
-            labelled += int((self.read_label(ann_path, size, img_path) != 255).sum())
+            try:
+                label = self.read_label(ann_path, image_size(img_path), img_path)
+            except LabelFileError:
+                raise
+            except UNREADABLE:
+                continue
+            labelled += int((label != 255).sum())
         return labelled
+
+    def check_label_header(self, ann, ann_path, size, img_path):
+        """What an opened (not decoded) label file shows: one channel of class indices, its image's size."""
+        if ann.mode not in self.LABEL_MODES:
+            raise LabelFileError(f"label file {ann_path!r} has mode {ann.mode}: expected one class index per "
+                                 f"pixel; convert it to class indices (one 8-bit channel: a grayscale or "
+                                 f"palette PNG)")
+        if ann.size != tuple(size):
+            raise LabelFileError(f"label file {ann_path!r} is {ann.size[0]}x{ann.size[1]} px, its image "
+                                 f"{img_path!r} is {size[0]}x{size[1]}; a label must have its image's size")
 
     def read_label(self, ann_path, size, img_path):
         """A label file as uint8 classes (255 = ignore), checked against its image's size and the classes."""
         with Image.open(ann_path) as ann:
-            if ann.mode not in ("L", "P", "I", "I;16"):
-                raise LabelFileError(f"label file {ann_path!r} has mode {ann.mode}: expected one class "
-                                     f"index per pixel (8-bit grayscale or palette PNG)")
+            self.check_label_header(ann, ann_path, size, img_path)
             label = np.asarray(ann).astype(np.int64)
-        if label.shape != (size[1], size[0]):
-            raise LabelFileError(f"label file {ann_path!r} is {label.shape[1]}x{label.shape[0]} px, its "
-                                 f"image {img_path!r} is {size[0]}x{size[1]}")
         if self.reduce_zero_label:
             label = reduce_zero_label(label).astype(np.int64)
         if label.max(initial=0) > 255:
@@ -811,6 +927,82 @@ def carve_selection(dataset, select):
         raise ValueError(f"image folder {dataset.root!r} is too small for a selection split "
                          f"({SELECT_FRACTION:.0%} of each class): add images or use --eval-split val")
     return dataset
+
+
+def check_same_classes(train_set, val_set, data_dir):
+    """Stop before training when the training and evaluation sets name different classes: labels are
+    indices into each set's sorted class folders, so one folder more or less in val/ shifts every
+    later label and the accuracy measures nothing. Sets without class names (ADE20K: its classes are
+    label values) pass; so do the built-in data and train/'s selection split (same classes)."""
+    train, val = getattr(train_set, "classes", None), getattr(val_set, "classes", None)
+    if train is None or val is None or list(train) == list(val):
+        return
+    names = [set_name(ds, data_dir) for ds in (train_set, val_set)]
+    only = [sorted(set(a) - set(b)) for a, b in ((train, val), (val, train))]
+    parts = [f"only in {name}: {name_list(o)}" for name, o in zip(names, only) if o]
+    raise ValueError(f"--data {data_dir}: {names[0]} and {names[1]} hold different class folders: "
+                     f"{'; '.join(parts) or 'the same names in another order'}; use the same class "
+                     f"folders in both")
+
+
+def set_name(dataset, data_dir):
+    """How messages name a dataset's folder: "train/" for DIR/train, its path elsewhere."""
+    root = getattr(dataset, "img_dir", None) or getattr(dataset, "root", None)
+    if root is None:
+        return f"the built-in {getattr(dataset, 'split', 'data')} split"
+    rel = os.path.relpath(root, data_dir) if data_dir is not None else root
+    return f"{rel}/" if rel != "." and not rel.startswith("..") else f"{root}/"
+
+
+def name_list(names, most=5):
+    """A one-line list of names: the first `most` and how many in all (ImageNet has 1,000 classes)."""
+    return ", ".join(names) if len(names) <= most else f"{', '.join(names[:most])}, ... ({len(names)} in all)"
+
+
+def check_readable(dataset, what):
+    """Before training: open every image of an (evaluation) set by its header, no pixel decoded
+    (thousands a second), so a folder of unreadable files stops the run now and not after an epoch.
+    None readable: a ValueError naming the folder. Some: one warning (how many, the first), and
+    training skips them / evaluation leaves them out as it would have. For an ADE20K set every label
+    file is checked by header too, against its image (ADE20K.check_label_header: one channel, the
+    image's size; LabelFileError naming the file): cheap enough for the training labels, which
+    would otherwise stop a run at the iteration that first draws a bad one. Its values need the
+    decode: ADE20K.check_labels. `what` names the set in messages ("--data D validation set").
+    Returns how many images can be read; sets that read no files (SyntheticShapes) pass as they are."""
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        return len(dataset)
+    bad = [problem for problem in (unreadable_file(dataset, *sample) for sample in samples) if problem]
+    folder = set_name(dataset, None)
+    if samples and len(bad) == len(samples):
+        raise ValueError(f"{what}: none of the {len(bad)} images in {folder} can be read (the first, "
+                         f"{bad[0][0]}: {bad[0][1]}); replace the folder with a complete copy (an interrupted "
+                         f"copy or download leaves such files)")
+    if bad:
+        print(f"data.py: WARNING {what}: {len(bad)} of {len(samples)} images in {folder} cannot be read (the "
+              f"first, {bad[0][0]}: {bad[0][1]}); they are skipped in training and left out of evaluation",
+              file=sys.stderr)
+    return len(samples) - len(bad)
+
+
+def unreadable_file(dataset, img_path, target):
+    """(path, error) of the file of one sample that PIL cannot open, or None; for an ADE20K sample
+    its label's header is checked against the image (LabelFileError: a broken dataset, raised)."""
+    try:
+        if not isinstance(dataset, ADE20K):
+            with Image.open(img_path):
+                return None
+        size = image_size(img_path)
+    except UNREADABLE as err:
+        return img_path, err
+    try:
+        with Image.open(target) as ann:
+            dataset.check_label_header(ann, target, size, img_path)
+    except LabelFileError:
+        raise
+    except UNREADABLE as err:  # training skips such a sample as it skips an unreadable image
+        return target, err
+    return None
 
 
 def build_loader(dataset, batch_size, num_workers=4, rank=0, world_size=1, shuffle=True,

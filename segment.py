@@ -269,7 +269,12 @@ def infer_whole(model, x):
 def infer_slide(model, x, crop, stride, num_classes):
     """Average the logits of crop x crop windows every `stride` pixels (the last window of each row
     and column flush with the border, as mmseg's slide_inference); windows sticking out of a small
-    image are zero-padded and cut back. Every pixel is covered at least once."""
+    image are zero-padded and cut back. Every pixel is covered at least once: a stride above the crop
+    would leave the pixels between two windows with no logits (0 / 0 = NaN, argmax class 0), so it
+    is refused."""
+    if not 0 < stride <= crop:
+        raise ValueError(f"sliding window: stride {stride} must be in 1..{crop} (the crop size), or pixels "
+                         f"between windows get no prediction")
     B, _, H, W = x.shape
     rows = max(H - crop + stride - 1, 0) // stride + 1
     cols = max(W - crop + stride - 1, 0) // stride + 1
@@ -282,6 +287,9 @@ def infer_slide(model, x, crop, stride, num_classes):
             out = model(pad_to(x[:, :, y0:y1, x0:x1], crop, crop))
             logits[:, :, y0:y1, x0:x1] += out[:, :, :y1 - y0, :x1 - x0]
             count[:, :, y0:y1, x0:x1] += 1
+    if not count.all():  # the windows above cover every pixel; a change that breaks it must not score NaNs
+        raise RuntimeError(f"infer_slide: windows of {crop} px every {stride} px left pixels of a {H}x{W} "
+                           f"image uncovered")
     return logits / count
 
 
@@ -412,6 +420,10 @@ def resolve_args(args):
                          f"per process (BEiT's ADE20K setting: 2 per GPU x 8 GPUs)")
     if args.nb_classes > 255:
         raise ValueError(f"--nb-classes {args.nb_classes}: at most 255 (label 255 means ignore)")
+    if args.mode == "slide" and args.stride > args.crop_size:  # gaps between windows: no logits, class 0
+        raise ValueError(f"--stride {args.stride} is larger than --crop-size {args.crop_size}: sliding-window "
+                         f"inference would leave the pixels between two windows without a prediction; use "
+                         f"--stride {args.crop_size} or less (BEiT: 341 for a 512 crop, two thirds)")
     return args
 
 
@@ -425,7 +437,12 @@ def build_data(args):
         return train, val
     kw = dict(seed=args.seed, reduce_zero_label=args.reduce_zero_label, num_classes=args.nb_classes)
     train, val = data.ADE20K(args.data, "training", train_tf, **kw), data.ADE20K(args.data, "validation", eval_tf, **kw)
-    # every validation label now (size, mode, values: seconds), not after the last iteration
+    # before any training: every image and label header of both sets (an RGB or wrongly sized training
+    # label would stop the run at the iteration that draws it, with nothing saved), then every
+    # validation label in full (values too: seconds), not after the last iteration
+    if not args.eval_only:  # an evaluation reads no training image
+        data.check_readable(train, f"--data {args.data} training set")
+    data.check_readable(val, f"--data {args.data} validation set")
     if val.check_labels() == 0:
         raise ValueError(f"--data {args.data}: every pixel of every validation label is ignored (0"
                          f"{' with reduce_zero_label' if args.reduce_zero_label else ' or 255'}): nothing to "
@@ -437,6 +454,7 @@ def build_model(args):
     """Backbone from --init (enhancer.load_backbone: any checkpoint kind), built at the crop size with
     its position embeddings interpolated to it (BEiT), + pyramid + heads."""
     torch.manual_seed(args.seed)  # a scratch backbone's init
+    check_crop_size(args)
     if args.eval_only:  # every weight comes from the trained run's checkpoint, not from --init
         backbone = enh.build_backbone(args.arch, img_size=args.crop_size, patch_size=args.patch_size,
                                       drop_path_rate=args.drop_path, init_values=args.init_values)
@@ -446,6 +464,21 @@ def build_model(args):
     check_fits(backbone, args)
     torch.manual_seed(args.seed)
     return Segmenter(backbone, args.nb_classes, args.channels, args.aux_channels, args.layers)
+
+
+def check_crop_size(args):
+    """--crop-size must be a whole number of a ViT's patches, or the backbone refuses it naming no flag.
+    The patch size is --init's (its weights are read once more here: seconds, once) or, from scratch
+    and on --eval-only, --patch-size. A ResNet takes any crop."""
+    if args.eval_only or args.init == "scratch":
+        patch = args.patch_size if args.arch.startswith("vit") else None
+    else:
+        _, name, extra = enh.backbone_shape(enh.read_backbone(args.init)[0])
+        patch = extra.get("patch_size") if name is not None and name.startswith("vit") else None
+    if patch and args.crop_size % patch:
+        below = args.crop_size // patch * patch
+        raise ValueError(f"--crop-size {args.crop_size} is not a multiple of the backbone's patch size {patch}: "
+                         f"use a multiple of {patch}, e.g. {below or patch} or {below + patch}")
 
 
 def check_fits(backbone, args):

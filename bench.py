@@ -23,6 +23,7 @@ import torch
 
 import enhancer as enh
 import pretrain
+import runs
 import training
 
 # Dense peak TFLOP/s by GPU name and precision, for the MFU (vendor data sheets, SXM parts;
@@ -178,9 +179,9 @@ def get_args_parser():
     p = pretrain.get_args_parser()
     p.prog = "bench.py"
     p.description = "time and count one CIM pre-training step (pretrain.py's train_step) per phase"
-    p.add_argument("--steps", type=training.number(int, "> 0"), default=10,
+    p.add_argument("--steps", type=runs.number(int, "> 0"), default=10,
                    help="steps timed per measurement (after 2 warm-up steps)")
-    p.add_argument("--peak-tflops", type=training.number(float, "> 0"), default=None, help="the accelerator's "
+    p.add_argument("--peak-tflops", type=runs.number(float, "> 0"), default=None, help="the accelerator's "
                    f"peak TFLOP/s for the MFU (default: a table for {', '.join(PEAK_TFLOPS)})")
     return p
 
@@ -195,4 +196,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    training.run_script(main, get_args_parser())
+    runs.run_script(main, get_args_parser())

@@ -603,14 +603,14 @@ def codebook_stats(codes, vocab_size):
 
 
 def get_args_parser():
-    """The tokenizer-training stage's flags, each once: its type and range check (training.number) and
+    """The tokenizer-training stage's flags, each once: its type and range check (runs.number) and
     whether a resume may change it (free)."""
-    import training  # the training stage's import: the model code above needs torch alone
-    p, a, free = training.stage_parser("dvae.py", "train a DALL-E-architecture dVAE tokenizer (or fit a k-means "
-                                       "patch codebook)", "out/dvae", "checkpoints, log.jsonl and PNG grids",
-                                       save_every=200, log_every=20)
-    pos_int, pos_float, nonneg_int, nonneg_float = (training.POS_INT, training.POS_FLOAT, training.NONNEG_INT,
-                                                    training.NONNEG_FLOAT)
+    import runs  # the training stage's import: the model code above needs torch alone
+    p, a, free = runs.stage_parser("dvae.py", "train a DALL-E-architecture dVAE tokenizer (or fit a k-means "
+                                   "patch codebook)", "out/dvae", "checkpoints, log.jsonl and PNG grids",
+                                   save_every=200, log_every=20)
+    pos_int, pos_float, nonneg_int, nonneg_float = (runs.POS_INT, runs.POS_FLOAT, runs.NONNEG_INT,
+                                                    runs.NONNEG_FLOAT)
     a("--data", default=None, help="image-folder root (ImageNet layout: DIR/train/<class>/*); omit to use "
       "the built-in procedural dataset")
     a("--preset", default="small", choices=list(DVAE_PRESETS),
@@ -643,7 +643,7 @@ def get_args_parser():
     a("--kl-weight", type=nonneg_float, default=None,
       help="weight of KL(q || uniform) after warm-up; larger spreads codebook usage (preset: small 1e-3, "
            "dalle 1e-2)")
-    a("--kl-warmup", type=training.number(float, "in [0, 1)"), default=None,
+    a("--kl-warmup", type=runs.number(float, "in [0, 1)"), default=None,
       help="fraction of training over which the KL weight ramps up from 0 (preset: small 0.2, dalle 0: "
            "full weight from the first step)")
     a("--relaxation", default="soft", choices=["hard", "soft"],
@@ -657,7 +657,7 @@ def get_args_parser():
     free("--max-skips", type=nonneg_int, default=20, help="stop after this many skipped steps (non-finite "
          "loss or gradients); fp16 overflows of the GradScaler are counted apart")
     a("--seed", type=int, default=0, help="seeds data order, augmentation and noise")
-    # more flags free on resume (training.stage_parser adds output, logging, processes)
+    # more flags free on resume (runs.stage_parser adds output, logging, processes)
     free("--num-workers", type=nonneg_int, default=2, help="DataLoader worker processes")
     free("--sample-every", type=pos_int, default=500, help="reconstruction PNG every N steps")
     return p
@@ -719,6 +719,7 @@ COLLAPSE_PERPLEXITY = 16
 
 def main(args):
     import data  # the training stage's imports stay here: the model code above needs torch alone
+    import runs
     import training
     from tqdm import tqdm
 
@@ -726,7 +727,7 @@ def main(args):
     rank, world_size, device = training.init_distributed(args.device, args.dist_backend)
     training.seed_everything(args.seed, rank)
     cfg = resolve_config(args)
-    training.prepare_output_dir(args.output_dir)
+    runs.prepare_output_dir(args.output_dir)
     if args.preset == "kmeans":
         stats = fit_codebook(args, cfg, rank, device)
         training.finish_distributed(owns_group)
@@ -753,12 +754,12 @@ def main(args):
                                   weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     step, free = 0, get_args_parser().resume_free
-    resume, ckpt = training.find_resume_checkpoint(args, "dvae.py", free, ("log.jsonl",))
+    resume, ckpt = runs.find_resume_checkpoint(args, "dvae.py", free, ("log.jsonl",))
     if ckpt is not None and "encoder" not in ckpt:
         raise ValueError(f"--resume {resume!r} holds a k-means codebook, not a dVAE: give --preset "
                          f"{args.preset} another --output-dir")
     if ckpt is not None:
-        training.check_resume_flags(ckpt["args"], vars(args), free, resume, args.allow_flag_changes)
+        runs.check_resume_flags(ckpt["args"], vars(args), free, resume, args.allow_flag_changes)
         model.encoder.load_state_dict(ckpt["encoder"])
         model.decoder.load_state_dict(ckpt["decoder"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -769,7 +770,7 @@ def main(args):
             print(f"resumed from {resume} at step {step}")
     skips = training.SkipCount("dvae.py", args.max_skips, args.output_dir, ckpt)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    training.record_args(args, rank, "dvae.py")  # the flags, once every check has passed
+    runs.record_args(args, rank, "dvae.py")  # the flags, once every check has passed
     log = training.JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0,
                            resumed_at=step if step else None)
 
@@ -781,7 +782,7 @@ def main(args):
                  "encoder_config": dvae_config(model.encoder), "decoder_config": dvae_config(model.decoder),
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
                  "total_steps": total_steps, **skips.state(), "args": vars(args), "rng": rng},
-                os.path.join(args.output_dir, "checkpoint-latest.pth"))
+                os.path.join(args.output_dir, "checkpoint-latest.pth"), keep_previous=True)
 
     # ---------------------------------------------------------------- training loop
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="dvae", dynamic_ncols=True)
@@ -816,8 +817,11 @@ def main(args):
             if rank == 0 and (step % args.sample_every == 0 or step == total_steps):
                 save_reconstructions(model.encoder, model.decoder, val_set, device,
                                      os.path.join(args.output_dir, f"recon-{step:06d}.png"))
-            if step % args.save_every == 0 or step == total_steps:
+            stop = runs.stop_requested(device)  # SIGINT / SIGTERM on any rank: save now, then exit
+            if stop or step % args.save_every == 0 or step == total_steps:
                 checkpoint()
+            if stop:
+                runs.STOP.exit(step, os.path.join(args.output_dir, "checkpoint-latest.pth"), rank)
             if step == total_steps:
                 break
     bar.close()
@@ -843,6 +847,7 @@ def fit_codebook(args, cfg, rank, device):
     An existing checkpoint is reused, as a finished dVAE run is, if the flags match; other flags are
     refused, or with --allow-flag-changes fitted again."""
     import data
+    import runs
     import training
     t0 = time.time()
     f, m, iters = cfg["patch_size"], cfg["margin"], args.kmeans_iters or KMEANS_ITERS
@@ -855,14 +860,14 @@ def fit_codebook(args, cfg, rank, device):
     train_set = data.build_dataset(args.data, "train", tf, seed=args.seed)
     val_set = data.build_dataset(args.data, "val", tf, seed=args.seed)
     free = get_args_parser().resume_free
-    path, ckpt = training.find_resume_checkpoint(args, "dvae.py", free, ("log.jsonl",))
+    path, ckpt = runs.find_resume_checkpoint(args, "dvae.py", free, ("log.jsonl",))
     if ckpt is not None and ckpt.get("kind") != "kmeans":
         raise ValueError(f"--resume {path!r} holds a trained dVAE, not a k-means codebook: give --preset kmeans "
                          f"another --output-dir")
-    if ckpt is not None and training.check_resume_flags(ckpt["args"], vars(args), free, path,
-                                                        args.allow_flag_changes):
+    if ckpt is not None and runs.check_resume_flags(ckpt["args"], vars(args), free, path,
+                                                    args.allow_flag_changes):
         ckpt = None  # --allow-flag-changes: fit again with the new flags (seconds)
-    training.record_args(args, rank, "dvae.py")
+    runs.record_args(args, rank, "dvae.py")
     if ckpt is not None:
         codebook, train_mse, m = ckpt["codebook"], ckpt["train_recon_mse"], ckpt.get("margin", 0)  # older: 0
     else:
@@ -894,5 +899,5 @@ def save_reconstructions(enc, dec, dataset, device, path, n=16):
 
 
 if __name__ == "__main__":
-    import training
-    training.run_script(main, get_args_parser())
+    import runs
+    runs.run_script(main, get_args_parser())

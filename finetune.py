@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 import data
 import enhancer as enh
+import runs
 import training
 
 # ----------------------------------------------------------------------------------------------------
@@ -122,14 +123,14 @@ RECIPES = {
 MODES = ("finetune", "linear", "knn")
 
 def get_args_parser():
-    """Every flag once: its type and range check (training.number), whether a resume may change it
+    """Every flag once: its type and range check (runs.number), whether a resume may change it
     (free), and for [recipe] flags the default of every recipe and kind, listed in --help."""
-    p, a, free = training.stage_parser("finetune.py", "fine-tuning, linear probe and k-NN of a CIM enhancer",
-                                       "out/finetune", "checkpoints, log.jsonl, classifier.pth", save_every=1000,
-                                       log_every=50)
-    pos_int, pos_float, nonneg_int, nonneg_float = (training.POS_INT, training.POS_FLOAT, training.NONNEG_INT,
-                                                    training.NONNEG_FLOAT)
-    fraction, unit = training.number(float, "in [0, 1)"), training.number(float, "in (0, 1]")
+    p, a, free = runs.stage_parser("finetune.py", "fine-tuning, linear probe and k-NN of a CIM enhancer",
+                                   "out/finetune", "checkpoints, log.jsonl, classifier.pth", save_every=1000,
+                                   log_every=50)
+    pos_int, pos_float, nonneg_int, nonneg_float = (runs.POS_INT, runs.POS_FLOAT, runs.NONNEG_INT,
+                                                    runs.NONNEG_FLOAT)
+    fraction, unit = runs.number(float, "in [0, 1)"), runs.number(float, "in (0, 1]")
 
     def r(name, help, resume_free=False, **kw):  # default from the recipe: --help shows every recipe's
         key = name[2:].replace("-", "_")
@@ -201,7 +202,7 @@ def get_args_parser():
     r("--clip-grad", "max global grad norm (None = off)", type=nonneg_float)
     a("--model-ema", action="store_true", help="keep an exponential moving average of the weights; "
       "evaluated next to the model every epoch")
-    a("--model-ema-decay", type=training.number(float, "in (0, 1)"), default=0.9999, help="EMA decay per step")
+    a("--model-ema-decay", type=runs.number(float, "in (0, 1)"), default=0.9999, help="EMA decay per step")
     a("--amp", default="none", choices=["bf16", "fp16", "none"], help="autocast dtype")
     free("--max-skips", type=nonneg_int, default=20, help="stop after this many skipped (non-finite) steps; "
          "fp16 overflows are counted apart")
@@ -213,7 +214,7 @@ def get_args_parser():
       "(global average), to see where in the network the features are best; holds one feature bank "
       "per block in memory")
     a("--seed", type=int, default=0, help="seed for data order, augmentation, mixing, head init")
-    # more flags free on resume (training.stage_parser adds output, logging, processes)
+    # more flags free on resume (runs.stage_parser adds output, logging, processes)
     r("--num-workers", "DataLoader workers per process", type=nonneg_int, resume_free=True)
     free("--eval-batch-size", type=pos_int, default=256, help="images per process in evaluation")
     return p
@@ -485,7 +486,7 @@ def evaluate(model, loader, device, amp="none"):
 
 def resolve_args(args, init=None):
     """Recipe values for unset flags (per mode and backbone family); the checks that involve more than
-    the flag itself (each flag's range is checked as it is parsed: training.number). `init`:
+    the flag itself (each flag's range is checked as it is parsed: runs.number). `init`:
     enhancer.read_backbone's result for --init, when the caller has it already."""
     if args.init is None:
         raise ValueError("--init is required: a pre-training checkpoint, backbone.pth, a timm/torchvision "
@@ -555,6 +556,17 @@ def build_data(args, rank, world_size):
 
 
 def knn_main(args, backbone, rank, world_size, device):
+    """--mode knn: no training. Its result goes to OUTPUT_DIR/knn.json, in a folder of its own: a
+    training run's folder (its checkpoint or its results) is refused, never appended to."""
+    saved = runs.read_run_record(args.output_dir)
+    other = runs.saved_work(args.output_dir, ("checkpoint-latest.pth", "checkpoint-best.pth", "classifier.pth",
+                                              "log.jsonl"))
+    if other or saved and (saved["stage"], saved["args"].get("mode")) != ("finetune.py", "knn"):
+        raise ValueError(f"--output-dir {args.output_dir!r} holds a training run ({', '.join(other) or 'run.json'}): "
+                         f"give --mode knn a folder of its own")
+    if saved:  # an earlier k-NN run here: the same command again, or a refusal
+        runs.check_resume_flags(saved["args"], vars(args), get_args_parser().resume_free,
+                                os.path.join(args.output_dir, "run.json"), args.allow_flag_changes)
     tf = data.EvalTransform(args.eval_size, crop_pct=args.crop_pct)
     sets = [data.build_dataset(args.data, s, tf, seed=args.seed) for s in data.EVAL_SPLITS[args.eval_split]]
     loaders = [data.build_eval_loader(s, args.eval_batch_size, args.num_workers, rank, world_size)
@@ -573,7 +585,8 @@ def knn_main(args, backbone, rank, world_size, device):
     train_split, eval_split = data.EVAL_SPLITS[args.eval_split]
     result.update(n_train=len(sets[0]), n_val=len(sets[1]), train_split=train_split, eval_split=eval_split)
     if rank == 0:
-        training.JsonLog(os.path.join(args.output_dir, "log.jsonl")).write(**result)
+        runs.record_args(args, rank, "finetune.py")
+        runs.write_json(result, os.path.join(args.output_dir, "knn.json"))
         print(json.dumps(result))
     return result
 
@@ -615,7 +628,7 @@ def main(args):
     init = enh.read_backbone(args.init) if args.init not in (None, "scratch") else None  # names a bad file
     args = resolve_args(args, init)
     rank, world_size, device = training.init_distributed(args.device, args.dist_backend)
-    training.prepare_output_dir(args.output_dir)
+    runs.prepare_output_dir(args.output_dir)
     torch.manual_seed(args.seed)  # a scratch backbone's init
     # a ResNet trained from scratch zero-inits the last BatchNorm of each block, as timm / RSB do (not a
     # frozen random one: the linear-probe and k-NN baselines keep plain random features)
@@ -664,7 +677,7 @@ def main(args):
     if world_size > 1:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    training.record_args(args, rank, "finetune.py")  # the flags, once every check has passed
+    runs.record_args(args, rank, "finetune.py")  # the flags, once every check has passed
     log = training.JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0, resumed_at=step)
     if rank == 0:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -678,7 +691,7 @@ def main(args):
                 {"stage": "finetune.py", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict(), "ema": ema.module.state_dict() if ema else None,
                  **state, "step": step, "best": best, **skips.state(), "args": vars(args), "rng": rng},
-                os.path.join(args.output_dir, path_name))
+                os.path.join(args.output_dir, path_name), keep_previous=True)
 
     def save_best(epoch):
         """The weights of the best epoch so far, without the optimiser's state (a third of the bytes
@@ -741,13 +754,18 @@ def main(args):
                     ema.update(model)
             if step % args.log_every == 0 and state["n_loss"]:
                 bar.set_postfix(loss=f"{state['loss_sum'] / state['n_loss']:.3f}", lr=f"{lr:.2e}")
+            stop = runs.stop_requested(device)  # SIGINT / SIGTERM on any rank: save now, then exit
             if step == total_steps or step % steps_per_epoch == 0:
                 break
-            if step % args.save_every == 0:
+            if stop or step % args.save_every == 0:
                 checkpoint("checkpoint-latest.pth")  # mid-epoch: the running loss sums go with it
+            if stop:
+                runs.STOP.exit(step, os.path.join(args.output_dir, "checkpoint-latest.pth"), rank)
         # ------------------------------------------------------------ end of epoch: save, evaluate, log
         state["pending_eval"] = True
         checkpoint("checkpoint-latest.pth")
+        if stop:  # the epoch's evaluation waits for the resume (pending_eval)
+            runs.STOP.exit(step, os.path.join(args.output_dir, "checkpoint-latest.pth"), rank)
         result = end_of_epoch(epoch, lr, seen / (time.time() - t0))
     bar.close()
     if rank == 0:
@@ -781,8 +799,8 @@ def resume(args, model, optimizer, scaler, ema, rank, world_size, device):
     """Returns (the loop's state: step, best top-1 so far, whether the last trained epoch still awaits
     its evaluation, the running loss sums of the epoch in progress; training.SkipCount)."""
     free = get_args_parser().resume_free
-    path, ckpt = training.find_resume_checkpoint(args, "finetune.py", free,
-                                                 ("checkpoint-best.pth", "classifier.pth", "log.jsonl"))
+    path, ckpt = runs.find_resume_checkpoint(args, "finetune.py", free,
+                                             ("checkpoint-best.pth", "classifier.pth", "log.jsonl", "knn.json"))
     skips = training.SkipCount("finetune.py", args.max_skips, args.output_dir, ckpt)
     state = {"step": 0, "best": -1.0, "pending_eval": False, "loss_sum": 0.0, "n_loss": 0}
     if ckpt is None:
@@ -791,10 +809,10 @@ def resume(args, model, optimizer, scaler, ema, rank, world_size, device):
         raise ValueError(f"--resume {path!r} holds the best epoch's weights, not a training state: resume from "
                          f"the run's checkpoint-latest.pth, or start a run from these weights with --init")
     saved = ckpt.get("args", {})
-    training.check_same_network(saved, args, ("arch", "mode", "img_size", "patch_size", "nb_classes", "pool"),
-                                path)
-    changed = training.check_resume_flags(saved, vars(args), free, path,
-                                          args.allow_flag_changes)
+    runs.check_same_network(saved, args, ("arch", "mode", "img_size", "patch_size", "nb_classes", "pool"),
+                            path)
+    changed = runs.check_resume_flags(saved, vars(args), free, path,
+                                      args.allow_flag_changes)
     training.restore_training_state(ckpt, model, optimizer, scaler, rank, world_size, device, path, changed)
     if ema is not None and ckpt.get("ema") is not None:
         ema.module.load_state_dict(ckpt["ema"])
@@ -803,4 +821,4 @@ def resume(args, model, optimizer, scaler, ema, rank, world_size, device):
 
 
 if __name__ == "__main__":
-    training.run_script(main, get_args_parser())
+    runs.run_script(main, get_args_parser())

@@ -28,6 +28,7 @@ import data
 import dvae
 import enhancer as enh
 import generator as gen
+import runs
 import training
 
 # ----------------------------------------------------------------------------------------------------
@@ -374,8 +375,8 @@ def log_record(out, args):
 def main(args):
     args = resolve_args(args)
     rank, world_size, device = training.init_distributed(args.device, args.dist_backend)
-    training.prepare_output_dir(args.output_dir)
-    training.check_output_owner(args, "pretrain.py")  # before fitting a tokenizer for minutes
+    runs.prepare_output_dir(args.output_dir)
+    runs.check_output_owner(args, "pretrain.py")  # before fitting a tokenizer for minutes
     if rank == 0:
         print(f"pretrain.py: recipe {args.recipe} (flags not given take its values; see --help)")
         if args.data is None:
@@ -440,7 +441,7 @@ def main(args):
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.explain:
         return explain(ddp_model, model, loader, optimizer, scaler, args, device)
-    training.record_args(args, rank, "pretrain.py")  # the flags, once every check has passed
+    runs.record_args(args, rank, "pretrain.py")  # the flags, once every check has passed
     log = training.JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0, resumed_at=step)
     if rank == 0:
         sizes = ", ".join(f"{name} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params" for name, m in
@@ -456,7 +457,7 @@ def main(args):
             training.save_checkpoint(
                 {"stage": "pretrain.py", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict(), "step": step, **skips.state(), "args": vars(args),
-                 "rng": rng}, os.path.join(args.output_dir, "checkpoint-latest.pth"))
+                 "rng": rng}, os.path.join(args.output_dir, "checkpoint-latest.pth"), keep_previous=True)
 
     # ---------------------------------------------------------------- training loop
     def knn_curve():  # the trained enhancer's k-NN, without touching any RNG the run depends on
@@ -494,8 +495,11 @@ def main(args):
                 log.write(**rec)
             if rank == 0 and status != "skipped" and (step % args.sample_every == 0 or step == total_steps):
                 save_samples(out, micro[-1][0], args, os.path.join(args.output_dir, f"sample-{step:06d}.png"))
-            if step % args.save_every == 0 or step == total_steps or step % steps_per_epoch == 0:
+            stop = runs.stop_requested(device)  # SIGINT / SIGTERM on any rank: save now, then exit
+            if stop or step % args.save_every == 0 or step == total_steps or step % steps_per_epoch == 0:
                 checkpoint()
+            if stop:
+                runs.STOP.exit(step, os.path.join(args.output_dir, "checkpoint-latest.pth"), rank)
             if knn_sets and args.knn_every and step % args.knn_every == 0 and step < total_steps:
                 knn_curve()
             if step == total_steps:
@@ -516,20 +520,20 @@ def main(args):
 def resume(args, model, optimizer, scaler, rank, world_size, device):
     """Restore everything a bit-exact continuation needs; returns (step, training.SkipCount)."""
     free = get_args_parser().resume_free
-    path, ckpt = training.find_resume_checkpoint(args, "pretrain.py", free, ("backbone.pth", "log.jsonl"))
+    path, ckpt = runs.find_resume_checkpoint(args, "pretrain.py", free, ("backbone.pth", "log.jsonl"))
     skips = training.SkipCount("pretrain.py", args.max_skips, args.output_dir, ckpt)
     if ckpt is None:
         return 0, skips
     saved = ckpt.get("args", {})
-    training.check_same_network(saved, args, ("method", "arch", "objective", "img_size", "patch_size",
-                                              "gen_dim", "gen_depth", "gen_heads", "resnet_stem"), path)
+    runs.check_same_network(saved, args, ("method", "arch", "objective", "img_size", "patch_size",
+                                          "gen_dim", "gen_depth", "gen_heads", "resnet_stem"), path)
     saved_vocab = next((v.shape[0] for k, v in ckpt["model"].items() if k.endswith("lm_head.weight")), None)
     if saved_vocab != model.vocab_size:
         raise ValueError(f"--resume {path!r} holds a token head for a {saved_vocab}-code tokenizer, this "
                          f"run's tokenizer has {model.vocab_size} codes: pass the tokenizer it "
                          f"was trained with (--dvae or --dalle-encoder/--dalle-decoder)")
-    changed = training.check_resume_flags(saved, vars(args), free, path,
-                                          args.allow_flag_changes)
+    changed = runs.check_resume_flags(saved, vars(args), free, path,
+                                      args.allow_flag_changes)
     training.restore_training_state(ckpt, model, optimizer, scaler, rank, world_size, device, path, changed)
     return ckpt["step"], skips
 
@@ -539,12 +543,12 @@ def resume(args, model, optimizer, scaler, rank, world_size, device):
 # ----------------------------------------------------------------------------------------------------
 
 def get_args_parser():
-    """Every flag once: its type and range check (training.number), whether a resume may change it
+    """Every flag once: its type and range check (runs.number), whether a resume may change it
     (free), and for [recipe] flags the default each recipe gives, listed in --help."""
-    p, a, free = training.stage_parser("pretrain.py", "CIM pre-training (generator + enhancer)", "out/pretrain",
-                                       "checkpoints, log.jsonl, PNG grids, backbone", save_every=500, log_every=20)
-    pos_int, pos_float, nonneg_int, nonneg_float = (training.POS_INT, training.POS_FLOAT, training.NONNEG_INT,
-                                                    training.NONNEG_FLOAT)
+    p, a, free = runs.stage_parser("pretrain.py", "CIM pre-training (generator + enhancer)", "out/pretrain",
+                                   "checkpoints, log.jsonl, PNG grids, backbone", save_every=500, log_every=20)
+    pos_int, pos_float, nonneg_int, nonneg_float = (runs.POS_INT, runs.POS_FLOAT, runs.NONNEG_INT,
+                                                    runs.NONNEG_FLOAT)
 
     def r(name, help, resume_free=False, **kw):  # default from the recipe; --help shows every recipe's
         key = name[2:].replace("-", "_")
@@ -569,7 +573,7 @@ def get_args_parser():
     r("--img-size", "input size S", type=pos_int)
     r("--patch-size", "ViT patch P; the token grid is S/P", type=pos_int)
     a("--enh-weight", type=nonneg_float, default=1.0, help="lambda in L = L_gen + lambda * L_enh")
-    r("--drop-path", "enhancer stochastic depth", type=training.number(float, "in [0, 1)"))
+    r("--drop-path", "enhancer stochastic depth", type=runs.number(float, "in [0, 1)"))
     a("--init-values", type=pos_float, default=None, help="enhancer layer scale init (off by default)")
     # generator
     r("--gen-dim", "generator width", type=pos_int)
@@ -578,7 +582,7 @@ def get_args_parser():
     a("--mask-type", default=None, choices=["random", "block"],
       help="random: exact round(r*N) patches per image (CIM's choice; the default for --method cim); "
            "block: BEiT blockwise (the default for --method beit)")
-    a("--mask-ratio", type=training.number(float, "in (0, 1)"), default=None,
+    a("--mask-ratio", type=runs.number(float, "in (0, 1)"), default=None,
       help=f"fraction of patches the generator re-draws (the paper: 0.5); --method beit: the fraction "
            f"masked, {BEIT_MASKING['mask_ratio']:.3f} as BEiT's 75 of 196 [recipe: " +
            ", ".join(f"{k} {v['mask_ratio']}" for k, v in RECIPES.items()) + "]")
@@ -613,7 +617,7 @@ def get_args_parser():
       help="what the k-NN checks read: val (DIR/val/, for numbers you report) or select (a fixed "
            f"{100 * data.SELECT_FRACTION:.0f}%% of each class of train/, left out of training: for choosing "
            "settings without looking at val/)")
-    r("--crop-min", "random-resized-crop min scale", type=training.number(float, "in (0, 1]"))
+    r("--crop-min", "random-resized-crop min scale", type=runs.number(float, "in (0, 1]"))
     r("--color-jitter", "colour jitter strength (0 = off)", type=nonneg_float)
     # optimisation
     r("--epochs", f"training epochs (300 in the paper; photos recipe with a ResNet: {PHOTOS_RESNET_EPOCHS})",
@@ -628,14 +632,14 @@ def get_args_parser():
     r("--warmup-epochs", "linear warm-up length", type=nonneg_float)
     r("--weight-decay", "AdamW weight decay (not on norms, biases, position embeddings, special "
       "tokens)", type=nonneg_float)
-    r("--opt-betas", "AdamW betas", type=training.number(float, "in [0, 1)"), nargs=2)
+    r("--opt-betas", "AdamW betas", type=runs.number(float, "in [0, 1)"), nargs=2)
     a("--clip-grad", type=nonneg_float, default=3.0, help="max global grad norm (BEiT: 3.0; 0 = off)")
     a("--amp", default="none", choices=["bf16", "fp16", "none"],
       help="autocast dtype; bf16 on A100/H100 (fp16 needs the GradScaler and NaNs more often)")
     free("--max-skips", type=nonneg_int, default=20, help="stop after this many skipped steps (non-finite "
          "loss or gradients; fp16 overflows are counted apart); a few over 300 epochs are normal")
     a("--seed", type=int, default=0, help="seed for data order, augmentation, masks and sampling")
-    # more flags free on resume (training.stage_parser adds output, logging, processes)
+    # more flags free on resume (runs.stage_parser adds output, logging, processes)
     free("--sample-every", type=pos_int, default=500, help="PNG grid every N optimiser steps")
     r("--num-workers", "DataLoader workers per process", type=nonneg_int, resume_free=True)
     r("--knn-k", "neighbours for the final k-NN check (0 = skip it)", type=nonneg_int, resume_free=True)
@@ -652,7 +656,7 @@ def get_args_parser():
 
 def resolve_args(args):
     """Fill unset flags from the recipe (see --recipe); the checks that involve more than one flag.
-    (Each flag's own range is checked as it is parsed: training.number.)"""
+    (Each flag's own range is checked as it is parsed: runs.number.)"""
     if args.recipe is None:
         args.recipe = data.default_recipe(args.data)
     recipe = dict(RECIPES[args.recipe])
@@ -958,4 +962,4 @@ def export(model, args):
 
 
 if __name__ == "__main__":
-    training.run_script(main, get_args_parser())
+    runs.run_script(main, get_args_parser())

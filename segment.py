@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import data
 import enhancer as enh
+import runs
 import training
 
 # ----------------------------------------------------------------------------------------------------
@@ -53,14 +54,14 @@ RECIPES = {
                      num_workers=4, eval_every=16000, cat_max_ratio=0.75, eval_batch_size=1),
 }
 def get_args_parser():
-    """Every flag once: its type and range check (training.number), whether a resume may change it
+    """Every flag once: its type and range check (runs.number), whether a resume may change it
     (free: output, processes, and how evaluation is done, not what is trained), and for [recipe]
     flags each recipe's default, listed in --help."""
-    p, a, free = training.stage_parser("segment.py", "UperNet semantic segmentation on a CIM enhancer",
-                                       "out/segment", "checkpoints, log.jsonl, metrics.json, overlay PNGs",
-                                       save_every=1000, log_every=20)
-    pos_int, pos_float, nonneg_int, nonneg_float = (training.POS_INT, training.POS_FLOAT, training.NONNEG_INT,
-                                                    training.NONNEG_FLOAT)
+    p, a, free = runs.stage_parser("segment.py", "UperNet semantic segmentation on a CIM enhancer",
+                                   "out/segment", "checkpoints, log.jsonl, metrics.json, overlay PNGs",
+                                   save_every=1000, log_every=20)
+    pos_int, pos_float, nonneg_int, nonneg_float = (runs.POS_INT, runs.POS_FLOAT, runs.NONNEG_INT,
+                                                    runs.NONNEG_FLOAT)
 
     def r(name, help, resume_free=False, **kw):  # default from the recipe; --help shows every recipe's
         key = name[2:].replace("-", "_")
@@ -75,7 +76,7 @@ def get_args_parser():
     r("--arch", f"backbone, one of {list(enh.ARCHS)}; taken from --init when it is a checkpoint",
       choices=list(enh.ARCHS))
     r("--patch-size", "ViT patch size for --init scratch (else the checkpoint's)", type=pos_int)
-    a("--nb-classes", type=training.number(int, "> 0"), default=None, help="classes (150 for ADE20K, at "
+    a("--nb-classes", type=runs.number(int, "> 0"), default=None, help="classes (150 for ADE20K, at "
       "most 255); default: 9 on the built-in data; required with --data")
     a("--no-reduce-zero-label", dest="reduce_zero_label", action="store_false",
       help="labels are 0..K-1 already (by default 0 = ignore and 1..K -> 0..K-1, as ADE20K)")
@@ -84,7 +85,7 @@ def get_args_parser():
     r("--channels", "UperHead width (BEiT: 768)", type=pos_int)
     r("--aux-channels", "auxiliary FCN head width (256)", type=pos_int)
     a("--aux-weight", type=nonneg_float, default=0.4, help="auxiliary loss weight")
-    r("--drop-path", "backbone stochastic depth", type=training.number(float, "in [0, 1)"))
+    r("--drop-path", "backbone stochastic depth", type=runs.number(float, "in [0, 1)"))
     # data
     a("--data", default=None, help="ADE20K-layout root; omit for the built-in shapes and masks")
     r("--crop-size", "training crop (and sliding-window) size", type=pos_int)
@@ -92,12 +93,12 @@ def get_args_parser():
       nargs=2)
     a("--ratio-range", type=pos_float, nargs=2, default=[0.5, 2.0], help="random rescale ratio range")
     r("--cat-max-ratio", "a training crop is redrawn (10 tries) while one class covers more than "
-      "this share of its labelled pixels", type=training.number(float, "in (0, 1]"))
+      "this share of its labelled pixels", type=runs.number(float, "in (0, 1]"))
     # optimisation
     r("--iters", "training iterations", type=pos_int)
     r("--batch-size", "images per process per iteration (at least 2: the UperHead's BatchNorm)", type=pos_int)
     r("--lr", "peak AdamW lr", type=pos_float)
-    r("--layer-decay", "layer-wise lr decay of the backbone (heads at 1)", type=training.number(float, "in (0, 1]"))
+    r("--layer-decay", "layer-wise lr decay of the backbone (heads at 1)", type=runs.number(float, "in (0, 1]"))
     r("--weight-decay", "AdamW weight decay (none on 1-D params, position embedding, cls token)",
       type=nonneg_float)
     r("--warmup-iters", "linear warm-up iterations of the poly schedule", type=nonneg_int)
@@ -116,7 +117,7 @@ def get_args_parser():
          "again, no training; flags not given take the run's values")
     free("--overlays", type=nonneg_int, default=4, help="validation images written as PNG overlays at each "
          "evaluation")
-    # more flags free on resume (training.stage_parser adds output, logging, processes)
+    # more flags free on resume (runs.stage_parser adds output, logging, processes)
     r("--num-workers", "DataLoader workers per process", type=nonneg_int, resume_free=True)
     return p
 
@@ -383,9 +384,9 @@ def eval_only_args(args):
                          f"train first (the same command without --eval-only), or point --output-dir or "
                          f"--resume at a run's checkpoint-latest.pth")
     ckpt = training.load_checkpoint(path, "--eval-only checkpoint")
-    if training.checkpoint_stage(ckpt) != "segment.py":
+    if runs.checkpoint_stage(ckpt) != "segment.py":
         raise ValueError(f"--eval-only: {path} is not a segment.py checkpoint (it was written by "
-                         f"{training.checkpoint_stage(ckpt)})")
+                         f"{runs.checkpoint_stage(ckpt)})")
     for k, v in ckpt["args"].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -506,7 +507,7 @@ def check_fits(backbone, args):
 def main(args):
     args = resolve_args(args)
     rank, world_size, device = training.init_distributed(args.device, args.dist_backend)
-    training.prepare_output_dir(args.output_dir)
+    runs.prepare_output_dir(args.output_dir)
     model = build_model(args).to(device)
     if rank == 0:
         print(f"segment.py: recipe {args.recipe}, {args.arch} from {args.init}, {args.nb_classes} classes")
@@ -540,7 +541,7 @@ def main(args):
         # (torch's SyncBatchNorm runs on GPUs only: CPU processes keep per-process statistics)
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    training.record_args(args, rank, "segment.py")  # the flags, once every check has passed
+    runs.record_args(args, rank, "segment.py")  # the flags, once every check has passed
     log = training.JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0, resumed_at=step)
 
     def checkpoint():
@@ -628,20 +629,20 @@ def train_step(ddp_model, model, x, y, optimizer, scaler, args, device):
 def resume(args, model, optimizer, scaler, rank, world_size, device):
     """Returns (step, training.SkipCount)."""
     free = get_args_parser().resume_free
-    path, ckpt = training.find_resume_checkpoint(args, "segment.py", free, ("metrics.json", "log.jsonl"))
+    path, ckpt = runs.find_resume_checkpoint(args, "segment.py", free, ("metrics.json", "log.jsonl"))
     skips = training.SkipCount("segment.py", args.max_skips, args.output_dir, ckpt)
     if ckpt is None:
         return 0, skips
     saved = ckpt.get("args", {})
-    training.check_same_network(saved, args, ("arch", "nb_classes", "crop_size", "patch_size", "channels",
-                                              "aux_channels"), path)
+    runs.check_same_network(saved, args, ("arch", "nb_classes", "crop_size", "patch_size", "channels",
+                                          "aux_channels"), path)
     # evaluation trains nothing: only the network must match (above); data, precision and
     # inference settings are the evaluation's own
-    changed = () if args.eval_only else training.check_resume_flags(
+    changed = () if args.eval_only else runs.check_resume_flags(
         saved, vars(args), free, path, args.allow_flag_changes)
     training.restore_training_state(ckpt, model, optimizer, scaler, rank, world_size, device, path, changed)
     return ckpt["step"], skips
 
 
 if __name__ == "__main__":
-    training.run_script(main, get_args_parser())
+    runs.run_script(main, get_args_parser())

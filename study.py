@@ -39,7 +39,7 @@ import time
 
 import torch
 
-import training
+import runs
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -347,7 +347,7 @@ def parse_stage(script, argv):
 
     def refuse(message):
         raise ValueError(f"{script}: {message}")
-    parser.error = refuse  # training.ArgumentParser.error exits the process; here the study decides
+    parser.error = refuse  # runs.ArgumentParser.error exits the process; here the study decides
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # --help/--version would print, then exit
             parsed = parser.parse_args(argv)
@@ -555,9 +555,9 @@ def report(done, args=None):
                   for k in sorted({key.rsplit("/", 1)[0] for key in done if key.startswith("blocks/")})]
     if layer_rows:
         print("\n| k-NN per block / stage (mean over seeds) | 1 | 2 | ... |\n| --- | --- | --- | --- |")
-        for k, runs in layer_rows:
-            means = [statistics.mean(v) for v in zip(*runs)]
-            print(f"| {k.split('/', 1)[1]} ({len(runs)} seeds) | " + " | ".join(f"{m:.1f}" for m in means) + " |")
+        for k, seeds in layer_rows:
+            means = [statistics.mean(v) for v in zip(*seeds)]
+            print(f"| {k.split('/', 1)[1]} ({len(seeds)} seeds) | " + " | ".join(f"{m:.1f}" for m in means) + " |")
     print("\n| ablation | setting | k-NN | vs the recipe |\n| --- | --- | --- | --- |")
     for group, base in BASELINE.items():
         if base not in PRETRAIN:
@@ -588,11 +588,11 @@ def knn_curves(output_dir, name="revdet-vit"):
     """{seed: ([(step, k-NN)], random-init k-NN)} from the runs of one pre-training cell that logged
     --knn-every (the last point is the final check)."""
     curves = {}
-    runs = os.path.join(output_dir, "runs")
-    for d in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
-        if not d.startswith(f"pretrain-{name}-s") or not os.path.isfile(os.path.join(runs, d, "log.jsonl")):
+    folder = os.path.join(output_dir, "runs")
+    for d in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if not d.startswith(f"pretrain-{name}-s") or not os.path.isfile(os.path.join(folder, d, "log.jsonl")):
             continue
-        with open(os.path.join(runs, d, "log.jsonl")) as f:
+        with open(os.path.join(folder, d, "log.jsonl")) as f:
             recs = [json.loads(line) for line in f]
         points = [(r["step"], r["knn"]) for r in recs if "knn" in r]
         final = [r for r in recs if "knn_pretrained" in r]
@@ -640,8 +640,8 @@ def plot_knn(curves, path, title, size=(640, 400)):
 
 
 def get_args_parser():
-    p = training.ArgumentParser(prog="study.py", description="CIM against scratch and the paper's ablations, "
-                                "resumable")
+    p = runs.ArgumentParser(prog="study.py", description="CIM against scratch and the paper's ablations, "
+                            "resumable")
     a = p.add_argument
     a("--data", default=None, help="ImageNet-layout photo folder (default: the built-in data)")
     a("--seg-data", default=None, help="ADE20K-layout root for the segmentation cells, with --nb-classes "
@@ -672,4 +672,4 @@ def get_args_parser():
 
 
 if __name__ == "__main__":
-    training.run_script(main, get_args_parser())
+    runs.run_script(main, get_args_parser(), writes=lambda a: not (a.list or a.report or a.plot))

@@ -1,33 +1,31 @@
-"""The loop parts every CIM stage shares: processes, precision, schedule, checkpoints, logs, k-NN.
+"""The loop parts every CIM stage shares: processes, precision, the step, schedules, exact resume, k-NN.
 
 Every stage script (dvae.py's tokenizer training, pretrain.py, finetune.py, segment.py) runs the same
-plumbing around its own step; it lives here once, written out plainly:
+plumbing around its own step; it lives here once, written out plainly, and copies out alone (it needs
+torch and nothing else of this project; tests/test_layout.py runs it so):
 
     init_distributed    torchrun's environment -> (rank, world_size, device); one CPU process without it
     autocast            one autocast context from the --amp flag (bf16 | fp16 | none)
-    param_groups        AdamW groups: no weight decay on norms, biases, positions, tokens; layer decay
-    cosine_lr           per-iteration linear warm-up + cosine schedule (poly_lr: segmentation's)
-    save_checkpoint     atomic write (tmp file, fsync, rename); load_checkpoint reads weights_only=True
-    get/set/gather_rng  every RNG stream a bit-exact resume needs, for every rank
-    JsonLog             one JSON line per log interval; a resume cuts the lines written after the checkpoint
-    number              an argparse type: a numeric flag checked where it is declared
-    stage_parser        every stage's parser: one-line errors, the flags free to change on resume
-    check_resume_flags  a resumed run must be the same command (or say that it changes flags)
-    knn_classify        weighted k-NN on pooled features (Wu et al. 2018, as in DINO)
-    all_gather_uneven   exact evaluation under DDP: every rank's part, no padding repeats
     optimizer_step      the end of every step: unscale, clip, one skip decision on all ranks, update;
                         SkipCount counts skipped steps against --max-skips (fp16 overflows apart)
+    param_groups        AdamW groups: no weight decay on norms, biases, positions, tokens; layer decay
+    cosine_lr           per-iteration linear warm-up + cosine schedule (poly_lr: segmentation's)
+    get/set/gather_rng  every RNG stream a bit-exact resume needs, for every rank
+    save_checkpoint     atomic write (tmp file, fsync, rename), the previous one kept; a full disk named
+    JsonLog             one JSON line per log interval; a resume cuts the lines written after the checkpoint
+    knn_classify        weighted k-NN on pooled features (Wu et al. 2018, as in DINO)
+    all_gather_uneven   exact evaluation under DDP: every rank's part, no padding repeats
 
-Needs torch alone (tqdm in the stage scripts). Nothing model-specific: models come in as arguments.
+The run bookkeeping around them (flags, one-line errors, the output folder's owner and lock, the
+resume lookup, signals) is runs.py. Nothing model-specific: models come in as arguments.
 """
-import argparse
+import errno
 import json
 import math
 import os
-import pickle
 import random
 import resource
-import subprocess
+import shutil
 
 import torch
 import torch.nn.functional as F
@@ -271,12 +269,52 @@ def restore_rng_states(states, rank, world_size, device, path):
 # Checkpoints and logs
 # ----------------------------------------------------------------------------------------------------
 
-def save_checkpoint(state, path):
-    """Write to `path.tmp`, fsync, then rename: a crash mid-save leaves the previous file intact."""
+def previous_path(path):
+    """Where save_checkpoint(keep_previous=True) keeps the checkpoint it replaces:
+    checkpoint-latest.pth -> checkpoint-latest.prev.pth."""
+    root, ext = os.path.splitext(path)
+    return root + ".prev" + ext
+
+
+def tensor_bytes(obj):
+    """Bytes of the tensors in a nested dict/list: about what torch.save writes."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def save_checkpoint(state, path, keep_previous=False):
+    """Write to `path.tmp`, fsync, then rename: a crash mid-save leaves the previous file intact.
+    keep_previous: the file it replaces becomes previous_path(path), the fallback when the new one
+    turns out unreadable. A failed write (a full disk: torch says "basic_ios::clear") removes the
+    partial file and says how much room the folder has."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        folder = os.path.dirname(os.path.abspath(path))
+        need, free = tensor_bytes(state), shutil.disk_usage(folder).free
+        if free < 2 * need or getattr(err, "errno", None) == errno.ENOSPC:
+            raise OSError(f"no space left on {folder} to save {os.path.basename(path)} (needs ~{need / 2 ** 20:.0f} "
+                          f"MiB, free {free / 2 ** 20:.0f} MiB): free some room, then run the same command "
+                          f"again to resume from the last checkpoint") from None
+        raise OSError(f"could not write {tmp} ({type(err).__name__}: {err})") from None
+    if keep_previous and os.path.exists(path):  # a second name for it: `path` itself never goes missing
+        prev = previous_path(path)
+        if os.path.exists(prev):
+            os.remove(prev)
+        try:
+            os.link(path, prev)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(path, prev)
     os.replace(tmp, path)
 
 
@@ -314,7 +352,7 @@ class JsonLog:
             with open(path) as f:
                 lines = f.readlines()
             keep = []
-            for line in lines:
+            for line in lines if resumed_at > 0 else ():  # a fresh start (step 0) keeps nothing
                 try:
                     if json.loads(line).get("step", 0) > resumed_at:
                         break
@@ -333,137 +371,6 @@ class JsonLog:
             self.file.flush()
 
 
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-# what a stage raises when it refuses its input (a flag, a file, the data, a resume) or stops a
-# diverged run: a one-line message for the user, not a bug report
-REFUSALS = (ValueError, OSError, FloatingPointError, pickle.UnpicklingError)
-
-
-def run_script(main, parser):
-    """A stage script's entry point: parse the flags (a bad one is refused by argparse, one line),
-    run main, and turn a refusal into one line too, `SCRIPT: error: MESSAGE`, exit status 2. The
-    traceback is for bugs: any other exception keeps it, and CIM_DEBUG=1 shows it for refusals too."""
-    args = parser.parse_args()
-    try:
-        return main(args)
-    except REFUSALS as err:
-        if os.environ.get("CIM_DEBUG"):
-            raise
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
-
-
-def record_args(args, rank, stage):
-    """Print the run's flags (once every check has passed) and keep them in OUTPUT_DIR/run.json: the
-    record a later run in the same folder is checked against (find_resume_checkpoint)."""
-    if rank == 0:
-        print(f"git commit: {git_commit() or 'unknown'}")
-        print(json.dumps(vars(args), indent=1, sort_keys=True))
-        with open(os.path.join(args.output_dir, "run.json"), "w") as f:
-            json.dump({"stage": stage, "args": vars(args)}, f, indent=1, sort_keys=True)
-
-
-def checkpoint_stage(ckpt):
-    """Which stage script wrote a checkpoint: its "stage" entry, or for files written before
-    checkpoints carried one, what their keys give away."""
-    if not isinstance(ckpt, dict):
-        return "no stage script (not a checkpoint dict)"
-    if "stage" in ckpt:
-        return ckpt["stage"]
-    model = ckpt.get("model") if isinstance(ckpt.get("model"), dict) else {}
-    if "encoder_config" in ckpt or ckpt.get("kind") == "kmeans":
-        return "dvae.py"
-    if "generator.lm_head.weight" in model:
-        return "pretrain.py"
-    if any(k.startswith("neck.backbone.") for k in model):
-        return "segment.py"
-    if any(k.startswith("backbone.") for k in model) and "head.weight" in model:
-        return "finetune.py"
-    if model and "optimizer" not in ckpt:
-        return "an export (backbone.pth or classifier.pth), which holds no training state to resume"
-    return "an unknown program"
-
-
-def prepare_output_dir(path):
-    """--output-dir as a writable folder, made if missing; a one-line refusal otherwise."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--output-dir {path!r} is a file, not a folder: pass a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"--output-dir {path!r} cannot be made ({err.strerror})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"--output-dir {path!r} is not writable: pass another folder")
-
-
-def check_output_owner(args, stage):
-    """Early and cheap (before a stage does minutes of work, e.g. fitting a tokenizer): a checkpoint to
-    resume, or the run.json of --output-dir, written by another stage is refused now. The flags are
-    compared later, once they are resolved (find_resume_checkpoint)."""
-    path = args.resume or os.path.join(args.output_dir, "checkpoint-latest.pth")
-    if os.path.isfile(path):
-        try:  # memory-mapped: the tensors are not read
-            wrote = checkpoint_stage(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
-        except Exception:
-            return  # find_resume_checkpoint names the problem
-        if wrote != stage:
-            raise ValueError(f"--resume {path!r} was written by {wrote}, not {stage}: resume it with the program "
-                             f"that wrote it, or give {stage} another --output-dir")
-    elif not args.resume and os.path.isfile(os.path.join(args.output_dir, "run.json")):
-        with open(os.path.join(args.output_dir, "run.json")) as f:
-            owner = json.load(f).get("stage")
-        if owner != stage:
-            raise ValueError(f"--output-dir {args.output_dir!r} holds a {owner} run: give {stage} another --output-dir")
-
-
-def find_resume_checkpoint(args, stage, free, outputs=()):
-    """(path, checkpoint) to continue from: --resume if given (it must exist), else
-    OUTPUT_DIR/checkpoint-latest.pth if a previous run left one, else (path, None): a fresh start.
-    A checkpoint another stage wrote is refused, naming that stage. A fresh start must not overwrite
-    another run's results: OUTPUT_DIR/run.json (the flags of the run that wrote the folder) must
-    repeat this run's flags but the `free` ones, and a folder holding `outputs` without a run.json
-    (written before run.json existed) is refused."""
-    path = args.resume or os.path.join(args.output_dir, "checkpoint-latest.pth")
-    if args.resume or os.path.isfile(path):
-        ckpt = load_checkpoint(path, "--resume checkpoint")
-        wrote = checkpoint_stage(ckpt)
-        if wrote != stage:
-            raise ValueError(f"--resume {path!r} was written by {wrote}, not {stage}: resume it with the program "
-                             f"that wrote it, or give {stage} another --output-dir")
-        return path, ckpt
-    record = os.path.join(args.output_dir, "run.json")
-    if os.path.isfile(record):
-        with open(record) as f:
-            saved = json.load(f)
-        if saved.get("stage") != stage:
-            raise ValueError(f"--output-dir {args.output_dir!r} holds a {saved.get('stage')} run ({record}): "
-                             f"give {stage} another --output-dir")
-        check_resume_flags(saved["args"], vars(args), free, f"{record} (a finished or earlier run in "
-                           f"--output-dir)", args.allow_flag_changes)
-    else:
-        found = [f for f in outputs if os.path.exists(os.path.join(args.output_dir, f))]
-        if found:
-            raise ValueError(f"--output-dir {args.output_dir!r} holds results of an earlier run ({', '.join(found)}) "
-                             f"whose flags are unknown, and this run would overwrite them: use another "
-                             f"--output-dir, or move them away")
-    return path, None
-
-
-def check_same_network(saved, args, keys, path):
-    """A checkpoint of another network cannot be resumed at all, whatever the user allows: each of
-    `keys` (flags that shape the model) must equal the checkpoint's."""
-    for k in keys:
-        if k in saved and saved[k] != getattr(args, k):
-            raise ValueError(f"--resume {path!r} was trained with {flag(k)} {saved[k]}, this run has "
-                             f"{getattr(args, k)}: use another --output-dir or the same flags")
-
-
 def restore_training_state(ckpt, model, optimizer, scaler, rank, world_size, device, path, changed=()):
     """Model, optimiser, GradScaler and this rank's RNG streams from a checkpoint written by the
     stage's own loop; says so on rank 0 (naming flags the user chose to change)."""
@@ -473,90 +380,7 @@ def restore_training_state(ckpt, model, optimizer, scaler, rank, world_size, dev
     restore_rng_states(ckpt["rng"], rank, world_size, device, path)
     if rank == 0:
         print(f"resumed from {path} at step {ckpt['step']}"
-              + (f" with changed flags: {', '.join(flag(k) for k in changed)}" if changed else ""))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Flags: checked where they are declared, and compared with a checkpoint's on resume
-# ----------------------------------------------------------------------------------------------------
-
-def flag(name):
-    return "--" + name.replace("_", "-")
-
-
-RULES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1,
-         "in (0, 1)": lambda v: 0 < v < 1, "in (0, 1]": lambda v: 0 < v <= 1}
-
-
-def number(cast, rule):
-    """An argparse `type` that reads a number and holds it to `rule` (a key of RULES), so a flag's check
-    is declared with the flag: `a("--lr", type=number(float, "> 0"))`. A NaN or out-of-range value
-    stops the script before any work, with argparse's one-line error naming the flag."""
-    def parse(text):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'a whole' if cast is int else 'a'} number, got {text!r}")
-        if not (math.isfinite(value) and RULES[rule](value)):
-            raise argparse.ArgumentTypeError(f"must be a number {rule}, got {text}")
-        return value
-    return parse
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its error on one line, `SCRIPT: error: MESSAGE`, and exit status 2 (the usage
-    block that argparse prints first hides the message; --help still prints everything)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
-
-
-POS_INT, POS_FLOAT = number(int, "> 0"), number(float, "> 0")
-NONNEG_INT, NONNEG_FLOAT = number(int, ">= 0"), number(float, ">= 0")
-
-
-def stage_parser(prog, description, output_dir, outputs, save_every, log_every):
-    """The parser every stage script starts from: one-line errors (ArgumentParser), and a group of
-    the flags a resumed run may change, with those every stage has (where output goes, how often it
-    is written, how the processes run). Returns (parser, add, add_free): `add_free` adds a flag to
-    that group and its name to parser.resume_free; any other flag must repeat the checkpoint's value
-    (check_resume_flags)."""
-    p = ArgumentParser(prog=prog, description=description)
-    group = p.add_argument_group("free on resume (a resumed run may change these; any other flag must "
-                                 "repeat the checkpoint's value)")
-    p.resume_free = set()
-
-    def add_free(*names, **kw):
-        action = group.add_argument(*names, **kw)
-        p.resume_free.add(action.dest)
-        return action
-
-    add_free("--output-dir", default=output_dir, help=outputs)
-    add_free("--resume", default="", help="checkpoint to resume (default: OUTPUT_DIR/checkpoint-latest.pth)")
-    add_free("--allow-flag-changes", action="store_true", help="resume although flags differ from the "
-             "checkpoint's; without it a resume must repeat the command that wrote the checkpoint")
-    add_free("--save-every", type=POS_INT, default=save_every, help="also checkpoint every N steps")
-    add_free("--log-every", type=POS_INT, default=log_every, help="log every N steps")
-    add_free("--device", default="auto", help="auto (cuda if available), cuda or cpu")
-    add_free("--dist-backend", default=None, help="torch.distributed backend (default: nccl on GPU, gloo)")
-    add_free("--local-rank", "--local_rank", type=int, default=0,
-             help="accepted for torch.distributed.launch; torchrun passes LOCAL_RANK in the environment")
-    return p, p.add_argument, add_free
-
-
-def check_resume_flags(saved, current, free, path, allow=False, allow_flag="--allow-flag-changes"):
-    """A resumed run must be the command that wrote the checkpoint: any other flag would silently
-    continue a different experiment under the old run's name (and overwrite its stored args).
-    `free` names the flags that may change (where output goes, workers, logging intervals...).
-    Returns the differing flags; raises unless `allow` (the user asked for it)."""
-    diff = {k: (saved[k], current[k]) for k in sorted(set(saved) & set(current))
-            if k not in free and saved[k] != current[k]}
-    if diff and not allow:
-        listed = "; ".join(f"{flag(k)} {old!r} -> {new!r}" for k, (old, new) in diff.items())
-        raise ValueError(f"{path} was written with other flags ({listed}). Use another --output-dir "
-                         f"for a new run, the same flags to resume, or add {allow_flag} to resume "
-                         f"with the new ones")
-    return diff
+              + (f" with changed flags: {', '.join('--' + k.replace('_', '-') for k in changed)}" if changed else ""))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import study
-import training
+import runs
 from test_finetune import image_folder
 
 
@@ -150,7 +150,7 @@ def test_a_cut_line_in_results_jsonl_is_named_with_its_number_and_fix(tmp_path, 
     # through the script's entry point: one line on stderr, exit status 2
     monkeypatch.setattr(sys, "argv", ["study.py", "--report", "--output-dir", str(tmp_path)])
     with pytest.raises(SystemExit) as stop:
-        training.run_script(study.main, study.get_args_parser())
+        runs.run_script(study.main, study.get_args_parser())
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1
     assert err.startswith(f"study.py: error: {tmp_path}/results.jsonl line 3")
@@ -220,7 +220,7 @@ def test_a_bad_stage_flag_is_refused_before_the_tokenizer_naming_the_study_flag(
     # as the script says it: one line, no argparse usage block
     monkeypatch.setattr(sys, "argv", ["study.py", "--output-dir", str(out), f"{flag}={value}"])
     with pytest.raises(SystemExit) as stop:
-        training.run_script(study.main, study.get_args_parser())
+        runs.run_script(study.main, study.get_args_parser())
     captured = capsys.readouterr()
     assert stop.value.code == 2 and captured.err.count("\n") == 1
     assert captured.err.startswith(f"study.py: error: {flag}: ")

@@ -10,7 +10,7 @@ import dvae
 import finetune
 import pretrain
 import segment
-import training
+import runs
 
 STAGES = {"pretrain.py": pretrain, "finetune.py": finetune, "segment.py": segment, "dvae.py": dvae}
 RUNTIME = {"output_dir", "resume", "allow_flag_changes", "save_every", "log_every", "device", "dist_backend",
@@ -40,17 +40,17 @@ def test_every_numeric_flag_is_checked_where_it_is_declared(script):
     for action in STAGES[script].get_args_parser()._actions:
         if action.type in (int, float) and action.dest not in UNCHECKED:
             pytest.fail(f"{script} {action.option_strings[0]} is a bare {action.type.__name__}: give it "
-                        f"training.number(...)")
+                        f"runs.number(...)")
 
 
 def test_number_refuses_nan_and_out_of_range_with_the_rule():
-    assert training.number(float, "in (0, 1]")("1") == 1.0
+    assert runs.number(float, "in (0, 1]")("1") == 1.0
     for rule, text in (("> 0", "0"), (">= 0", "-1e-9"), ("in [0, 1)", "1"), ("in (0, 1)", "0"), ("> 0", "nan"),
                        ("> 0", "inf")):
         with pytest.raises(argparse.ArgumentTypeError, match=f"must be a number {re.escape(rule)}, got {text}"):
-            training.number(float, rule)(text)
+            runs.number(float, rule)(text)
     with pytest.raises(argparse.ArgumentTypeError, match="expected a whole number, got '2.5'"):
-        training.number(int, "> 0")("2.5")
+        runs.number(int, "> 0")("2.5")
 
 
 @pytest.mark.parametrize("script, recipes", [("pretrain.py", pretrain.RECIPES), ("segment.py", segment.RECIPES)]

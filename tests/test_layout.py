@@ -10,26 +10,29 @@ import pytest
 
 from conftest import REPO
 
-PROJECT = {"data", "training", "dvae", "enhancer", "generator", "pretrain", "bench", "finetune", "segment",
+PROJECT = {"data", "training", "runs", "dvae", "enhancer", "generator", "pretrain", "bench", "finetune", "segment",
            "study"}
 # project files each file may import (anywhere in the file, functions included)
 GRAPH = {
     "data": set(),
     "training": set(),
+    "runs": {"training"},  # run bookkeeping around the loop parts
     "enhancer": set(),
     "generator": {"enhancer"},
-    "dvae": {"data", "training"},  # for its own tokenizer-training stage only
-    "pretrain": {"data", "training", "dvae", "generator", "enhancer"},
-    "bench": {"pretrain", "training", "enhancer"},  # times pretrain.py's own step
-    "finetune": {"data", "training", "enhancer"},
-    "segment": {"data", "training", "enhancer"},
-    "study": {"pretrain", "training"},  # runs the stage scripts as commands; reads pretrain.py's recipe
-                                        # rules; training.py's one-line errors
+    "dvae": {"data", "training", "runs"},  # for its own tokenizer-training stage only
+    "pretrain": {"data", "training", "runs", "dvae", "generator", "enhancer"},
+    "bench": {"pretrain", "training", "runs", "enhancer"},  # times pretrain.py's own step
+    "finetune": {"data", "training", "runs", "enhancer"},
+    "segment": {"data", "training", "runs", "enhancer"},
+    # runs the stage scripts as commands; parses their flags with their own parsers before any work;
+    # reads pretrain.py's recipe rules; runs.py's one-line errors
+    "study": {"pretrain", "finetune", "segment", "dvae", "runs"},
 }
 # outside the standard library
 LIBRARIES = {
     "data": {"torch", "numpy", "PIL"},
-    "training": {"torch", "tqdm"},
+    "training": {"torch", "numpy"},  # copied out alone: torch and numpy only
+    "runs": {"torch"},
     "enhancer": {"torch"},
     "generator": {"torch"},
     "dvae": {"torch", "tqdm"},
@@ -114,5 +117,52 @@ def test_model_files_run_when_copied_out_alone(tmp_path, files):
     proc = subprocess.run([sys.executable, "-I", str(script), str(tmp_path), *extra], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120,
                           env={"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok []"
+
+
+TRAINING_COPIED_OUT = """
+import sys
+sys.path.insert(0, sys.argv[1])  # python -I: only the standard paths and the copied file
+import torch
+import training
+rank, world_size, device = training.init_distributed("cpu")
+training.seed_everything(0, rank)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+optimizer = torch.optim.AdamW(training.param_groups(model, 0.05), lr=1e-3)
+scaler = torch.amp.GradScaler("cpu", enabled=False)
+skips = training.SkipCount("copied", 0, sys.argv[1])
+for step in range(3):
+    for g in optimizer.param_groups:
+        g["lr"] = training.cosine_lr(step, 3, 1, 1e-3, 1e-5)
+    with training.autocast(device, "bf16"):
+        loss = model(torch.randn(16, 4)).float().pow(2).mean()
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    _, status = training.optimizer_step(model, optimizer, scaler, torch.isfinite(loss.detach()), 1.0, device)
+    assert skips(status, step + 1)
+path = sys.argv[1] + "/checkpoint-latest.pth"
+for _ in range(2):
+    training.save_checkpoint({"model": model.state_dict(), "rng": training.gather_rng_states(device)}, path,
+                             keep_previous=True)
+assert torch.equal(training.load_checkpoint(path)["model"]["0.weight"], model[0].weight)
+assert training.load_checkpoint(training.previous_path(path))["model"].keys() == model.state_dict().keys()
+training.JsonLog(sys.argv[1] + "/log.jsonl").write(step=3, loss=loss.item())
+feats = torch.nn.functional.normalize(torch.randn(10, 8), dim=1)
+votes = training.knn_classify(feats, torch.arange(10) % 2, feats, 2, k=3)
+assert (votes.argmax(1) == torch.arange(10) % 2).all()  # each point is its own nearest neighbour
+training.finish_distributed()
+print("ok", sorted(m for m in sys.modules if m in {"data", "runs", "dvae", "pretrain", "enhancer"}))
+"""
+
+
+def test_training_runs_when_copied_out_alone(tmp_path):
+    """The loop parts (distributed init, autocast, the step and its skip rule, parameter groups,
+    schedules, RNG state, atomic save, the log, k-NN) need no other project file and no run bookkeeping."""
+    shutil.copy(os.path.join(REPO, "training.py"), tmp_path / "training.py")
+    script = tmp_path / "use_it.py"
+    script.write_text(TRAINING_COPIED_OUT)
+    proc = subprocess.run([sys.executable, "-I", str(script), str(tmp_path)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "ok []"

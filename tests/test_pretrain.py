@@ -207,8 +207,8 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, tiny_dvae_c
     stopped in-process by an exception right after its step-K checkpoint (a crash)."""
     real_save = training.save_checkpoint
 
-    def save_then_crash(state, path):
-        real_save(state, path)
+    def save_then_crash(state, path, **kw):
+        real_save(state, path, **kw)
         if state["step"] == K:
             raise Crash
 
@@ -233,8 +233,8 @@ SLOW_SAVE = """
 import sys, time
 import pretrain, training
 real_save = training.save_checkpoint
-def slow_save(state, path):
-    real_save(state, path)
+def slow_save(state, path, **kw):
+    real_save(state, path, **kw)
     time.sleep(0.5)
 training.save_checkpoint = slow_save
 pretrain.main(pretrain.get_args_parser().parse_args(sys.argv[1:]))

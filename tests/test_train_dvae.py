@@ -38,7 +38,7 @@ class Crash(Exception):
 def crash_after_checkpoint(monkeypatch, module, at_step):
     real = module.save_checkpoint
 
-    def save_then_crash(state, path):
+    def save_then_crash(state, path, **kw):
         real(state, path)
         if state["step"] >= at_step:
             raise Crash(f"simulated crash after the step-{state['step']} checkpoint")

@@ -30,6 +30,7 @@ into another class, a loop through the root) is refused, since it would carry tw
 import math
 import os
 import random
+import signal
 import struct
 import sys
 
@@ -1061,8 +1062,12 @@ def eval_collate(samples):
 
 def single_thread_worker(worker_id):
     """Loader workers do PIL/numpy work; torch intra-op threads there would only compete with the
-    training process for the same cores."""
+    training process for the same cores. Ctrl-C and a scheduler's SIGTERM reach the whole process
+    group: the workers leave them to the training process, which saves a checkpoint and then ends
+    them (a worker that died first would stop the loader mid-step)."""
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):

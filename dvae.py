@@ -336,8 +336,9 @@ def fit_patch_kmeans(images, vocab_size, patch_size, iters=25, max_patches=2 ** 
     patches = patches.reshape(-1, patches.shape[2])                  # (N*L, D), D = C*k*k
     patches = patches[torch.randperm(len(patches), generator=g)[:max_patches]]
     if len(patches) < vocab_size:
-        raise ValueError(f"{len(patches)} patches cannot seed {vocab_size} codes: add images or lower "
-                         f"--vocab-size")
+        raise ValueError(f"{len(patches)} patches cannot seed {vocab_size} codes: add images, or fit fewer codes "
+                         f"(python dvae.py --preset kmeans --vocab-size N, then pass its checkpoint to "
+                         f"pretrain.py as --dvae)")
     # k-means++ on the first 32 V (shuffled) patches: each new centroid drawn with probability
     # proportional to the squared distance to the nearest one so far, so flat sky patches do not take
     # most of the codebook
@@ -656,7 +657,7 @@ def get_args_parser():
     a("--clip-grad", type=nonneg_float, default=1.0, help="max gradient norm (0 = off)")
     free("--max-skips", type=nonneg_int, default=20, help="stop after this many skipped steps (non-finite "
          "loss or gradients); fp16 overflows of the GradScaler are counted apart")
-    a("--seed", type=int, default=0, help="seeds data order, augmentation and noise")
+    a("--seed", type=runs.SEED, default=0, help="seeds data order, augmentation and noise")
     # more flags free on resume (runs.stage_parser adds output, logging, processes)
     free("--num-workers", type=nonneg_int, default=2, help="DataLoader worker processes")
     free("--sample-every", type=pos_int, default=500, help="reconstruction PNG every N steps")

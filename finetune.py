@@ -213,7 +213,7 @@ def get_args_parser():
       "(a LayerNorm without affine parameters, then the mean of the patch tokens) or ResNet stage's "
       "(global average), to see where in the network the features are best; holds one feature bank "
       "per block in memory")
-    a("--seed", type=int, default=0, help="seed for data order, augmentation, mixing, head init")
+    a("--seed", type=runs.SEED, default=0, help="seed for data order, augmentation, mixing, head init")
     # more flags free on resume (runs.stage_parser adds output, logging, processes)
     r("--num-workers", "DataLoader workers per process", type=nonneg_int, resume_free=True)
     free("--eval-batch-size", type=pos_int, default=256, help="images per process in evaluation")
@@ -504,6 +504,14 @@ def resolve_args(args, init=None):
         kind = "vit_scratch"  # no layer decay for a random network (see BUILTIN["vit_scratch"])
     if args.knn_blocks and args.mode != "knn":
         raise ValueError(f"--knn-blocks is a k-NN of every block: it needs --mode knn, not {args.mode}")
+    if args.resnet_stem is not None and not family.startswith("resnet"):
+        raise ValueError(f"--resnet-stem applies to ResNets; the backbone is {family}: drop the flag")
+    if args.resnet_stem is not None and args.init != "scratch":  # the checkpoint's conv1 decides
+        sd = (init or enh.read_backbone(args.init))[0]
+        used = "small" if sd["conv1.weight"].shape[-1] == 3 else "imagenet"
+        if args.resnet_stem != used:
+            raise ValueError(f"--resnet-stem {args.resnet_stem}, but --init {args.init} has the {used} stem (its "
+                             f"conv1): drop the flag, the checkpoint decides")
     recipe = dict(RECIPES[args.recipe][kind])
     if args.init != "scratch":  # the checkpoint decides the network and its input size
         for k in ("arch", "img_size", "patch_size"):
@@ -542,9 +550,8 @@ def build_data(args, rank, world_size):
                                 f"{os.path.join(args.data, 'val', '<class>', '*')}); add one, or pass "
                                 f"--eval-split select to evaluate on a part of train/")
     val_set = data.build_dataset(args.data, eval_split, eval_tf, seed=args.seed)
-    if train_set.classes != val_set.classes:
-        raise ValueError(f"--data {args.data}: train/ and val/ have different class folders "
-                         f"({len(train_set.classes)} vs {len(val_set.classes)})")
+    data.check_same_classes(train_set, val_set, args.data)
+    data.check_readable(val_set, f"--data {args.data} {eval_split} set")  # now, not after an epoch
     num_classes = len(train_set.classes)
     if num_classes < 2:
         raise ValueError(f"--data {args.data}: train/ has {num_classes} class folder; classification needs at "
@@ -569,6 +576,9 @@ def knn_main(args, backbone, rank, world_size, device):
                                 os.path.join(args.output_dir, "run.json"), args.allow_flag_changes)
     tf = data.EvalTransform(args.eval_size, crop_pct=args.crop_pct)
     sets = [data.build_dataset(args.data, s, tf, seed=args.seed) for s in data.EVAL_SPLITS[args.eval_split]]
+    data.check_same_classes(*sets, args.data)  # labels are indices into each set's class folders
+    for split, s in zip(data.EVAL_SPLITS[args.eval_split], sets):
+        data.check_readable(s, f"--data {args.data} {split} set")
     loaders = [data.build_eval_loader(s, args.eval_batch_size, args.num_workers, rank, world_size)
                for s in sets]
     num_classes, backbone = len(sets[0].classes), backbone.to(device)
@@ -639,6 +649,9 @@ def main(args):
     args.arch, args.img_size, args.patch_size, args.init_values = (
         net[k] for k in ("arch", "img_size", "patch_size", "init_values"))
     args.eval_size = args.eval_size or args.img_size
+    if args.patch_size and args.arch.startswith("vit") and args.eval_size % args.patch_size:
+        raise ValueError(f"--eval-size {args.eval_size} is not a multiple of the ViT's patch size {args.patch_size}: "
+                         f"use a multiple, e.g. {args.eval_size // args.patch_size * args.patch_size}")
     if rank == 0:
         print(f"finetune.py: mode {args.mode}, recipe {args.recipe}, {args.arch} from {args.init}")
     training.seed_everything(args.seed, rank)

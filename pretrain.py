@@ -189,6 +189,22 @@ def build_backbone(args):
                               drop_path_rate=args.drop_path, init_values=args.init_values, **kw)
 
 
+def check_network(args):
+    """Before any work (a tokenizer can take minutes to fit): build the generator and the enhancer's
+    backbone these flags describe and pass one image through the backbone, so flags that contradict
+    each other stop the run now, named, and leave nothing behind."""
+    try:
+        if args.method == "cim":
+            gen.BEiTGenerator(args.img_size, args.patch_size, 16, args.gen_dim, args.gen_depth, args.gen_heads)
+        with torch.no_grad():
+            build_backbone(args).eval()(torch.zeros(1, 3, args.img_size, args.img_size))
+    except (AssertionError, ValueError, RuntimeError) as err:
+        raise ValueError(f"these flags describe no network that runs ({str(err).splitlines()[0]}): check --arch "
+                         f"{args.arch}, --img-size {args.img_size}, --patch-size {args.patch_size}"
+                         + (f", --gen-dim {args.gen_dim}, --gen-heads {args.gen_heads}" if args.method == "cim" else "")
+                         + (f", --resnet-stem {args.resnet_stem}" if args.arch.startswith("resnet") else "")) from None
+
+
 def build_model(args, encoder, decoder):
     grid = args.img_size // args.patch_size
     backbone = build_backbone(args)
@@ -374,6 +390,7 @@ def log_record(out, args):
 
 def main(args):
     args = resolve_args(args)
+    check_network(args)
     rank, world_size, device = training.init_distributed(args.device, args.dist_backend)
     runs.prepare_output_dir(args.output_dir)
     runs.check_output_owner(args, "pretrain.py")  # before fitting a tokenizer for minutes
@@ -568,8 +585,8 @@ def get_args_parser():
     r("--resnet-stem", "ResNet stem: imagenet (7x7 stride-2 conv + max-pool, torchvision's) or small (3x3 "
       "stride-1 conv, no max-pool, for 32-64 px images: a 32 px image ends in a 4x4 map, not 1x1; "
       "every key but conv1's shape stays torchvision's)", choices=["imagenet", "small"])
-    a("--objective", default="revdet", choices=["revdet", "respix"],
-      help="revdet: per-token 'was it replaced?' (BCE); respix: regress all original pixels")
+    a("--objective", default=None, choices=["revdet", "respix"],
+      help="revdet (default): per-token 'was it replaced?' (BCE); respix: regress all original pixels")
     r("--img-size", "input size S", type=pos_int)
     r("--patch-size", "ViT patch P; the token grid is S/P", type=pos_int)
     a("--enh-weight", type=nonneg_float, default=1.0, help="lambda in L = L_gen + lambda * L_enh")
@@ -638,7 +655,7 @@ def get_args_parser():
       help="autocast dtype; bf16 on A100/H100 (fp16 needs the GradScaler and NaNs more often)")
     free("--max-skips", type=nonneg_int, default=20, help="stop after this many skipped steps (non-finite "
          "loss or gradients; fp16 overflows are counted apart); a few over 300 epochs are normal")
-    a("--seed", type=int, default=0, help="seed for data order, augmentation, masks and sampling")
+    a("--seed", type=runs.SEED, default=0, help="seed for data order, augmentation, masks and sampling")
     # more flags free on resume (runs.stage_parser adds output, logging, processes)
     free("--sample-every", type=pos_int, default=500, help="PNG grid every N optimiser steps")
     r("--num-workers", "DataLoader workers per process", type=nonneg_int, resume_free=True)
@@ -660,6 +677,12 @@ def resolve_args(args):
     if args.recipe is None:
         args.recipe = data.default_recipe(args.data)
     recipe = dict(RECIPES[args.recipe])
+    if args.resnet_stem is not None and not (args.arch or recipe["arch"]).startswith("resnet"):
+        raise ValueError(f"--resnet-stem applies to ResNets; --arch is {args.arch or recipe['arch']}: drop the flag")
+    if args.objective is not None and args.method == "beit":
+        raise ValueError("--objective is the CIM enhancer's loss; --method beit predicts the masked tokens and "
+                         "has none: drop --objective")
+    args.objective = args.objective or "revdet"
     if args.recipe == "photos" and (args.arch or recipe["arch"]).startswith("resnet"):
         recipe["epochs"] = PHOTOS_RESNET_EPOCHS
     recipe.update(BEIT_MASKING if args.method == "beit" else dict(mask_type="random"))
@@ -693,6 +716,10 @@ def build_tokenizer(args, device):
         encoder, decoder = dvae.load_openai_dvae(args.dalle_encoder, args.dalle_decoder)
     elif args.dvae:
         encoder, decoder = dvae.load_tokenizer(args.dvae)
+        fitted_on = torch.load(args.dvae, map_location="cpu", weights_only=True, mmap=True).get("args", {})
+        if "data" in fitted_on and not runs.same_value(fitted_on["data"], args.data):
+            print(f"note: --dvae {args.dvae} was fitted on {fitted_on['data'] or 'the built-in data'}; this run "
+                  f"trains on {args.data or 'the built-in data'} (its codes describe the images it was fitted on)")
     elif args.tokenizer:
         encoder, decoder = train_own_tokenizer(args)
     else:
@@ -717,29 +744,44 @@ def untrained_tokenizer(args, device):
     return tuple(m.to(device).eval().requires_grad_(False) for m in parts)
 
 
+def own_tokenizer_args(args):
+    """dvae.py's flags for the tokenizer this run fits itself (--tokenizer PRESET on --data)."""
+    grid = args.img_size // args.patch_size
+    return dvae.get_args_parser().parse_args(
+        ["--output-dir", os.path.join(args.output_dir, "tokenizer"), "--preset", args.tokenizer,
+         "--img-size", str(grid * dvae.preset_downsample(args.tokenizer)), "--seed", str(args.seed),
+         "--device", args.device, "--num-workers", str(args.num_workers)]
+        + (["--data", args.data] if args.data is not None else []))
+
+
+TOKENIZER_KEY = ("preset", "data", "img_size")  # what makes a cached tokenizer this run's
+
+
 def cached_tokenizer(args):
-    """OUTPUT_DIR/tokenizer/checkpoint-latest.pth when an earlier run finished training it, else None."""
+    """OUTPUT_DIR/tokenizer/checkpoint-latest.pth when an earlier run finished training it, else None.
+    One made by other flags (another --tokenizer, --data or size) is refused by name, never reused."""
     ckpt = os.path.join(args.output_dir, "tokenizer", "checkpoint-latest.pth")
     if not os.path.isfile(ckpt):
         return None
-    cached = training.load_checkpoint(ckpt)
+    cached, wanted = training.load_checkpoint(ckpt, "cached tokenizer"), vars(own_tokenizer_args(args))
+    made = cached.get("args", {})
+    diff = [f"{runs.flag(k)} {made.get(k)!r}, not {wanted[k]!r}" for k in TOKENIZER_KEY
+            if not runs.same_value(made.get(k), wanted[k])]
+    if diff:
+        raise ValueError(f"{ckpt} was fitted with other flags ({'; '.join(diff)}) than this run's --tokenizer "
+                         f"{args.tokenizer} on --data {args.data}: delete {os.path.dirname(ckpt)} to fit it "
+                         f"again, or use another --output-dir")
     return ckpt if cached["step"] >= cached["total_steps"] else None
 
 
 def train_own_tokenizer(args):
     """No tokenizer given: train dvae.py's --tokenizer preset on the same data (every rank joins under
     torchrun), cached in OUTPUT_DIR/tokenizer so later runs and resumes reuse it."""
-    out = os.path.join(args.output_dir, "tokenizer")
-    ckpt = os.path.join(out, "checkpoint-latest.pth")
-    grid = args.img_size // args.patch_size
-    targs = dvae.get_args_parser().parse_args(
-        ["--output-dir", out, "--preset", args.tokenizer,
-         "--img-size", str(grid * dvae.preset_downsample(args.tokenizer)), "--seed", str(args.seed),
-         "--device", args.device, "--num-workers", str(args.num_workers)]
-        + (["--data", args.data] if args.data is not None else []))
+    targs = own_tokenizer_args(args)
+    ckpt = os.path.join(targs.output_dir, "checkpoint-latest.pth")
     if cached_tokenizer(args) is None:  # absent or interrupted: (re)train
         print(f"pretrain.py: no tokenizer given: fitting dvae.py --preset {args.tokenizer} on "
-              f"{args.data or 'the built-in data'} first (cached in {out}; pass --dvae to use another)")
+              f"{args.data or 'the built-in data'} first (cached in {targs.output_dir}; pass --dvae to use another)")
         dvae.main(targs)
     return dvae.load_tokenizer(ckpt)
 
@@ -933,6 +975,8 @@ def knn_datasets(args):
                                 f"one or pass --knn-k 0")
     train_set, val_set = (data.build_dataset(args.data, split, tf, seed=args.seed)
                           for split in data.EVAL_SPLITS[args.eval_split])
+    data.check_same_classes(train_set, val_set, args.data)  # labels are indices into each set's folders
+    data.check_readable(val_set, f"--data {args.data} {data.EVAL_SPLITS[args.eval_split][1]} set (k-NN check)")
     if args.data is None:  # a 4096-image memory bank keeps the CPU check to seconds
         train_set.length = 4096
     return train_set, val_set

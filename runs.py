@@ -157,7 +157,7 @@ class StopSignal:
     def exit(self, step, path, rank=0):
         signum = self.signum or signal.SIGTERM
         if rank == 0:
-            print(f"{self.prog}: stopped by {signal.Signals(signum).name} at step {step}; {path} holds it, "
+            print(f"\n{self.prog}: stopped by {signal.Signals(signum).name} at step {step}; {path} holds it, "
                   f"and the same command resumes from there", file=sys.stderr, flush=True)
         training.finish_distributed()
         raise SystemExit(128 + signum)
@@ -330,7 +330,7 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
-RULES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1,
+RULES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 2**32)": lambda v: 0 <= v < 2 ** 32, "in [0, 1)": lambda v: 0 <= v < 1,
          "in (0, 1)": lambda v: 0 < v < 1, "in (0, 1]": lambda v: 0 < v <= 1}
 
 
@@ -359,6 +359,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 POS_INT, POS_FLOAT = number(int, "> 0"), number(float, "> 0")
 NONNEG_INT, NONNEG_FLOAT = number(int, ">= 0"), number(float, ">= 0")
+SEED = number(int, "in [0, 2**32)")  # numpy's seeds end at 2**32 - 1
 
 
 def stage_parser(prog, description, output_dir, outputs, save_every, log_every):

@@ -106,7 +106,7 @@ def get_args_parser():
     a("--clip-grad", type=nonneg_float, default=None, help="max global grad norm (None = off, as BEiT)")
     free("--max-skips", type=nonneg_int, default=20, help="stop after this many skipped (non-finite) "
          "iterations; fp16 overflows are counted apart")
-    a("--seed", type=int, default=0, help="seed for data order, augmentation, head init")
+    a("--seed", type=runs.SEED, default=0, help="seed for data order, augmentation, head init")
     # evaluation
     free("--mode", default="slide", choices=["slide", "whole"], help="inference: sliding crops or whole image")
     r("--stride", "sliding-window stride", type=pos_int, resume_free=True)
@@ -551,7 +551,7 @@ def main(args):
                                       "optimizer": optimizer.state_dict(),
                                       "scaler": scaler.state_dict(), "step": step, **skips.state(),
                                       "args": vars(args), "rng": rng},
-                                     os.path.join(args.output_dir, "checkpoint-latest.pth"))
+                                     os.path.join(args.output_dir, "checkpoint-latest.pth"), keep_previous=True)
 
     model.train()
     bar = tqdm(total=args.iters, initial=step, disable=rank != 0, desc="segment", dynamic_ncols=True)
@@ -574,8 +574,11 @@ def main(args):
                           peak_mem_mb=training.peak_memory_mb(device), **skips.state())
                 bar.set_postfix(loss=f"{loss:.3f}")
             evaluate_now = step % args.eval_every == 0 or step == args.iters
-            if evaluate_now or step % args.save_every == 0:
+            stop = runs.stop_requested(device)  # SIGINT / SIGTERM on any rank: save now, then exit
+            if stop or evaluate_now or step % args.save_every == 0:
                 checkpoint()  # before evaluating: a bad validation image costs no training
+            if stop:
+                runs.STOP.exit(step, os.path.join(args.output_dir, "checkpoint-latest.pth"), rank)
             if evaluate_now:
                 metrics = evaluate(model, val_loader, args, device, overlay_dir if rank == 0 else None)
                 log.write(step=step, **{k: v for k, v in metrics.items() if k in ("aAcc", "mIoU", "mAcc")})

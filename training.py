@@ -324,8 +324,10 @@ def load_checkpoint(path, what="checkpoint"):
         raise FileNotFoundError(f"{what} {path!r} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{what} {path!r} could not be loaded ({type(err).__name__}: {err})") from None
+    except Exception as err:  # torch's own message can run to 7 lines of weights_only advice: its first
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+        raise ValueError(f"{what} {path!r} is not a readable PyTorch checkpoint ({type(err).__name__}: "
+                         f"{first[:200]}): pass a file written by this project's scripts or torch.save") from None
 
 
 def last_log_record(path, key):

@@ -263,6 +263,52 @@ def test_resume_after_sigkill_equals_the_uninterrupted_run(tmp_path, tiny_dvae_c
     assert_same_training_state(uninterrupted, load(ckpt_path))
 
 
+# The stopped leg runs through runs.run_script (the entry point that installs the signal handlers),
+# its steps slowed down so the signal lands part-way through the schedule.
+SLOW_STEP = """
+import sys, time
+import pretrain, runs
+real_step = pretrain.train_step
+def slow_step(*a, **k):
+    time.sleep(0.2)
+    return real_step(*a, **k)
+pretrain.train_step = slow_step
+sys.argv[0] = "pretrain.py"
+runs.run_script(pretrain.main, pretrain.get_args_parser())
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_the_step_it_lands_in_and_the_resume_equals_the_uninterrupted_run(
+        tmp_path, tiny_dvae_ckpt, uninterrupted, sig):
+    """SIGTERM (a scheduler) or Ctrl-C: the run saves a checkpoint at the end of the step in progress
+    (not only the last --save-every one), says so in one line, exits 128 + the signal, and the same
+    command resumes to the uninterrupted run's state."""
+    ckpt_path, log_path = tmp_path / "checkpoint-latest.pth", tmp_path / "log.jsonl"
+    # no checkpoint before the signal (--save-every is free to change on resume)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_STEP, *flags(tmp_path, tiny_dvae_ckpt, *RESUME),
+                             "--save-every", "100"], cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None and not (
+                log_path.is_file() and '"step": 1,' in log_path.read_text()):
+            time.sleep(0.05)  # the run is past its first step
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig, err[-3000:]
+    stopped = re.search(rf"pretrain.py: stopped by {signal.Signals(sig).name} at step ([0-9]+); ", err)
+    assert stopped and "Traceback" not in err, err[-3000:]
+    at = int(stopped.group(1))
+    assert 1 <= at < 2 * K and load(ckpt_path)["step"] == at  # saved where it landed
+    assert not (tmp_path / "run.lock").exists()
+
+    run(tmp_path, tiny_dvae_ckpt, *RESUME)
+    assert_same_training_state(uninterrupted, load(ckpt_path))
+
+
 def test_resume_refuses_another_arch_or_objective(tmp_path, tiny_dvae_ckpt, uninterrupted):
     saved = tmp_path / "other.pth"
     torch.save(uninterrupted, saved)

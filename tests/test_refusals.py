@@ -142,15 +142,20 @@ def test_output_dir_that_is_a_file_is_refused(tmp_path):
         ft("--init", "scratch", "--arch", "vit_mini", "--output-dir", tmp_path / "file", "--device", "cpu")
 
 
-def test_a_bad_validation_set_costs_no_training_then_the_epoch_is_evaluated(tmp_path):
+def test_a_bad_validation_set_costs_no_training_then_the_epoch_is_evaluated(tmp_path, monkeypatch):
     photos = image_folder(tmp_path / "photos")
     good = {p: p.read_bytes() for p in (photos / "val").rglob("*.png")}
     for p in good:
         p.write_bytes(b"not an image")
     flags = tiny(photos, tmp_path / "out", "--init", "scratch", "--arch", "vit_mini", "--img-size", "16",
                  "--patch-size", "4", "--epochs", "1")
-    with pytest.raises(ValueError, match="none of the 9 validation images could be read"):
-        ft(*flags)
+    with pytest.raises(ValueError, match=r"val set: none of the 9 images in .* can be read"):
+        ft(*flags)  # found by the headers at start (data.check_readable)
+    assert not (tmp_path / "out" / "checkpoint-latest.pth").exists()
+    with monkeypatch.context() as m:  # a set that breaks after the start (a network disk): found at evaluation
+        m.setattr(data, "check_readable", lambda *a: None)
+        with pytest.raises(ValueError, match="none of the 9 validation images could be read"):
+            ft(*flags)
     ckpt = load(tmp_path / "out" / "checkpoint-latest.pth")
     assert ckpt["step"] == 4 and ckpt["pending_eval"]  # the epoch was saved before its evaluation
     for p, b in good.items():

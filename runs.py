@@ -155,9 +155,10 @@ class StopSignal:
         return not training.all_ranks_true(self.signum is None, device)
 
     def exit(self, step, path, rank=0):
-        signum = self.signum or signal.SIGTERM
+        signum = self.signum or signal.SIGTERM  # (a rank the signal did not reach ends as a SIGTERM would)
+        name = signal.Signals(self.signum).name if self.signum else "another rank's signal"
         if rank == 0:
-            print(f"\n{self.prog}: stopped by {signal.Signals(signum).name} at step {step}; {path} holds it, "
+            print(f"\n{self.prog}: stopped by {name} at step {step}; {path} holds it, "
                   f"and the same command resumes from there", file=sys.stderr, flush=True)
         training.finish_distributed()
         raise SystemExit(128 + signum)

@@ -309,6 +309,38 @@ def test_a_signal_saves_the_step_it_lands_in_and_the_resume_equals_the_uninterru
     assert_same_training_state(uninterrupted, load(ckpt_path))
 
 
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_saved_step(tmp_path, tiny_dvae_ckpt):
+    """Under torchrun a SIGTERM that reaches one rank only (rank 1 here): the ranks agree on it in one
+    collective, rank 0 saves the step, and every rank exits 143 instead of waiting at a collective."""
+    from conftest import free_port
+    script = tmp_path / "slow.py"
+    script.write_text("import os\n" + SLOW_STEP.replace(
+        "runs.run_script", "open(os.path.join(sys.argv[sys.argv.index('--output-dir') + 1], "
+        "f\"pid-{os.environ['RANK']}\"), 'w').write(str(os.getpid()))\nruns.run_script"))
+    out, port, procs = tmp_path / "out", str(free_port()), []
+    out.mkdir()
+    for rank in range(2):
+        env = dict(subprocess_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, str(script), *flags(out, tiny_dvae_ckpt, "--max-steps", "40",
+                                                                          "--save-every", "100")],
+                                      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((out / "log.jsonl").is_file() and
+                                              '"step": 2,' in (out / "log.jsonl").read_text()):
+            time.sleep(0.05)
+        os.kill(int((out / "pid-1").read_text()), signal.SIGTERM)
+        errs = [p.communicate(timeout=60)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [143, 143], errs[0][-2000:] + errs[1][-2000:]
+    at = int(re.search(r"stopped by another rank's signal at step ([0-9]+);", errs[0]).group(1))
+    assert 2 <= at < 40 and load(out / "checkpoint-latest.pth")["step"] == at
+    assert "Traceback" not in errs[0] + errs[1]
+
+
 def test_resume_refuses_another_arch_or_objective(tmp_path, tiny_dvae_ckpt, uninterrupted):
     saved = tmp_path / "other.pth"
     torch.save(uninterrupted, saved)

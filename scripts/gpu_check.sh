@@ -9,10 +9,42 @@
 # from that pre-training, and the fp32 / bf16 / fp16 token agreement of the trained tokenizer.
 # timm / torchvision ratios are printed by bench.py only where those packages happen to be installed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+usage() {
+    cat <<'EOF'
+usage: bash scripts/gpu_check.sh [LOG]
+
+The GPU figures of docs/pretrain.md in one log (about 10 minutes on one H100): bench.py for vit_b,
+vit_s and resnet50 at 224 px (bf16, with and without --compile), a 300-step bf16 and a 50-step fp16
+torchrun pre-training on the built-in data, short fine-tuning and segmentation runs from it, and the
+trained tokenizer's fp32 / bf16 / fp16 token agreement.
+
+  LOG         the log to write (default: $OUT/gpu_check.log if OUT is set, else ./gpu_check.log);
+              a relative path is taken from the folder you run the script in
+  -h, --help  this text
+
+Needs a CUDA device visible to torch: without one it stops before any work (exit status 2).
+EOF
+}
+case "${1:-}" in
+    -h|--help) usage; exit 0 ;;
+    -*) echo "gpu_check.sh: error: unknown option $1 (--help shows the usage)" >&2; exit 2 ;;
+esac
+if [ $# -gt 1 ]; then
+    echo "gpu_check.sh: error: one LOG path at most, got $# arguments (--help shows the usage)" >&2; exit 2
+fi
+# before any work: every step below needs a GPU, and a CPU run would fill the log with failures
+if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu_check.sh: error: no CUDA device visible to torch (torch.cuda.is_available() is False, or" \
+         "torch does not import): run it on a GPU machine; CPU timings come from bench.py" >&2
+    exit 2
+fi
 LOG=${1:-${OUT:-.}/gpu_check.log}
+case "$LOG" in /*) ;; *) LOG="$PWD/$LOG" ;; esac  # before the cd below: relative to the caller's folder
+cd "$(dirname "$0")/.."
+: > "$LOG" || { echo "gpu_check.sh: error: cannot write the log $LOG" >&2; exit 2; }
 TMP=$(mktemp -d)
-: > "$LOG"
+trap 'rm -rf "$TMP"' EXIT
+echo "gpu_check.sh: writing $LOG"
 step() {  # step LIMIT_SECONDS CMD...: the command, its exit status and its last lines (no bars)
     local limit=$1; shift
     echo "+ $*" >> "$LOG"
@@ -54,4 +86,4 @@ for dtype in (torch.bfloat16, torch.float16):
     print(f"{dtype}: token agreement with fp32 {100 * agree:.2f}%, decode max abs diff {diff:.2e}")
 PY
 echo "done" >> "$LOG"
-rm -rf "$TMP"
+echo "gpu_check.sh: done; log: $LOG"

@@ -389,21 +389,89 @@ def log_record(out, args):
 # ----------------------------------------------------------------------------------------------------
 
 def main(args):
+    # ---------------------------------------------------------------- setup: checks, data, model, resume
     args = resolve_args(args)
-    check_network(args)
+    check_network(args)  # flags that contradict each other stop here, before any work
     rank, world_size, device = training.init_distributed(args.device, args.dist_backend)
     runs.prepare_output_dir(args.output_dir)
     runs.check_output_owner(args, "pretrain.py")  # before fitting a tokenizer for minutes
+    announce(args, rank)
+    tokenizer = setup_tokenizer(args, rank, device)
+    train_set, loader, sampler, knn = build_data(args, tokenizer, rank, world_size)
+    steps_per_epoch, total_steps, warmup_steps, total_batch = schedule(args, train_set, loader, world_size)
+    tok_stats = {} if args.explain else check_tokenizer(tokenizer, train_set, args, device)
+    if args.check_tokenizer:  # the start checks alone, as a tool
+        print(json.dumps(tok_stats))
+        return tok_stats
+    model, ddp_model, optimizer, scaler, step, skips = build_training(args, tokenizer, rank, world_size, device)
+    if args.explain:
+        return explain(ddp_model, model, loader, optimizer, scaler, args, device)
+    runs.record_args(args, rank, "pretrain.py")  # the flags, once every check has passed
+    log = training.JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0, resumed_at=step)
     if rank == 0:
-        print(f"pretrain.py: recipe {args.recipe} (flags not given take its values; see --help)")
-        if args.data is None:
-            grid = args.img_size // args.patch_size
-            print(f"pretrain.py: no --data: {args.arch} trains on the built-in procedural shapes at "
-                  f"{args.img_size} px, patch {args.patch_size} ({grid}x{grid} tokens), a CPU demo. The "
-                  f"paper's setting: --data /path/imagenet --dalle-encoder encoder.pkl --dalle-decoder "
-                  f"decoder.pkl (recipe imagenet: 224 px, patch 16, 300 epochs; docs/pretrain.md)")
-    training.seed_everything(args.seed, rank)
+        print(f"{model_sizes(model)}, {total_steps} steps of {total_batch} images, lr {args.lr:.2e}")
+        if step == 0:
+            log.write(step=0, **tok_stats)
+    if knn and args.knn_every and step == 0:
+        log_knn(model, knn, log, step, args, device)
 
+    # ---------------------------------------------------------------- training loop
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="cim", dynamic_ncols=True)
+    t0, seen = time.time(), 0
+    while step < total_steps:
+        # resume mid-epoch: the sampler replays the epoch's order from where the checkpoint left off
+        epoch, steps_left, start = training.resume_point(step, steps_per_epoch, total_steps,
+                                                         args.accum_iter * args.batch_size)
+        sampler.set_epoch(epoch, start=start)
+        batches = iter(loader)
+        for _ in range(steps_left):
+            lr = training.set_lr(optimizer, training.cosine_lr(step, total_steps, warmup_steps, args.lr, args.min_lr))
+            micro = [next(batches)[0] for _ in range(args.accum_iter)]
+            out, status = train_step(ddp_model, model, micro, optimizer, scaler, args, device)
+            step += 1
+            seen += total_batch
+            bar.update(1)
+            skips(status, step)  # stops the run past --max-skips
+            if status != "skipped" and training.due(step, args.log_every, total_steps):
+                rec = dict(step=step, epoch=epoch, lr=lr, **log_record(out, args), img_per_s=seen / (time.time() - t0),
+                           peak_mem_mb=training.peak_memory_mb(device), **skips.state())
+                bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss_gen", "loss_enh") if k in rec})
+                log.write(**rec)
+            if rank == 0 and status != "skipped" and training.due(step, args.sample_every, total_steps):
+                save_samples(out, micro[-1][0], args, os.path.join(args.output_dir, f"sample-{step:06d}.png"))
+            stop = runs.stop_requested(device)  # SIGINT / SIGTERM on any rank: save now, then exit
+            if stop or training.due(step, args.save_every, total_steps) or step % steps_per_epoch == 0:
+                save_training_state(model, optimizer, scaler, skips, step, args, rank, device)
+            if stop:
+                runs.STOP.exit(step, os.path.join(args.output_dir, "checkpoint-latest.pth"), rank)
+            if knn and args.knn_every and step % args.knn_every == 0 and step < total_steps:
+                log_knn(model, knn, log, step, args, device)
+    bar.close()
+
+    # ---------------------------------------------------------------- finish: export, k-NN check
+    return finish(model, knn, step, t0, log, args, rank, device)
+
+
+def announce(args, rank):
+    """What the run is, before anything slow: the recipe, and where the built-in data stands."""
+    if rank != 0:
+        return
+    print(f"pretrain.py: recipe {args.recipe} (flags not given take its values; see --help)")
+    if args.data is None:
+        grid = args.img_size // args.patch_size
+        print(f"pretrain.py: no --data: {args.arch} trains on the built-in procedural shapes at "
+              f"{args.img_size} px, patch {args.patch_size} ({grid}x{grid} tokens), a CPU demo. The "
+              f"paper's setting: --data /path/imagenet --dalle-encoder encoder.pkl --dalle-decoder "
+              f"decoder.pkl (recipe imagenet: 224 px, patch 16, 300 epochs; docs/pretrain.md)")
+
+
+def setup_tokenizer(args, rank, device):
+    """The frozen (encoder, decoder): given, cached in OUTPUT_DIR/tokenizer, fitted now, or (--explain
+    with none trained yet) an untrained stand-in. Seeds the run before and after: fitting one draws
+    random numbers, and a run that finds it cached must start from the same RNG state as the run
+    that fitted it."""
+    training.seed_everything(args.seed, rank)
     if args.explain and not (args.dvae or args.dalle_encoder) and (
             args.tokenizer is None or cached_tokenizer(args) is None):
         kind = f"{args.tokenizer} tokenizer" if args.tokenizer else "DALL-E-sized dVAE"
@@ -414,37 +482,44 @@ def main(args):
         tokenizer = untrained_tokenizer(args, device)
     else:
         tokenizer = build_tokenizer(args, device)
-    # seeded again after the tokenizer: training the built-in one draws random numbers, and a run
-    # that finds it cached must start from the same RNG state as the run that trained it
     training.seed_everything(args.seed, rank)
-    grid = args.img_size // args.patch_size
-    tok_size = grid * tokenizer[0].downsample  # the tokenizer sees the same crop at (S/P)*f px
+    return tokenizer
 
-    # ---------------------------------------------------------------- data (all of it checked now)
+
+def build_data(args, tokenizer, rank, world_size):
+    """The training set and its resumable loader, and the k-NN check's sets and loaders (None
+    without the check), all built and checked now: a missing val/ stops the run before training."""
+    tok_size = args.img_size // args.patch_size * tokenizer[0].downsample  # the tokenizer's view: (S/P)*f px
     transform = data.PretrainTransform(args.img_size, tok_size, scale=(args.crop_min, 1.0),
                                        color_jitter=args.color_jitter)
     train_set = data.build_dataset(args.data, data.EVAL_SPLITS[args.eval_split][0], transform, seed=args.seed)
-    knn_sets = knn_datasets(args) if args.knn_k and not args.explain else None  # a missing val/ now
+    knn_sets = knn_datasets(args) if args.knn_k and not args.explain else None
     loader, sampler = data.build_loader(train_set, args.batch_size, args.num_workers, rank, world_size,
                                         seed=args.seed)
+    knn = knn_sets and (knn_sets, [data.build_eval_loader(ds, 128, 0, rank, world_size) for ds in knn_sets])
+    return train_set, loader, sampler, knn
+
+
+def schedule(args, train_set, loader, world_size):
+    """(optimiser steps per epoch, total steps, warm-up steps, images per step); fills in --lr by
+    the linear scaling rule and --min-lr (a constant schedule after the warm-up) where unset."""
     steps_per_epoch = len(loader) // args.accum_iter
     if steps_per_epoch == 0:
         raise ValueError(f"the training set ({len(train_set)} images) is smaller than one step "
                          f"(--batch-size {args.batch_size} x --accum-iter {args.accum_iter} x "
                          f"{world_size} processes)")
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
     total_batch = args.batch_size * args.accum_iter * world_size
     if args.lr is None:
         args.lr = args.blr * total_batch / 256  # MAE/BEiT linear scaling rule
     if args.min_lr is None:
-        args.min_lr = args.lr  # a constant schedule after the warm-up
-    warmup_steps = int(args.warmup_epochs * steps_per_epoch)
-    tok_stats = {} if args.explain else check_tokenizer(tokenizer, train_set, args, device)
-    if args.check_tokenizer:  # the start checks alone, as a tool
-        print(json.dumps(tok_stats))
-        return tok_stats
+        args.min_lr = args.lr
+    return (steps_per_epoch, args.max_steps or args.epochs * steps_per_epoch,
+            int(args.warmup_epochs * steps_per_epoch), total_batch)
 
-    # ---------------------------------------------------------------- model, optimiser, resume
+
+def build_training(args, tokenizer, rank, world_size, device):
+    """(model, its DDP wrapper (the model itself in one process), AdamW, GradScaler, the step to
+    start from, training.SkipCount), restored from a checkpoint where the run resumes one."""
     model = build_model(args, *tokenizer).to(device)
     groups = training.param_groups(model, args.weight_decay, model.no_weight_decay())
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.opt_betas), fused=device.type == "cuda")
@@ -456,77 +531,41 @@ def main(args):
     if world_size > 1:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.explain:
-        return explain(ddp_model, model, loader, optimizer, scaler, args, device)
-    runs.record_args(args, rank, "pretrain.py")  # the flags, once every check has passed
-    log = training.JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0, resumed_at=step)
+    return model, ddp_model, optimizer, scaler, step, skips
+
+
+def model_sizes(model):
+    parts = (("generator", model.generator), ("enhancer", model.enhancer)) if isinstance(model, CIM) else \
+        (("BEiT backbone + head", model),)
+    return ", ".join(f"{name} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params" for name, m in parts)
+
+
+def save_training_state(model, optimizer, scaler, skips, step, args, rank, device):
+    """OUTPUT_DIR/checkpoint-latest.pth: everything a bit-exact continuation needs. A collective (the
+    RNG states of every rank): every rank calls it; rank 0 writes."""
+    rng = training.gather_rng_states(device)
     if rank == 0:
-        sizes = ", ".join(f"{name} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M params" for name, m in
-                          ((("generator", model.generator), ("enhancer", model.enhancer)) if args.method == "cim"
-                           else (("BEiT backbone + head", model),)))
-        print(f"{sizes}, {total_steps} steps of {total_batch} images, lr {args.lr:.2e}")
-        if step == 0:
-            log.write(step=0, **tok_stats)
+        training.save_checkpoint(
+            {"stage": "pretrain.py", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict(), "step": step, **skips.state(), "args": vars(args), "rng": rng},
+            os.path.join(args.output_dir, "checkpoint-latest.pth"), keep_previous=True)
 
-    def checkpoint():
-        rng = training.gather_rng_states(device)  # a collective: every rank calls checkpoint()
-        if rank == 0:
-            training.save_checkpoint(
-                {"stage": "pretrain.py", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict(), "step": step, **skips.state(), "args": vars(args),
-                 "rng": rng}, os.path.join(args.output_dir, "checkpoint-latest.pth"), keep_previous=True)
 
-    # ---------------------------------------------------------------- training loop
-    def knn_curve():  # the trained enhancer's k-NN, without touching any RNG the run depends on
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            knn = training.knn_accuracy(model.backbone, *knn_loaders, len(knn_sets[0].classes),
-                                        device, args.knn_k)
-        log.write(step=step, knn=knn["top1"], feature_rank=knn["feature_rank"])
+def log_knn(model, knn, log, step, args, device):
+    """The enhancer's k-NN now (--knn-every), without touching any RNG the run depends on."""
+    (sets, loaders) = knn
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        result = training.knn_accuracy(model.backbone, *loaders, len(sets[0].classes), device, args.knn_k)
+    log.write(step=step, knn=result["top1"], feature_rank=result["feature_rank"])
 
-    knn_loaders = knn_sets and [data.build_eval_loader(ds, 128, 0, rank, world_size) for ds in knn_sets]
-    if knn_sets and args.knn_every and step == 0:
-        knn_curve()
-    model.train()
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="cim", dynamic_ncols=True)
-    t0, seen = time.time(), 0
-    while step < total_steps:
-        epoch, offset = divmod(step, steps_per_epoch)
-        # resume mid-epoch: the sampler replays the epoch's order from where the checkpoint left off
-        sampler.set_epoch(epoch, start=offset * args.accum_iter * args.batch_size)
-        batches = iter(loader)
-        for _ in range(steps_per_epoch - offset):
-            lr = training.cosine_lr(step, total_steps, warmup_steps, args.lr, args.min_lr)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            micro = [next(batches)[0] for _ in range(args.accum_iter)]
-            out, status = train_step(ddp_model, model, micro, optimizer, scaler, args, device)
-            step += 1
-            seen += total_batch
-            bar.update(1)
-            skips(status, step)  # stops the run past --max-skips
-            if status != "skipped" and (step % args.log_every == 0 or step == total_steps):
-                rec = dict(step=step, epoch=epoch, lr=lr, **log_record(out, args),
-                           img_per_s=seen / (time.time() - t0),
-                           peak_mem_mb=training.peak_memory_mb(device), **skips.state())
-                bar.set_postfix({k: f"{rec[k]:.3f}" for k in ("loss_gen", "loss_enh") if k in rec})
-                log.write(**rec)
-            if rank == 0 and status != "skipped" and (step % args.sample_every == 0 or step == total_steps):
-                save_samples(out, micro[-1][0], args, os.path.join(args.output_dir, f"sample-{step:06d}.png"))
-            stop = runs.stop_requested(device)  # SIGINT / SIGTERM on any rank: save now, then exit
-            if stop or step % args.save_every == 0 or step == total_steps or step % steps_per_epoch == 0:
-                checkpoint()
-            if stop:
-                runs.STOP.exit(step, os.path.join(args.output_dir, "checkpoint-latest.pth"), rank)
-            if knn_sets and args.knn_every and step % args.knn_every == 0 and step < total_steps:
-                knn_curve()
-            if step == total_steps:
-                break
-    bar.close()
+
+def finish(model, knn, step, t0, log, args, rank, device):
+    """backbone.pth for the next stage, the k-NN check against its two floors, the last line."""
     if rank == 0:
         torch.save(export(model, args), os.path.join(args.output_dir, "backbone.pth"))
     result = {"steps": step, "minutes": (time.time() - t0) / 60}
-    if knn_sets:
-        result.update(knn_report(model.backbone, knn_sets, knn_loaders, args, device))
+    if knn:
+        result.update(knn_report(model.backbone, *knn, args, device))
     if rank == 0:
         log.write(**result)
         print(json.dumps(result))

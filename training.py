@@ -210,6 +210,27 @@ def cosine_lr(step, total_steps, warmup_steps, base_lr, final_lr, warmup_lr=0.0)
     return final_lr + 0.5 * (base_lr - final_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def set_lr(optimizer, lr):
+    """Every group's lr for this step (a group's "lr_scale", layer decay's, multiplies it); returns lr."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    return lr
+
+
+def due(step, every, total_steps):
+    """Whether something done every `every` steps (logging, samples, checkpoints) is due after
+    `step`; the last step always is."""
+    return step % every == 0 or step == total_steps
+
+
+def resume_point(step, steps_per_epoch, total_steps, samples_per_step):
+    """Where a run at optimiser step `step` stands: (epoch, steps left to run in it, the epoch's first
+    sample not yet seen, for the sampler to start from). The arithmetic of every stage's loop, so a
+    run resumed mid-epoch sees the same samples in the same order as one that never stopped."""
+    epoch, offset = divmod(step, steps_per_epoch)
+    return epoch, min(steps_per_epoch - offset, total_steps - step), offset * samples_per_step
+
+
 def poly_lr(step, total_steps, warmup_steps, base_lr, final_lr=0.0, power=1.0, warmup_ratio=1e-6):
     """mmseg's schedule (segmentation): (base - final) * (1 - step/total)^power + final, scaled up
     linearly from warmup_ratio over the first warmup_steps."""

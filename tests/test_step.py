@@ -145,3 +145,25 @@ def test_cosine_schedule_warms_up_from_warmup_lr():
     assert training.cosine_lr(0, 100, 10, 1.0, 0.0, warmup_lr=1e-4) == 1e-4  # timm's RSB commands
     assert training.cosine_lr(5, 100, 10, 1.0, 0.0, warmup_lr=1e-4) == pytest.approx(1e-4 + 0.5 * (1 - 1e-4))
     assert training.cosine_lr(10, 100, 10, 1.0, 0.0, warmup_lr=1e-4) == 1.0
+
+
+def test_resume_point_replays_the_epoch_from_the_first_unseen_sample():
+    """The loop arithmetic every stage shares: a run at step 7 of 3-step epochs (4 samples a step)
+    is in epoch 2, has 2 steps of it left and starts at sample 4; the schedule's end cuts the epoch."""
+    assert training.resume_point(0, 3, 10, 4) == (0, 3, 0)
+    assert training.resume_point(7, 3, 10, 4) == (2, 2, 4)
+    assert training.resume_point(9, 3, 10, 4) == (3, 1, 0)   # the last epoch: 1 step to the end
+    assert training.resume_point(6, 3, 10, 4) == (2, 3, 0)   # a boundary: a whole epoch
+    steps = []  # walking the loop from any resume step visits every step once, in order
+    for start in range(10):
+        step = start
+        while step < 10:
+            epoch, left, first = training.resume_point(step, 3, 10, 4)
+            assert first == (step % 3) * 4 and epoch == step // 3
+            step += left
+            steps.append(step)
+    assert all(s <= 10 for s in steps) and steps.count(10) == 10
+
+
+def test_due_is_every_n_steps_and_the_last():
+    assert [s for s in range(1, 11) if training.due(s, 4, 10)] == [4, 8, 10]

@@ -3,16 +3,20 @@
     python pretrain.py                         # built-in data on a CPU, ~4 minutes: fits a k-means
                                                # tokenizer first, pre-trains, prints a k-NN check
     python pretrain.py --explain               # one batch through one step, every tensor printed
-    torchrun --nproc_per_node 8 pretrain.py --arch vit_b --objective revdet --data /path/imagenet \\
-        --dalle-encoder encoder.pkl --dalle-decoder decoder.pkl --output-dir out/cim_vit_b
+    # the paper's ViT-B/16 run (README, "The paper's path"): 2048 images a step, 64 x 4 x 8 GPUs
+    torchrun --nproc_per_node 8 pretrain.py --arch vit_b --objective revdet --data $IMAGENET \
+        --dalle-encoder $DALLE/encoder.pkl --dalle-decoder $DALLE/decoder.pkl \
+        --batch-size 64 --accum-iter 4 --amp bf16 --output-dir $OUT/vit_b/pretrain
 
-One step (paper Sec. 2, Fig. 1) reads top to bottom in `CIM.forward`:
-    tokens  = dVAE-encode(tokenizer view)                        frozen, no grad, fp32
-    logits  = generator(image with masked patches -> [MASK])      L_gen = CE on masked tokens
-    mixed   = tokens with masked ones replaced by samples        no grad
-    x~      = dVAE-decode(mixed), resized to the image size      no grad
-    enhancer(x~): RevDet (was this token replaced?) or ResPix (original pixels, window-normalised)
-    L = L_gen + lambda * L_enh; one optimiser over generator + enhancer (`train_step`)
+One step (paper Sec. 2, Fig. 1), numbered as in `CIM.forward`, the README and docs/walkthrough.md:
+    0  batch   = one crop twice (network view, tokenizer view), mask M   `train_step`
+    1  tokens  = dVAE-encode(tokenizer view)                        frozen, no grad
+    2  logits  = generator(image with masked patches -> [MASK])      L_gen = CE on masked tokens
+    3  z'      ~ softmax(logits / T) at the masked patches            no grad
+    4  mixed   = where(M, z', tokens); replaced = mixed != tokens    the RevDet label
+    5  x~      = dVAE-decode(mixed), resized to the image size      no grad
+    6  enhancer(x~): RevDet (was this token replaced?) or ResPix (original pixels, window-normalised)
+    7  L = L_gen + lambda * L_enh; one optimiser over generator + enhancer (`train_step`)
 """
 from contextlib import nullcontext
 import json
@@ -37,36 +41,30 @@ import training
 # the paper's setting (CIM Sec. 4 / appendix, BEiT's recipe where CIM says nothing).
 # ----------------------------------------------------------------------------------------------------
 
+# The paper's setting. From the paper: ViT-B/16 (and ViT-S/16, ResNet-50 via --arch), 300 epochs, 50%
+# random masking, softmax sampling (T = 1), a small BEiT generator of 4 blocks (its ablation favours 4-6).
+# From BEiT's run_beit_pretraining.py and README command, where the paper is silent or could not be read
+# here: batch 2048, lr 1.5e-3 (blr = 1.5e-3 * 256 / 2048), AdamW (0.9, 0.999), weight decay 0.05, 10
+# warm-up epochs, cosine to 1e-5, drop path 0.1, random-resized crop 0.08-1 and colour jitter 0.4. This
+# project's choice, no reference: generator width 256 with 4 heads, ResPix's 9 x 9 normalisation window.
+IMAGENET = dict(arch="vit_b", img_size=224, patch_size=16, epochs=300, batch_size=64, blr=1.5e-3 * 256 / 2048,
+                min_lr=1e-5, warmup_epochs=10, weight_decay=0.05, opt_betas=[0.9, 0.999], gen_dim=256,
+                gen_depth=4, gen_heads=4, crop_min=0.08, color_jitter=0.4, norm_window=9, drop_path=0.1,
+                num_workers=10, knn_k=20, tokenizer=None, mask_ratio=0.5, temperature=1.0, resnet_stem="imagenet")
+# The small-scale recipes, as differences from it (why each value: docs/pretrain.md, "Recipes"): a 6-block
+# ViT at 32 px with patch 4, a 2-block generator, a k-means codebook fitted first as the tokenizer, a
+# quarter of the patches re-drawn.
+SMALL = dict(arch="vit_mini", img_size=32, patch_size=4, blr=2e-3, opt_betas=[0.9, 0.98], gen_dim=64,
+             gen_depth=2, gen_heads=2, color_jitter=0.0, norm_window=5, drop_path=0.0, num_workers=1,
+             tokenizer="kmeans", mask_ratio=0.25)
 RECIPES = {
-    # a k-means codebook (fitted in seconds, not a dVAE trained for minutes) and a quarter of the patches
-    # re-drawn: the same k-NN gain as the small dVAE at 50% in about 60% of the time (docs/pretrain.md)
-    "builtin": dict(arch="vit_mini", img_size=32, patch_size=4, epochs=4, batch_size=64, blr=2e-3,
-                    min_lr=1e-5, warmup_epochs=1, weight_decay=0.05, opt_betas=[0.9, 0.98],
-                    gen_dim=64, gen_depth=2, gen_heads=2, crop_min=0.35, color_jitter=0.0,
-                    norm_window=5, drop_path=0.0, num_workers=1, knn_k=20, tokenizer="kmeans",
-                    mask_ratio=0.25, temperature=1.0, resnet_stem="imagenet"),
-    # constant lr 1e-3 at batch 128, flips only, a quarter of the patches re-drawn (docs/study.md, row I);
-    # 60 epochs: the k-NN gain still rises after 15 (+6.6 -> +10.2 on photos-dev, docs/study.md)
-    "photos": dict(arch="vit_mini", img_size=32, patch_size=4, epochs=60, batch_size=128, blr=2e-3,
-                   min_lr=None, warmup_epochs=0, weight_decay=0.05, opt_betas=[0.9, 0.98],
-                   gen_dim=64, gen_depth=2, gen_heads=2, crop_min=1.0, color_jitter=0.0,
-                   norm_window=5, drop_path=0.0, num_workers=1, knn_k=20, tokenizer="kmeans",
-                   mask_ratio=0.25, temperature=1.0, resnet_stem="small"),
-    # The paper's setting. From the paper: ViT-B/16 (and ViT-S/16, ResNet-50 via --arch), 300 epochs,
-    # 50% random masking, softmax sampling (T = 1), a small BEiT generator of 4 blocks (its ablation
-    # favours 4-6). From BEiT's run_beit_pretraining.py and README command, where the paper is silent or
-    # could not be read here: batch 2048, lr 1.5e-3 (blr = 1.5e-3 * 256 / 2048), AdamW (0.9, 0.999),
-    # weight decay 0.05, 10 warm-up epochs, cosine to 1e-5, drop path 0.1, random-resized crop 0.08-1
-    # and colour jitter 0.4. This project's choice, no reference: generator width 256 with 4 heads,
-    # ResPix's 9 x 9 normalisation window
-    "imagenet": dict(arch="vit_b", img_size=224, patch_size=16, epochs=300, batch_size=64,
-                     blr=1.5e-3 * 256 / 2048, min_lr=1e-5, warmup_epochs=10, weight_decay=0.05,
-                     opt_betas=[0.9, 0.999], gen_dim=256, gen_depth=4, gen_heads=4, crop_min=0.08,
-                     color_jitter=0.4, norm_window=9, drop_path=0.1, num_workers=10, knn_k=20,
-                     tokenizer=None, mask_ratio=0.5, temperature=1.0, resnet_stem="imagenet"),
+    "builtin": dict(IMAGENET, **SMALL, epochs=4, min_lr=1e-5, warmup_epochs=1, crop_min=0.35),
+    "photos": dict(IMAGENET, **SMALL, epochs=60, batch_size=128, min_lr=None, warmup_epochs=0, crop_min=1.0,
+                   resnet_stem="small"),  # constant lr after no warm-up, flips only
+    "imagenet": IMAGENET,
 }
-# a ResNet's last stage collapses under the 1x1 RevDet head when trained longer: k-NN +5.0 over random
-# init at 5 epochs, +1.0 at 15 (photos-dev, 2 seeds; docs/study.md)
+# the photos recipe with a ResNet: its last stage degrades under the 1x1 RevDet head in longer runs
+# (docs/study.md)
 PHOTOS_RESNET_EPOCHS = 5
 # --method beit masks as BEiT does, whatever the recipe's CIM masking: blockwise, 75 of 196 patches
 BEIT_MASKING = dict(mask_type="block", mask_ratio=75 / 196)
@@ -113,7 +111,7 @@ class CIM(nn.Module):
         encoder, decoder = self.tokenizer
         B, G = images.shape[0], self.generator.grid
         mask = mask.bool()  # a 0/1 integer mask would index by value, not select
-        # 1. targets: the frozen dVAE's token for every patch (no grad, fp32 inside dvae.tokenize)
+        # 1. targets: the frozen dVAE's token for every patch (no grad; in --tokenizer-dtype)
         tokens = dvae.tokenize(encoder, tok_images, self.tokenizer_dtype)  # (B, G, G)
         check_token_grid(tokens, self.generator, encoder, "generator")
         tokens = tokens.flatten(1)                                    # (B, N)
@@ -182,7 +180,7 @@ def check_token_grid(tokens, vit, encoder, who):
                          f"tokenizer {G}*downsample = {G * encoder.downsample} px images")
 
 
-def build_backbone(args):
+def backbone_from_args(args):
     """The enhancer's backbone as the flags ask (a ResNet's stem by --resnet-stem)."""
     kw = dict(small_stem=args.resnet_stem == "small") if args.arch.startswith("resnet") else {}
     return enh.build_backbone(args.arch, img_size=args.img_size, patch_size=args.patch_size,
@@ -197,7 +195,7 @@ def check_network(args):
         if args.method == "cim":
             gen.BEiTGenerator(args.img_size, args.patch_size, 16, args.gen_dim, args.gen_depth, args.gen_heads)
         with torch.no_grad():
-            build_backbone(args).eval()(torch.zeros(1, 3, args.img_size, args.img_size))
+            backbone_from_args(args).eval()(torch.zeros(1, 3, args.img_size, args.img_size))
     except (AssertionError, ValueError, RuntimeError) as err:
         raise ValueError(f"these flags describe no network that runs ({str(err).splitlines()[0]}): check --arch "
                          f"{args.arch}, --img-size {args.img_size}, --patch-size {args.patch_size}"
@@ -207,7 +205,7 @@ def check_network(args):
 
 def build_model(args, encoder, decoder):
     grid = args.img_size // args.patch_size
-    backbone = build_backbone(args)
+    backbone = backbone_from_args(args)
     tok_dtype = training.AMP_DTYPES[args.amp] if args.tokenizer_dtype == "auto" else \
         TOKENIZER_DTYPES[args.tokenizer_dtype]
     if args.method == "beit":
@@ -221,45 +219,6 @@ def build_model(args, encoder, decoder):
     return CIM(generator, enhancer, encoder, decoder, args.temperature, args.sample, args.enh_weight,
                tok_dtype, channels_last)
 
-
-
-class BEiT(nn.Module):
-    """The baseline CIM is measured against (the paper compares CIM with BEiT): the enhancer's own
-    backbone trained by BEiT's masked image modelling, with no generator and no corruption. Masked
-    patch embeddings become a learnable mask token, and a linear head on each masked patch token
-    predicts the frozen tokenizer's token. Same data, tokenizer, masks and steps as a CIM run; its
-    backbone.pth goes to finetune.py and segment.py the same way: what CIM adds over BEiT at equal
-    size and budget. forward has CIM.forward's signature, so train_step runs both."""
-
-    def __init__(self, backbone, encoder, tokenizer_dtype=torch.float32):
-        super().__init__()
-        if not isinstance(backbone, enh.VisionTransformer):
-            raise ValueError("--method beit needs a ViT --arch: a mask token cannot enter a CNN (which is why "
-                             "CIM corrupts the image instead)")
-        self.backbone, self.tokenizer, self.tokenizer_dtype = backbone, (encoder,), tokenizer_dtype
-        self.grid, self.vocab_size = backbone.grid_size, encoder.vocab_size
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, backbone.num_features))
-        self.lm_head = nn.Linear(backbone.num_features, encoder.vocab_size)
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.lm_head.apply(enh.init_vit_weights)
-
-    def no_weight_decay(self):
-        return {"mask_token"} | {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
-
-    def forward(self, images, tok_images, mask, trace=no_trace):
-        mask = mask.bool()
-        tokens = dvae.tokenize(self.tokenizer[0], tok_images, self.tokenizer_dtype)  # (B, G, G), no grad
-        check_token_grid(tokens, self.backbone, self.tokenizer[0], "backbone")
-        tokens = tokens.flatten(1)                                    # (B, N)
-        trace("tokens", tokens)
-        x = self.backbone(images, mask, self.mask_token)[:, 1:]      # (B, N, D), masked patches -> [MASK]
-        logits = self.lm_head(x[mask])                               # (M, V): masked positions only
-        trace("logits", logits)
-        loss = gen.BEiTGenerator.loss(logits, tokens[mask])
-        trace("loss", loss)
-        with torch.no_grad():
-            acc = (logits.argmax(-1) == tokens[mask]).float().mean()
-        return loss, dict(tokens=tokens, mask=mask, loss_gen=loss, acc_gen=acc)
 
 
 def compile_in_place(model):
@@ -284,6 +243,7 @@ def train_step(ddp_model, model, batches, optimizer, scaler, args, device, trace
     optimizer.zero_grad(set_to_none=True)
     finite = torch.ones((), device=device)
     for i, (images, tok_images) in enumerate(batches):
+        # 0. the batch: one crop as the network view and as the tokenizer view; the patches to mask
         images = images.to(device, non_blocking=True)
         tok_images = tok_images.to(device, non_blocking=True)
         mask = gen.mask_patches(args.mask_type, images.shape[0], model.grid, args.mask_ratio,
@@ -592,6 +552,49 @@ def resume(args, model, optimizer, scaler, rank, world_size, device):
                                       args.allow_flag_changes)
     training.restore_training_state(ckpt, model, optimizer, scaler, rank, world_size, device, path, changed)
     return ckpt["step"], skips
+
+
+# ----------------------------------------------------------------------------------------------------
+# The baseline (--method beit): BEiT's masked image modelling on the same backbone, data and tokenizer
+# ----------------------------------------------------------------------------------------------------
+
+class BEiT(nn.Module):
+    """The baseline CIM is measured against (the paper compares CIM with BEiT): the enhancer's own
+    backbone trained by BEiT's masked image modelling, with no generator and no corruption. Masked
+    patch embeddings become a learnable mask token, and a linear head on each masked patch token
+    predicts the frozen tokenizer's token. Same data, tokenizer, masks and steps as a CIM run; its
+    backbone.pth goes to finetune.py and segment.py the same way: what CIM adds over BEiT at equal
+    size and budget. forward has CIM.forward's signature, so train_step runs both."""
+
+    def __init__(self, backbone, encoder, tokenizer_dtype=torch.float32):
+        super().__init__()
+        if not isinstance(backbone, enh.VisionTransformer):
+            raise ValueError("--method beit needs a ViT --arch: a mask token cannot enter a CNN (which is why "
+                             "CIM corrupts the image instead)")
+        self.backbone, self.tokenizer, self.tokenizer_dtype = backbone, (encoder,), tokenizer_dtype
+        self.grid, self.vocab_size = backbone.grid_size, encoder.vocab_size
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, backbone.num_features))
+        self.lm_head = nn.Linear(backbone.num_features, encoder.vocab_size)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.lm_head.apply(enh.init_vit_weights)
+
+    def no_weight_decay(self):
+        return {"mask_token"} | {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+
+    def forward(self, images, tok_images, mask, trace=no_trace):
+        mask = mask.bool()
+        tokens = dvae.tokenize(self.tokenizer[0], tok_images, self.tokenizer_dtype)  # (B, G, G), no grad
+        check_token_grid(tokens, self.backbone, self.tokenizer[0], "backbone")
+        tokens = tokens.flatten(1)                                    # (B, N)
+        trace("tokens", tokens)
+        x = self.backbone(images, mask, self.mask_token)[:, 1:]      # (B, N, D), masked patches -> [MASK]
+        logits = self.lm_head(x[mask])                               # (M, V): masked positions only
+        trace("logits", logits)
+        loss = gen.BEiTGenerator.loss(logits, tokens[mask])
+        trace("loss", loss)
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == tokens[mask]).float().mean()
+        return loss, dict(tokens=tokens, mask=mask, loss_gen=loss, acc_gen=acc)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -972,8 +975,9 @@ def explain(ddp_model, model, loader, optimizer, scaler, args, device):
 
 
 # the rows of explain.png, named after the numbered steps of CIM.forward that make them
-EXPLAIN_ROWS = ("original x", "1 tokens z", "2 generator input", "2 prediction (argmax)",
-                "3 samples z'", "5 corrupted x~", "4 replaced (label)", "6 enhancer output")
+# the rows of explain.png, each named after the step of CIM.forward that makes it (0: train_step's batch)
+EXPLAIN_ROWS = ("0 original x", "1 tokens z", "2 generator input", "2 prediction (argmax)",
+                "3 samples z'", "4 replaced (label)", "5 corrupted x~", "6 enhancer output")
 
 
 @torch.no_grad()
@@ -993,9 +997,8 @@ def save_explain(seen, vocab_size, args, path):
     predicted = tokens.masked_scatter(mask, seen["logits"].float().cpu().argmax(-1))
     masked = patch_map(mask, G, S)
     rows = [images, colours(tokens), images * (1 - masked) + 0.5 * masked, colours(predicted, dim=True),
-            colours(seen["mixed"].cpu(), dim=True), seen["corrupted"].float().cpu(),
-            patch_map(seen["replaced"].cpu(), G, S),
-            enhancer_view(seen["enhancer output"], args.objective, G, S, B)]
+            colours(seen["mixed"].cpu(), dim=True), patch_map(seen["replaced"].cpu(), G, S),
+            seen["corrupted"].float().cpu(), enhancer_view(seen["enhancer output"], args.objective, G, S, B)]
     names = list(EXPLAIN_ROWS[:-1]) + ["6 p(replaced)" if args.objective == "revdet" else "6 restored x"]
     data.save_grid(rows, path, names)
 
@@ -1028,7 +1031,7 @@ def knn_report(backbone, knn_sets, loaders, args, device):
     both networks' features (training.effective_rank: near 1 is a collapsed representation)."""
     num_classes = len(knn_sets[0].classes)
     torch.manual_seed(args.seed)
-    random_init = build_backbone(args).eval().to(device)
+    random_init = backbone_from_args(args).eval().to(device)
     ours, rand = (training.knn_accuracy(b, *loaders, num_classes, device, args.knn_k)
                   for b in (backbone, random_init))
     pixels = training.raw_pixel_knn(*loaders, num_classes, device, len(knn_sets[0]), args.img_size, args.knn_k)

@@ -166,3 +166,35 @@ def test_training_runs_when_copied_out_alone(tmp_path):
                           text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "ok []"
+
+
+def table_column(path, header):
+    """The first column of the markdown table under `header` (its header row), as written."""
+    lines = open(os.path.join(REPO, path)).read().split("\n")
+    start = lines.index(header) + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line.split("|")[1].strip())
+    return rows
+
+
+def test_the_step_is_numbered_the_same_in_code_readme_walkthrough_and_explain_png():
+    """0 the batch, 1 tokens, 2 generator, 3 samples, 4 mix and label, 5 decode, 6 enhancer, 7 loss and
+    update: CIM.forward's comments (with train_step's 0), the README table, docs/walkthrough.md's table
+    and the rows of explain.png (pretrain.EXPLAIN_ROWS and the walkthrough's list of them)."""
+    import inspect
+    import re
+    import pretrain
+    code = [int(n) for f in (pretrain.train_step, pretrain.CIM.forward)
+            for n in re.findall(r"^\s*# (\d)\. ", inspect.getsource(f), re.M)]
+    assert code == list(range(8))
+    readme = [int(n) for n in table_column("README.md", "| # | where | what | shape (ViT-B/16, DALL-E) |")]
+    walk = [int(n) for n in table_column("docs/walkthrough.md", "| # | where | what | shape |")]
+    for steps in (readme, walk):
+        assert sorted(set(steps)) == list(range(8)) and steps == sorted(steps), steps
+    rows = [int(r.split()[0]) for r in pretrain.EXPLAIN_ROWS]
+    assert rows == sorted(rows) and set(rows) <= set(range(8))
+    drawn = table_column("docs/walkthrough.md", "| row | what it shows | the lines that make it |")
+    assert drawn[:-1] == list(pretrain.EXPLAIN_ROWS[:-1]) and drawn[-1].startswith("6 ")

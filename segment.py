@@ -505,14 +505,63 @@ def check_fits(backbone, args):
 
 
 def main(args):
+    # ---------------------------------------------------------------- setup: checks, model, data, resume
     args = resolve_args(args)
     rank, world_size, device = training.init_distributed(args.device, args.dist_backend)
     runs.prepare_output_dir(args.output_dir)
     model = build_model(args).to(device)
-    if rank == 0:
+    if rank == 0:  # after build_model: the arch is --init's
         print(f"segment.py: recipe {args.recipe}, {args.arch} from {args.init}, {args.nb_classes} classes")
     training.seed_everything(args.seed, rank)
+    train_set, loader, sampler, val_loader, steps_per_epoch = build_loaders(args, rank, world_size)
+    overlays = overlay_folder(args, rank)
+    optimizer, scaler, step, skips = setup_optimizer(model, args, rank, world_size, device)
+    if args.eval_only:
+        return evaluate_trained(model, val_loader, overlays, step, train_set, args, rank, device)
+    model, ddp_model = distribute(model, world_size, device)
+    runs.record_args(args, rank, "segment.py")  # the flags, once every check has passed
+    log = training.JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0, resumed_at=step)
 
+    # ---------------------------------------------------------------- training loop
+    model.train()
+    bar = tqdm(total=args.iters, initial=step, disable=rank != 0, desc="segment", dynamic_ncols=True)
+    t0, seen, metrics = time.time(), 0, None
+    while step < args.iters:
+        # resume mid-epoch: the sampler replays the epoch's order from where the checkpoint left off
+        epoch, steps_left, start = training.resume_point(step, steps_per_epoch, args.iters, args.batch_size)
+        sampler.set_epoch(epoch, start=start)
+        batches = iter(loader)
+        for _ in range(steps_left):
+            lr = training.set_lr(optimizer, training.poly_lr(step, args.iters, args.warmup_iters, args.lr))
+            x, y = (t.to(device, non_blocking=True) for t in next(batches))
+            loss, main_loss, status = train_step(ddp_model, model, x, y, optimizer, scaler, args, device)
+            step += 1
+            seen += args.batch_size * world_size
+            bar.update(1)
+            skips(status, step)  # stops the run past --max-skips
+            if status != "skipped" and training.due(step, args.log_every, args.iters):
+                log.write(step=step, lr=lr, loss=loss, loss_main=main_loss, img_per_s=seen / (time.time() - t0),
+                          peak_mem_mb=training.peak_memory_mb(device), **skips.state())
+                bar.set_postfix(loss=f"{loss:.3f}")
+            evaluate_now = training.due(step, args.eval_every, args.iters)
+            stop = runs.stop_requested(device)  # SIGINT / SIGTERM on any rank: save now, then exit
+            if stop or evaluate_now or step % args.save_every == 0:
+                # before evaluating: a bad validation image costs no training
+                save_training_state(model, optimizer, scaler, skips, step, args, rank, device)
+            if stop:
+                runs.STOP.exit(step, os.path.join(args.output_dir, "checkpoint-latest.pth"), rank)
+            if evaluate_now:
+                metrics = evaluate(model, val_loader, args, device, overlays)
+                log.write(step=step, **{k: v for k, v in metrics.items() if k in ("aAcc", "mIoU", "mAcc")})
+    bar.close()
+
+    # ---------------------------------------------------------------- finish: metrics.json, the last line
+    return finish(model, metrics, val_loader, overlays, step, t0, train_set, args, rank, device)
+
+
+def build_loaders(args, rank, world_size):
+    """The training set and its resumable loader, the validation loader, and the iterations in one
+    epoch (a training set smaller than one iteration stops the run here)."""
     train_set, val_set = build_data(args)
     loader, sampler = data.build_loader(train_set, args.batch_size, args.num_workers, rank, world_size,
                                         seed=args.seed)
@@ -521,9 +570,20 @@ def main(args):
     if steps_per_epoch == 0:
         raise ValueError(f"the training set ({len(train_set)} images) is smaller than one iteration "
                          f"(--batch-size {args.batch_size} x {world_size} processes)")
+    return train_set, loader, sampler, val_loader, steps_per_epoch
+
+
+def overlay_folder(args, rank):
+    """OUTPUT_DIR/overlays, made on every rank; where evaluate writes its PNGs: rank 0's path, None on
+    the other ranks (they write none)."""
     overlay_dir = os.path.join(args.output_dir, "overlays")
     os.makedirs(overlay_dir, exist_ok=True)
+    return overlay_dir if rank == 0 else None
 
+
+def setup_optimizer(model, args, rank, world_size, device):
+    """(AdamW over layer-decayed groups, GradScaler, the step to start from, training.SkipCount),
+    restored from a checkpoint where the run resumes one (--eval-only: the trained run's)."""
     backbone = model.neck.backbone
     groups = training.param_groups(model, args.weight_decay,
                                    {f"neck.backbone.{n}" for n in backbone.no_weight_decay()},
@@ -531,9 +591,18 @@ def main(args):
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     step, skips = resume(args, model, optimizer, scaler, rank, world_size, device)
-    if args.eval_only:
-        metrics = evaluate(model, val_loader, args, device, overlay_dir if rank == 0 else None)
-        return report(metrics, step, args, rank, train_set, None)
+    return optimizer, scaler, step, skips
+
+
+def evaluate_trained(model, val_loader, overlays, step, train_set, args, rank, device):
+    """--eval-only: the trained run's model on the validation set, reported as a run's end is."""
+    metrics = evaluate(model, val_loader, args, device, overlays)
+    return report(metrics, step, args, rank, train_set, None)
+
+
+def distribute(model, world_size, device):
+    """(model, what the loop calls it through): DDP over several processes (SyncBatchNorm on GPUs), the
+    model itself in one."""
     ddp_model = model
     if world_size > 1:
         if device.type == "cuda":  # BatchNorm statistics over the global batch (mmseg's SyncBN)
@@ -541,65 +610,49 @@ def main(args):
         # (torch's SyncBatchNorm runs on GPUs only: CPU processes keep per-process statistics)
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    runs.record_args(args, rank, "segment.py")  # the flags, once every check has passed
-    log = training.JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0, resumed_at=step)
+    return model, ddp_model
 
-    def checkpoint():
-        rng = training.gather_rng_states(device)
-        if rank == 0:
-            training.save_checkpoint({"stage": "segment.py", "model": model.state_dict(),
-                                      "optimizer": optimizer.state_dict(),
-                                      "scaler": scaler.state_dict(), "step": step, **skips.state(),
-                                      "args": vars(args), "rng": rng},
-                                     os.path.join(args.output_dir, "checkpoint-latest.pth"), keep_previous=True)
 
-    model.train()
-    bar = tqdm(total=args.iters, initial=step, disable=rank != 0, desc="segment", dynamic_ncols=True)
-    t0, seen, metrics, start = time.time(), 0, None, time.time()
-    while step < args.iters:
-        epoch, offset = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, start=offset * args.batch_size)
-        for x, y in loader:
-            lr = training.poly_lr(step, args.iters, args.warmup_iters, args.lr)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g["lr_scale"]
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss, main_loss, status = train_step(ddp_model, model, x, y, optimizer, scaler, args, device)
-            step += 1
-            seen += args.batch_size * world_size
-            bar.update(1)
-            skips(status, step)  # stops the run past --max-skips
-            if status != "skipped" and (step % args.log_every == 0 or step == args.iters):
-                log.write(step=step, lr=lr, loss=loss, loss_main=main_loss, img_per_s=seen / (time.time() - t0),
-                          peak_mem_mb=training.peak_memory_mb(device), **skips.state())
-                bar.set_postfix(loss=f"{loss:.3f}")
-            evaluate_now = step % args.eval_every == 0 or step == args.iters
-            stop = runs.stop_requested(device)  # SIGINT / SIGTERM on any rank: save now, then exit
-            if stop or evaluate_now or step % args.save_every == 0:
-                checkpoint()  # before evaluating: a bad validation image costs no training
-            if stop:
-                runs.STOP.exit(step, os.path.join(args.output_dir, "checkpoint-latest.pth"), rank)
-            if evaluate_now:
-                metrics = evaluate(model, val_loader, args, device, overlay_dir if rank == 0 else None)
-                log.write(step=step, **{k: v for k, v in metrics.items() if k in ("aAcc", "mIoU", "mAcc")})
-            if step == args.iters:
-                break
-    bar.close()
-    minutes = (time.time() - start) / 60
-    if metrics is None:  # nothing trained now: a finished run, run again (or stopped in its last evaluation)
-        saved = os.path.join(args.output_dir, "metrics.json")
-        if os.path.isfile(saved) and training.last_log_record(os.path.join(args.output_dir, "log.jsonl"),
-                                                              "mIoU") is not None:
-            with open(saved) as f:
-                result = {k: v for k, v in json.load(f).items() if k not in ("classes", "IoU", "Acc")}
-            if rank == 0:
-                print(f"segment.py: {args.output_dir} holds a finished run ({step} of {args.iters} iterations); "
-                      f"its result:\n{json.dumps(result)}")
+def save_training_state(model, optimizer, scaler, skips, step, args, rank, device):
+    """OUTPUT_DIR/checkpoint-latest.pth: everything a bit-exact continuation needs. A collective (the
+    RNG states of every rank): every rank calls it; rank 0 writes."""
+    rng = training.gather_rng_states(device)
+    if rank == 0:
+        training.save_checkpoint({"stage": "segment.py", "model": model.state_dict(),
+                                  "optimizer": optimizer.state_dict(),
+                                  "scaler": scaler.state_dict(), "step": step, **skips.state(),
+                                  "args": vars(args), "rng": rng},
+                                 os.path.join(args.output_dir, "checkpoint-latest.pth"), keep_previous=True)
+
+
+def finish(model, metrics, val_loader, overlays, step, t0, train_set, args, rank, device):
+    """The result of the last evaluation: the per-class table, metrics.json and the last line. A run
+    that evaluated nothing now (a finished run, run again, or one stopped in its last evaluation)
+    reports its saved result, or evaluates now."""
+    minutes = (time.time() - t0) / 60
+    if metrics is None:
+        result = finished_run_result(step, args, rank)
+        if result is not None:
             training.finish_distributed()
             return result
-        metrics, minutes = evaluate(model, val_loader, args, device, overlay_dir if rank == 0 else None), None
+        metrics, minutes = evaluate(model, val_loader, args, device, overlays), None
     result = report(metrics, step, args, rank, train_set, minutes)
     training.finish_distributed()
+    return result
+
+
+def finished_run_result(step, args, rank):
+    """A finished run, run again: the result in its metrics.json (rank 0 prints it), or None where
+    the log holds no evaluation, so the run evaluates now."""
+    saved = os.path.join(args.output_dir, "metrics.json")
+    if not (os.path.isfile(saved) and training.last_log_record(os.path.join(args.output_dir, "log.jsonl"),
+                                                               "mIoU") is not None):
+        return None
+    with open(saved) as f:
+        result = {k: v for k, v in json.load(f).items() if k not in ("classes", "IoU", "Acc")}
+    if rank == 0:
+        print(f"segment.py: {args.output_dir} holds a finished run ({step} of {args.iters} iterations); "
+              f"its result:\n{json.dumps(result)}")
     return result
 
 

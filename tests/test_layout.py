@@ -198,3 +198,26 @@ def test_the_step_is_numbered_the_same_in_code_readme_walkthrough_and_explain_pn
     assert rows == sorted(rows) and set(rows) <= set(range(8))
     drawn = table_column("docs/walkthrough.md", "| row | what it shows | the lines that make it |")
     assert drawn[:-1] == list(pretrain.EXPLAIN_ROWS[:-1]) and drawn[-1].startswith("6 ")
+
+
+def test_every_number_in_the_readme_quick_start_is_in_a_page_it_links():
+    """The quick start's numbers (accuracies, minutes, the suite's count and time) are quoted from the
+    docs pages it links to, where their command and machine are: none may stand in the README alone."""
+    import re
+    text = open(os.path.join(REPO, "README.md")).read()
+    section = text[text.index("## Quick start"):text.index("## The paper's path")]
+    pages = sorted(set(re.findall(r"\]\((docs/[^)#]+)", section)))
+    assert pages, "the quick start links no docs page"
+    docs = "".join(open(os.path.join(REPO, p)).read() for p in pages)
+    prose = re.sub(r"```.*?```", "", section, flags=re.S)  # the commands and the printed line: as run
+    numbers = re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])", prose) + re.findall(r"\b(\d+) tests\b", prose) \
+        + re.findall(r"\b(\d+) s\b", prose)
+    assert numbers
+    assert [n for n in numbers if n not in docs] == [], f"not in {pages}"
+
+
+def test_readme_and_docs_name_no_path_outside_the_repository():
+    import glob
+    pages = [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
+    found = [f"{os.path.relpath(p, REPO)}:{i}" for p in pages for i, line in enumerate(open(p), 1) if "../" in line]
+    assert found == []

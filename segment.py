@@ -509,6 +509,7 @@ def main(args):
     args = resolve_args(args)
     rank, world_size, device = training.init_distributed(args.device, args.dist_backend)
     runs.prepare_output_dir(args.output_dir)
+    runs.check_output_owner(args, "segment.py")  # another stage's folder: refused before any work
     model = build_model(args).to(device)
     if rank == 0:  # after build_model: the arch is --init's
         print(f"segment.py: recipe {args.recipe}, {args.arch} from {args.init}, {args.nb_classes} classes")

@@ -448,7 +448,7 @@ class SyntheticShapes(DatasetBase):
     CLASSES = ("disc", "square", "triangle", "cross", "ring", "star", "bar", "diamond")
     SPLIT_LENGTH = {"train": 8192, "val": 1024, "select": 1024}  # select: data.SELECT_FRACTION's split
     # large labelled objects: at 32 px the class must be readable from a handful of 4 x 4 tokens
-    # (radius 0.22-0.36 with distractor blobs gave a k-NN of 17% after the default run, 0.32-0.45 20-23%)
+    # (smaller radii taught the default run less: docs/data.md, "The built-in data")
     OBJECT_RADIUS = (0.32, 0.45)
     DISTRACTOR_RADIUS = (0.12, 0.2)
     MAX_DISTRACTORS = 2

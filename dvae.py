@@ -15,8 +15,9 @@ loading them runs no code from the file and does not need the `dall_e` package (
 `load_openai_dvae`).
 
 `python dvae.py` trains an own tokenizer (Gumbel-softmax, last section) or fits a k-means patch
-codebook; that training stage uses the loop parts every stage shares from training.py and the data
-from data.py, imported inside its functions.
+codebook; `fit_tokenizer(output_dir, preset, **flags)` runs the same stage from Python (pretrain.py
+fits its own tokenizer so). That training stage uses the loop parts every stage shares from
+training.py and the data from data.py, imported inside its functions.
 
 Needs torch alone (tqdm, data.py and training.py only when run as a training script). Shape letters as in the rest of the repo: B batch, V vocabulary, H/W image
 height/width, h/w token-grid height/width, f = the dVAE's down-sampling factor (8 for DALL-E).
@@ -719,86 +720,43 @@ def evaluate_tokenizer(enc, dec, loader, device, max_batches=8):
 COLLAPSE_PERPLEXITY = 16
 
 def main(args):
-    import data  # the training stage's imports stay here: the model code above needs torch alone
-    import runs
+    """The stage (`python dvae.py`; fit_tokenizer): a dVAE trained by Gumbel-softmax, or with --preset
+    kmeans a patch codebook fitted at once. Returns the validation numbers (rank 0; {} on the others)."""
+    import runs  # the training stage's imports stay here: the model code above needs torch alone
     import training
     from tqdm import tqdm
 
+    # ---------------------------------------------------------------- setup: config, data, model, resume
     owns_group = not torch.distributed.is_initialized()  # pretrain.py may call us inside its group
     rank, world_size, device = training.init_distributed(args.device, args.dist_backend)
     training.seed_everything(args.seed, rank)
     cfg = resolve_config(args)
     runs.prepare_output_dir(args.output_dir)
-    if args.preset == "kmeans":
+    if args.preset == "kmeans":  # no training loop: the codebook is fitted at once
         stats = fit_codebook(args, cfg, rank, device)
         training.finish_distributed(owns_group)
         return stats
-
-    # ---------------------------------------------------------------- data
-    train_tf = data.PretrainTransform(cfg["img_size"], scale=(0.35, 1.0), normalized=False)
-    val_tf = data.EvalTransform(cfg["img_size"], crop_pct=1.0, normalized=False)
-    train_set = data.build_dataset(args.data, "train", train_tf, seed=args.seed)
-    val_set = data.build_dataset(args.data, "val", val_tf, seed=args.seed)
-    loader, sampler = data.build_loader(train_set, args.batch_size, args.num_workers, rank,
-                                        world_size, seed=args.seed)
-    val_loader, _ = data.build_loader(val_set, args.batch_size, 0, shuffle=False, drop_last=False)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {args.batch_size} x {world_size} processes is larger than the "
-                         f"training set ({len(train_set)} images)")
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
-
-    # ---------------------------------------------------------------- model, optimiser, resume
-    enc, dec = build_from_config(cfg)
-    model = DVAE(enc, dec).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.999),
-                                  weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    step, free = 0, get_args_parser().resume_free
-    resume, ckpt = runs.find_resume_checkpoint(args, "dvae.py", free, ("log.jsonl",))
-    if ckpt is not None and "encoder" not in ckpt:
-        raise ValueError(f"--resume {resume!r} holds a k-means codebook, not a dVAE: give --preset "
-                         f"{args.preset} another --output-dir")
-    if ckpt is not None:
-        runs.check_resume_flags(ckpt["args"], vars(args), free, resume, args.allow_flag_changes)
-        model.encoder.load_state_dict(ckpt["encoder"])
-        model.decoder.load_state_dict(ckpt["decoder"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        training.restore_rng_states(ckpt["rng"], rank, world_size, device, resume)
-        if rank == 0:
-            print(f"resumed from {resume} at step {step}")
-    skips = training.SkipCount("dvae.py", args.max_skips, args.output_dir, ckpt)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    train_set, loader, sampler, val_set, val_loader = build_data(args, cfg, rank, world_size)
+    steps_per_epoch, total_steps = schedule(args, train_set, loader, world_size)
+    model, ddp_model, optimizer, scaler, step, skips = build_training(args, cfg, rank, world_size, device)
     runs.record_args(args, rank, "dvae.py")  # the flags, once every check has passed
-    log = training.JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0,
-                           resumed_at=step if step else None)
-
-    def checkpoint():
-        rng = training.gather_rng_states(device)  # collective: every rank takes part
-        if rank == 0:
-            training.save_checkpoint(
-                {"stage": "dvae.py", "encoder": model.encoder.state_dict(), "decoder": model.decoder.state_dict(),
-                 "encoder_config": dvae_config(model.encoder), "decoder_config": dvae_config(model.decoder),
-                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                 "total_steps": total_steps, **skips.state(), "args": vars(args), "rng": rng},
-                os.path.join(args.output_dir, "checkpoint-latest.pth"), keep_previous=True)
+    log = training.JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0, resumed_at=step or None)
 
     # ---------------------------------------------------------------- training loop
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="dvae", dynamic_ncols=True)
     t0, seen = time.time(), 0
     while step < total_steps:
-        epoch, offset = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, start=offset * args.batch_size)
-        for x, _ in loader:
+        # resume mid-epoch: the sampler replays the epoch's order from where the checkpoint left off
+        epoch, steps_left, start = training.resume_point(step, steps_per_epoch, total_steps, args.batch_size)
+        sampler.set_epoch(epoch, start=start)
+        batches = iter(loader)
+        for _ in range(steps_left):
+            x = next(batches)[0].to(device, non_blocking=True)
             temperature, kl_weight = gumbel_schedule(step, total_steps, args, cfg)
-            lr = training.cosine_lr(step, total_steps, args.warmup_steps, cfg["lr"], args.min_lr)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            x = x.to(device, non_blocking=True)
+            lr = training.set_lr(optimizer, training.cosine_lr(step, total_steps, args.warmup_steps, cfg["lr"],
+                                                               args.min_lr))
             with training.autocast(device, args.amp):
-                out = ddp(x, temperature, kl_weight, args.recon_loss, args.relaxation == "hard")
+                out = ddp_model(x, temperature, kl_weight, args.recon_loss, args.relaxation == "hard")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(out["loss"]).backward()
             _, status = training.optimizer_step(model, optimizer, scaler, torch.isfinite(out["loss"].detach()),
@@ -807,25 +765,110 @@ def main(args):
             seen += x.shape[0] * world_size
             bar.update(1)
             skips(status, step)  # stops the run past --max-skips
-            if status != "skipped" and (step % args.log_every == 0 or step == total_steps):
-                perplexity, usage = codebook_stats(out["codes"], cfg["vocab_size"])
-                rec = {"step": step, "epoch": epoch, "loss": out["loss"].item(),
-                       "recon": out["recon"].item(), "kl": out["kl"].item(), "perplexity": perplexity,
-                       "usage": usage, "temperature": temperature, "kl_weight": kl_weight, "lr": lr,
-                       "img_per_s": seen / (time.time() - t0), **skips.state()}
-                bar.set_postfix(recon=f"{rec['recon']:.4f}", ppl=f"{perplexity:.0f}", tau=f"{temperature:.2f}")
+            if status != "skipped" and training.due(step, args.log_every, total_steps):
+                rec = dict(step=step, epoch=epoch, **log_record(out, cfg), temperature=temperature,
+                           kl_weight=kl_weight, lr=lr, img_per_s=seen / (time.time() - t0), **skips.state())
+                bar.set_postfix(recon=f"{rec['recon']:.4f}", ppl=f"{rec['perplexity']:.0f}", tau=f"{temperature:.2f}")
                 log.write(**rec)
-            if rank == 0 and (step % args.sample_every == 0 or step == total_steps):
+            if rank == 0 and training.due(step, args.sample_every, total_steps):
                 save_reconstructions(model.encoder, model.decoder, val_set, device,
                                      os.path.join(args.output_dir, f"recon-{step:06d}.png"))
             stop = runs.stop_requested(device)  # SIGINT / SIGTERM on any rank: save now, then exit
-            if stop or step % args.save_every == 0 or step == total_steps:
-                checkpoint()
+            if stop or training.due(step, args.save_every, total_steps):
+                save_training_state(model, optimizer, scaler, skips, step, total_steps, args, rank, device)
             if stop:
                 runs.STOP.exit(step, os.path.join(args.output_dir, "checkpoint-latest.pth"), rank)
-            if step == total_steps:
-                break
     bar.close()
+
+    # ---------------------------------------------------------------- finish: validation numbers
+    return finish(model, val_loader, cfg, step, t0, log, rank, device, owns_group)
+
+
+def build_data(args, cfg, rank, world_size):
+    """(training set, its resumable loader and sampler, validation set, its loader): random crops of
+    the tokenizer's size to train on, the whole image to validate on, both in [0, 1]."""
+    import data
+    train_tf = data.PretrainTransform(cfg["img_size"], scale=(0.35, 1.0), normalized=False)
+    val_tf = data.EvalTransform(cfg["img_size"], crop_pct=1.0, normalized=False)
+    train_set = data.build_dataset(args.data, "train", train_tf, seed=args.seed)
+    val_set = data.build_dataset(args.data, "val", val_tf, seed=args.seed)
+    loader, sampler = data.build_loader(train_set, args.batch_size, args.num_workers, rank,
+                                        world_size, seed=args.seed)
+    val_loader, _ = data.build_loader(val_set, args.batch_size, 0, shuffle=False, drop_last=False)
+    return train_set, loader, sampler, val_set, val_loader
+
+
+def schedule(args, train_set, loader, world_size):
+    """(optimiser steps per epoch, total steps): --max-steps, else --epochs of the loader."""
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {args.batch_size} x {world_size} processes is larger than the "
+                         f"training set ({len(train_set)} images)")
+    return steps_per_epoch, args.max_steps or args.epochs * steps_per_epoch
+
+
+def build_training(args, cfg, rank, world_size, device):
+    """(the DVAE, its DDP wrapper (the model itself in one process), AdamW, GradScaler, the step to
+    start from, training.SkipCount), restored from a checkpoint where the run resumes one."""
+    enc, dec = build_from_config(cfg)
+    model = DVAE(enc, dec).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.999),
+                                  weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    step, skips = resume(args, model, optimizer, scaler, rank, world_size, device)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    return model, ddp_model, optimizer, scaler, step, skips
+
+
+def resume(args, model, optimizer, scaler, rank, world_size, device):
+    """Restore everything a bit-exact continuation needs; returns (step, training.SkipCount)."""
+    import runs
+    import training
+    step, free = 0, get_args_parser().resume_free
+    path, ckpt = runs.find_resume_checkpoint(args, "dvae.py", free, ("log.jsonl",))
+    if ckpt is not None and "encoder" not in ckpt:
+        raise ValueError(f"--resume {path!r} holds a k-means codebook, not a dVAE: give --preset "
+                         f"{args.preset} another --output-dir")
+    if ckpt is not None:
+        runs.check_resume_flags(ckpt["args"], vars(args), free, path, args.allow_flag_changes)
+        model.encoder.load_state_dict(ckpt["encoder"])
+        model.decoder.load_state_dict(ckpt["decoder"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step = ckpt["step"]
+        training.restore_rng_states(ckpt["rng"], rank, world_size, device, path)
+        if rank == 0:
+            print(f"resumed from {path} at step {step}")
+    return step, training.SkipCount("dvae.py", args.max_skips, args.output_dir, ckpt)
+
+
+def log_record(out, cfg):
+    """The loss parts of one step and its batch's code perplexity and usage, for the JSON log (reads
+    tensors back from the device: only at log time)."""
+    perplexity, usage = codebook_stats(out["codes"], cfg["vocab_size"])
+    return {"loss": out["loss"].item(), "recon": out["recon"].item(), "kl": out["kl"].item(),
+            "perplexity": perplexity, "usage": usage}
+
+
+def save_training_state(model, optimizer, scaler, skips, step, total_steps, args, rank, device):
+    """OUTPUT_DIR/checkpoint-latest.pth: the tokenizer pretrain.py reads (weights + config) and
+    everything a bit-exact continuation needs. A collective (the RNG states of every rank): every
+    rank calls it; rank 0 writes."""
+    import training
+    rng = training.gather_rng_states(device)
+    if rank == 0:
+        training.save_checkpoint(
+            {"stage": "dvae.py", "encoder": model.encoder.state_dict(), "decoder": model.decoder.state_dict(),
+             "encoder_config": dvae_config(model.encoder), "decoder_config": dvae_config(model.decoder),
+             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+             "total_steps": total_steps, **skips.state(), "args": vars(args), "rng": rng},
+            os.path.join(args.output_dir, "checkpoint-latest.pth"), keep_previous=True)
+
+
+def finish(model, val_loader, cfg, step, t0, log, rank, device, owns_group):
+    """The hard-token reconstruction numbers on the validation set (logged, the last line), a warning
+    if the codebook has collapsed, the process group left as found. Returns the numbers."""
+    import training
     stats = {}
     if rank == 0:
         stats = evaluate_tokenizer(model.encoder, model.decoder, val_loader, device)
@@ -840,6 +883,45 @@ def main(args):
                   f"pretrain.py refuses tokenizers below --min-tokenizer-perplexity (16)")
     training.finish_distributed(owns_group)
     return stats
+
+
+def stage_args(**values):
+    """dvae.py's flags as the command line gives them, from keyword values named as the flags' dests
+    (`img_size=32` for --img-size 32): the parser's defaults for the rest, and each value held to
+    its flag's own check, as if typed (its `type`, range included, and its choices), so a bad value
+    is refused as the command line refuses it. None leaves a flag whose default is None unset."""
+    import argparse
+    import runs
+    parser = get_args_parser()
+    args, actions = parser.parse_args([]), {a.dest: a for a in parser._actions if a.dest != "help"}
+    for name, value in values.items():
+        if name not in actions:
+            raise TypeError(f"dvae.py has no flag {runs.flag(name)}")
+        action = actions[name]
+        if action.nargs == 0:  # a switch (store_true)
+            if not isinstance(value, bool):
+                raise ValueError(f"{runs.flag(name)} is a switch: True or False, not {value!r}")
+        elif value is not None or action.default is not None:
+            try:
+                value = (action.type or str)(str(value))
+            except (argparse.ArgumentTypeError, ValueError) as err:
+                raise ValueError(f"argument {runs.flag(name)}: {err}") from None
+            if action.choices is not None and value not in action.choices:
+                raise ValueError(f"argument {runs.flag(name)}: invalid choice: {value!r} (choose from "
+                                 f"{', '.join(map(repr, action.choices))})")
+        setattr(args, name, value)
+    return args
+
+
+def fit_tokenizer(output_dir, preset, **flags):
+    """Fit dvae.py's --preset PRESET into OUTPUT_DIR, as `python dvae.py --output-dir OUTPUT_DIR
+    --preset PRESET ...` would, and return the path of its checkpoint (what load_tokenizer and
+    pretrain.py --dvae read). `flags`: any other flag of dvae.py by its dest name (data, img_size,
+    seed, device, num_workers, max_steps...), checked as the command line checks it (stage_args);
+    the rest take the parser's defaults. The same code path as the command line: main."""
+    args = stage_args(output_dir=output_dir, preset=preset, **flags)
+    main(args)
+    return os.path.join(args.output_dir, "checkpoint-latest.pth")
 
 
 def fit_codebook(args, cfg, rank, device):

@@ -786,14 +786,14 @@ def untrained_tokenizer(args, device):
     return tuple(m.to(device).eval().requires_grad_(False) for m in parts)
 
 
-def own_tokenizer_args(args):
-    """dvae.py's flags for the tokenizer this run fits itself (--tokenizer PRESET on --data)."""
+def own_tokenizer_flags(args):
+    """dvae.fit_tokenizer's values for the tokenizer this run fits itself (--tokenizer PRESET on --data,
+    in OUTPUT_DIR/tokenizer): what train_own_tokenizer fits it with and what cached_tokenizer holds a
+    cached one to, in one place."""
     grid = args.img_size // args.patch_size
-    return dvae.get_args_parser().parse_args(
-        ["--output-dir", os.path.join(args.output_dir, "tokenizer"), "--preset", args.tokenizer,
-         "--img-size", str(grid * dvae.preset_downsample(args.tokenizer)), "--seed", str(args.seed),
-         "--device", args.device, "--num-workers", str(args.num_workers)]
-        + (["--data", args.data] if args.data is not None else []))
+    return dict(output_dir=os.path.join(args.output_dir, "tokenizer"), preset=args.tokenizer,
+                img_size=grid * dvae.preset_downsample(args.tokenizer), seed=args.seed, device=args.device,
+                num_workers=args.num_workers, data=args.data)
 
 
 TOKENIZER_KEY = ("preset", "data", "img_size")  # what makes a cached tokenizer this run's
@@ -802,10 +802,11 @@ TOKENIZER_KEY = ("preset", "data", "img_size")  # what makes a cached tokenizer 
 def cached_tokenizer(args):
     """OUTPUT_DIR/tokenizer/checkpoint-latest.pth when an earlier run finished training it, else None.
     One made by other flags (another --tokenizer, --data or size) is refused by name, never reused."""
-    ckpt = os.path.join(args.output_dir, "tokenizer", "checkpoint-latest.pth")
+    flags = own_tokenizer_flags(args)
+    ckpt = os.path.join(flags["output_dir"], "checkpoint-latest.pth")
     if not os.path.isfile(ckpt):
         return None
-    cached, wanted = training.load_checkpoint(ckpt, "cached tokenizer"), vars(own_tokenizer_args(args))
+    cached, wanted = training.load_checkpoint(ckpt, "cached tokenizer"), vars(dvae.stage_args(**flags))
     made = cached.get("args", {})
     diff = [f"{runs.flag(k)} {made.get(k)!r}, not {wanted[k]!r}" for k in TOKENIZER_KEY
             if not runs.same_value(made.get(k), wanted[k])]
@@ -819,12 +820,12 @@ def cached_tokenizer(args):
 def train_own_tokenizer(args):
     """No tokenizer given: train dvae.py's --tokenizer preset on the same data (every rank joins under
     torchrun), cached in OUTPUT_DIR/tokenizer so later runs and resumes reuse it."""
-    targs = own_tokenizer_args(args)
-    ckpt = os.path.join(targs.output_dir, "checkpoint-latest.pth")
-    if cached_tokenizer(args) is None:  # absent or interrupted: (re)train
+    ckpt = cached_tokenizer(args)
+    if ckpt is None:  # absent or interrupted: (re)train
+        flags = own_tokenizer_flags(args)
         print(f"pretrain.py: no tokenizer given: fitting dvae.py --preset {args.tokenizer} on "
-              f"{args.data or 'the built-in data'} first (cached in {targs.output_dir}; pass --dvae to use another)")
-        dvae.main(targs)
+              f"{args.data or 'the built-in data'} first (cached in {flags['output_dir']}; pass --dvae to use another)")
+        ckpt = dvae.fit_tokenizer(**flags)
     return dvae.load_tokenizer(ckpt)
 
 

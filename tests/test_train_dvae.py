@@ -412,3 +412,17 @@ def test_a_collapsed_codebook_is_reported_at_the_end(tmp_path, monkeypatch, caps
     monkeypatch.setattr(dvae, "COLLAPSE_PERPLEXITY", 0.0)
     dvae.main(dvae_args(tmp_path / "b", "--max-steps", "2", "--warmup-steps", "1"))
     assert "codebook has collapsed" not in capsys.readouterr().out
+
+
+def test_stage_args_holds_keyword_values_to_each_flags_own_check():
+    """dvae.fit_tokenizer's arguments (pretrain.py's tokenizer fit): the parser's defaults, and each value
+    given checked as the command line checks it, by the flag's name."""
+    args = dvae.stage_args(output_dir="o", preset="kmeans", seed=3, img_size=32)
+    assert (args.output_dir, args.preset, args.seed, args.img_size) == ("o", "kmeans", 3, 32)
+    assert args.lr == dvae.get_args_parser().parse_args([]).lr  # the rest: the parser's defaults
+    with pytest.raises(ValueError, match=r"argument --seed: must be a number in \[0, 2\*\*32\), got -1"):
+        dvae.stage_args(seed=-1)
+    with pytest.raises(ValueError, match="--preset"):
+        dvae.stage_args(preset="huge")
+    with pytest.raises(TypeError, match="dvae.py has no flag --no-such-flag"):
+        dvae.stage_args(no_such_flag=1)

@@ -37,6 +37,7 @@ checkpoint-best.pth (the best epoch's weights), and at the end classifier.pth un
 torchvision names.
 """
 import copy
+import itertools
 import json
 import math
 import os
@@ -538,6 +539,9 @@ def parse_aa(spec):
 
 
 def build_data(args, rank, world_size):
+    """The training set, its resumable loader and sampler, the batch mixing (Mixup) and the evaluation
+    loader, all built and checked now (classes, readable evaluation images, --nb-classes): a bad set
+    stops the run before training."""
     train_tf = data.FinetuneTransform(args.img_size, scale=(args.crop_min, 1.0), rand_augment=parse_aa(args.aa),
                                       color_jitter=args.color_jitter, reprob=args.reprob)
     if args.mode == "linear":  # MAE's linear probe: crop + flip only
@@ -559,7 +563,12 @@ def build_data(args, rank, world_size):
     if args.nb_classes is not None and args.nb_classes != num_classes:
         raise ValueError(f"--nb-classes {args.nb_classes}, but the data has {num_classes} classes")
     args.nb_classes = num_classes
-    return train_set, val_set
+    loader, sampler = data.build_loader(train_set, args.batch_size, args.num_workers, rank, world_size,
+                                        seed=args.seed, repeats=args.aug_repeats)
+    val_loader = data.build_eval_loader(val_set, args.eval_batch_size, args.num_workers, rank, world_size)
+    mixup = Mixup(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob, args.smoothing,
+                  args.nb_classes)
+    return train_set, loader, sampler, mixup, val_loader
 
 
 def knn_main(args, backbone, rank, world_size, device):
@@ -634,127 +643,40 @@ def knn_per_layer(backbone, train_loader, val_loader, num_classes, device, k=20,
 
 
 def main(args):
-    # the --init file is read once (a pre-training checkpoint also holds the generator and optimiser)
-    init = enh.read_backbone(args.init) if args.init not in (None, "scratch") else None  # names a bad file
+    # ---------------------------------------------------------------- setup: network, data, model, resume
+    init = read_init(args)
     args = resolve_args(args, init)
     rank, world_size, device = training.init_distributed(args.device, args.dist_backend)
     runs.prepare_output_dir(args.output_dir)
-    torch.manual_seed(args.seed)  # a scratch backbone's init
-    # a ResNet trained from scratch zero-inits the last BatchNorm of each block, as timm / RSB do (not a
-    # frozen random one: the linear-probe and k-NN baselines keep plain random features)
-    zero_init = args.init == "scratch" and args.arch.startswith("resnet") and args.mode == "finetune"
-    backbone, net = enh.load_backbone(init or args.init, args.arch, args.img_size, args.patch_size, args.drop_path,
-                                      zero_init_residual=zero_init, small_stem=args.resnet_stem == "small")
-    # the checkpoint decides the network: its values go into args, so checkpoints and resumes record them
-    args.arch, args.img_size, args.patch_size, args.init_values = (
-        net[k] for k in ("arch", "img_size", "patch_size", "init_values"))
-    args.eval_size = args.eval_size or args.img_size
-    if args.patch_size and args.arch.startswith("vit") and args.eval_size % args.patch_size:
-        raise ValueError(f"--eval-size {args.eval_size} is not a multiple of the ViT's patch size {args.patch_size}: "
-                         f"use a multiple, e.g. {args.eval_size // args.patch_size * args.patch_size}")
-    if rank == 0:
-        print(f"finetune.py: mode {args.mode}, recipe {args.recipe}, {args.arch} from {args.init}")
+    backbone = setup_backbone(args, init)
+    announce(args, rank)
     training.seed_everything(args.seed, rank)
     if args.mode == "knn":
         return knn_main(args, backbone, rank, world_size, device)
-
-    # ---------------------------------------------------------------- data
-    train_set, val_set = build_data(args, rank, world_size)
-    train_split, eval_split = data.EVAL_SPLITS[args.eval_split]
-    loader, sampler = data.build_loader(train_set, args.batch_size, args.num_workers, rank, world_size,
-                                        seed=args.seed, repeats=args.aug_repeats)
-    val_loader = data.build_eval_loader(val_set, args.eval_batch_size, args.num_workers, rank, world_size)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise ValueError(f"the training set ({len(train_set)} images) is smaller than one step "
-                         f"(--batch-size {args.batch_size} x {world_size} processes)")
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
-    total_batch = args.batch_size * world_size
-    if args.lr is None:
-        args.lr = args.blr * total_batch / 256
-    warmup_steps = int(args.warmup_epochs * steps_per_epoch)
-    mixup = Mixup(args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob, args.smoothing,
-                  args.nb_classes)
-
-    # ---------------------------------------------------------------- model, optimiser, resume
-    model = Classifier(backbone, args.nb_classes, args.pool, args.head_init_scale,
-                       linear=args.mode == "linear").to(device)
-    groups = training.param_groups(model, args.weight_decay, model.no_weight_decay(), args.layer_decay,
-                                   training.num_backbone_layers(backbone))
-    optimizer = build_optimizer(args, groups, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    ema = ModelEma(model, args.model_ema_decay) if args.model_ema else None
-    state, skips = resume(args, model, optimizer, scaler, ema, rank, world_size, device)
-    step, best = state["step"], state["best"]
-    ddp_model = model
-    if world_size > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_set, loader, sampler, mixup, val_loader = build_data(args, rank, world_size)
+    steps_per_epoch, total_steps, warmup_steps, total_batch = schedule(args, train_set, loader, world_size)
+    model, ddp_model, optimizer, scaler, ema, step, state, skips = build_training(args, backbone, rank,
+                                                                                 world_size, device)
     runs.record_args(args, rank, "finetune.py")  # the flags, once every check has passed
     log = training.JsonLog(os.path.join(args.output_dir, "log.jsonl"), rank == 0, resumed_at=step)
-    if rank == 0:
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"{args.arch} {args.img_size}px, {args.nb_classes} classes, {n_train / 1e6:.2f}M trained "
-              f"params, {total_steps} steps of {total_batch} images, lr {args.lr:.2e}")
-
-    def checkpoint(path_name):
-        rng = training.gather_rng_states(device)
-        if rank == 0:
-            training.save_checkpoint(
-                {"stage": "finetune.py", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict(), "ema": ema.module.state_dict() if ema else None,
-                 **state, "step": step, "best": best, **skips.state(), "args": vars(args), "rng": rng},
-                os.path.join(args.output_dir, path_name), keep_previous=True)
-
-    def save_best(epoch):
-        """The weights of the best epoch so far, without the optimiser's state (a third of the bytes
-        under AdamW): a run resumes from checkpoint-latest.pth."""
-        if rank == 0:
-            training.save_checkpoint(
-                {"stage": "finetune.py", "model": model.state_dict(), "ema": ema.module.state_dict() if ema else None,
-                 "epoch": epoch + 1, "step": step, "best": best, "args": vars(args)},
-                os.path.join(args.output_dir, "checkpoint-best.pth"))
-
-    def end_of_epoch(epoch, lr, img_per_s):
-        """Evaluate the epoch just trained (its checkpoint is already saved: a bad validation set
-        costs no training), log it, keep the best."""
-        nonlocal best
-        stats = evaluate(model, val_loader, device, args.amp)
-        result = {"epoch": epoch + 1, "step": step, "lr": lr,
-                  "train_loss": state["loss_sum"] / max(state["n_loss"], 1), "img_per_s": img_per_s,
-                  "val_top1": stats["top1"], "val_top5": stats["top5"], "val_loss": stats["loss"],
-                  "n_val": stats["n"], "n_val_unreadable": stats["n_unreadable"],
-                  "peak_mem_mb": training.peak_memory_mb(device), **skips.state(), "train_split": train_split,
-                  "eval_split": eval_split}
-        if ema is not None:
-            ema_stats = evaluate(ema.module, val_loader, device, args.amp)
-            result.update(ema_top1=ema_stats["top1"], ema_top5=ema_stats["top5"])
-        state.update(pending_eval=False, loss_sum=0.0, n_loss=0)
-        if stats["top1"] > best:
-            best = stats["top1"]
-            save_best(epoch)
-        result["best_top1"] = best
-        log.write(**result)
-        if rank == 0:
-            bar.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
-        checkpoint("checkpoint-latest.pth")  # now with the evaluation recorded
-        return result
+    announce_training(model, total_steps, total_batch, args, rank)
 
     # ---------------------------------------------------------------- training loop
     model.train()
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=args.mode, dynamic_ncols=True)
-    start, result = time.time(), {}
+    began, result = time.time(), {}
     if state["pending_eval"]:  # the run stopped while it evaluated an epoch it had trained: evaluate it now
-        result = end_of_epoch((step - 1) // steps_per_epoch, training.cosine_lr(
-            step - 1, total_steps, warmup_steps, args.lr, args.min_lr, args.warmup_lr), None)
+        lr = training.cosine_lr(step - 1, total_steps, warmup_steps, args.lr, args.min_lr, args.warmup_lr)
+        result = close_epoch(model, ema, optimizer, scaler, skips, state, val_loader, log,
+                             (step - 1) // steps_per_epoch, step, lr, None, args, rank, device)
     while step < total_steps:
-        epoch, offset = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, start=offset * args.batch_size)
+        # resume mid-epoch: the sampler replays the epoch's order from where the checkpoint left off
+        epoch, steps_left, start = training.resume_point(step, steps_per_epoch, total_steps, args.batch_size)
+        sampler.set_epoch(epoch, start=start)
         t0, seen = time.time(), 0
-        for x, y in loader:
-            lr = training.cosine_lr(step, total_steps, warmup_steps, args.lr, args.min_lr, args.warmup_lr)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g["lr_scale"]
+        for x, y in itertools.islice(loader, steps_left):  # its workers end with the loop, not kept to evaluate
+            lr = training.set_lr(optimizer, training.cosine_lr(step, total_steps, warmup_steps, args.lr,
+                                                               args.min_lr, args.warmup_lr))
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x, target = mixup(x, y)
             loss, status = train_step(ddp_model, model, x, target, optimizer, scaler, args, device)
@@ -769,29 +691,169 @@ def main(args):
                 bar.set_postfix(loss=f"{state['loss_sum'] / state['n_loss']:.3f}", lr=f"{lr:.2e}")
             stop = runs.stop_requested(device)  # SIGINT / SIGTERM on any rank: save now, then exit
             if step == total_steps or step % steps_per_epoch == 0:
-                break
-            if stop or step % args.save_every == 0:
-                checkpoint("checkpoint-latest.pth")  # mid-epoch: the running loss sums go with it
+                break  # the epoch's last step: saved (and a stop obeyed) with the epoch's evaluation below
+            if stop or step % args.save_every == 0:  # mid-epoch: the running loss sums go with it
+                save_training_state(model, optimizer, scaler, ema, skips, state, step, args, rank, device)
             if stop:
                 runs.STOP.exit(step, os.path.join(args.output_dir, "checkpoint-latest.pth"), rank)
         # ------------------------------------------------------------ end of epoch: save, evaluate, log
         state["pending_eval"] = True
-        checkpoint("checkpoint-latest.pth")
+        save_training_state(model, optimizer, scaler, ema, skips, state, step, args, rank, device)
         if stop:  # the epoch's evaluation waits for the resume (pending_eval)
             runs.STOP.exit(step, os.path.join(args.output_dir, "checkpoint-latest.pth"), rank)
-        result = end_of_epoch(epoch, lr, seen / (time.time() - t0))
+        result = close_epoch(model, ema, optimizer, scaler, skips, state, val_loader, log, epoch, step, lr,
+                             seen / (time.time() - t0), args, rank, device)
     bar.close()
+
+    # ---------------------------------------------------------------- finish: classifier.pth, the last line
+    return finish(model, result, state["best"], step, total_steps, began, args, rank)
+
+
+def read_init(args):
+    """The --init file's contents (enhancer.read_backbone, which names a bad file), or None for scratch
+    or no --init. Read once: a pre-training checkpoint also holds the generator and optimiser."""
+    return enh.read_backbone(args.init) if args.init not in (None, "scratch") else None
+
+
+def announce(args, rank):
+    """What the run is, before any data is read."""
     if rank == 0:
-        if not result:  # a finished run, run again: its result as logged, its classifier written
-            result = dict(training.last_log_record(os.path.join(args.output_dir, "log.jsonl"), "val_top1") or {})
-            print(f"finetune.py: {args.output_dir} holds a finished run ({step} of {total_steps} steps); "
-                  f"its last evaluation:")
+        print(f"finetune.py: mode {args.mode}, recipe {args.recipe}, {args.arch} from {args.init}")
+
+
+def announce_training(model, total_steps, total_batch, args, rank):
+    """The network's size and the schedule, once the flags are recorded."""
+    if rank == 0:
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{args.arch} {args.img_size}px, {args.nb_classes} classes, {n_train / 1e6:.2f}M trained "
+              f"params, {total_steps} steps of {total_batch} images, lr {args.lr:.2e}")
+
+
+def setup_backbone(args, init):
+    """The backbone --init names (random from --seed for scratch). The network it holds goes into args
+    (arch, img_size, patch_size, init_values), so checkpoints and resumes record it; --eval-size
+    defaults to its input size and must fit its patch grid."""
+    torch.manual_seed(args.seed)  # a scratch backbone's init
+    # a ResNet trained from scratch zero-inits the last BatchNorm of each block, as timm / RSB do (not a
+    # frozen random one: the linear-probe and k-NN baselines keep plain random features)
+    zero_init = args.init == "scratch" and args.arch.startswith("resnet") and args.mode == "finetune"
+    backbone, net = enh.load_backbone(init or args.init, args.arch, args.img_size, args.patch_size, args.drop_path,
+                                      zero_init_residual=zero_init, small_stem=args.resnet_stem == "small")
+    # the checkpoint decides the network: its values go into args, so checkpoints and resumes record them
+    args.arch, args.img_size, args.patch_size, args.init_values = (
+        net[k] for k in ("arch", "img_size", "patch_size", "init_values"))
+    args.eval_size = args.eval_size or args.img_size
+    if args.patch_size and args.arch.startswith("vit") and args.eval_size % args.patch_size:
+        raise ValueError(f"--eval-size {args.eval_size} is not a multiple of the ViT's patch size {args.patch_size}: "
+                         f"use a multiple, e.g. {args.eval_size // args.patch_size * args.patch_size}")
+    return backbone
+
+
+def schedule(args, train_set, loader, world_size):
+    """(steps per epoch, total steps, warm-up steps, images per step); fills in --lr by the linear
+    scaling rule where unset."""
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set ({len(train_set)} images) is smaller than one step "
+                         f"(--batch-size {args.batch_size} x {world_size} processes)")
+    total_batch = args.batch_size * world_size
+    if args.lr is None:
+        args.lr = args.blr * total_batch / 256
+    return (steps_per_epoch, args.max_steps or args.epochs * steps_per_epoch,
+            int(args.warmup_epochs * steps_per_epoch), total_batch)
+
+
+def build_training(args, backbone, rank, world_size, device):
+    """(classifier, its DDP wrapper (the classifier itself in one process), optimiser, GradScaler, EMA or
+    None, the step to start from, the loop's state (see resume), training.SkipCount), restored from a
+    checkpoint where the run resumes one."""
+    model = Classifier(backbone, args.nb_classes, args.pool, args.head_init_scale,
+                       linear=args.mode == "linear").to(device)
+    groups = training.param_groups(model, args.weight_decay, model.no_weight_decay(), args.layer_decay,
+                                   training.num_backbone_layers(backbone))
+    optimizer = build_optimizer(args, groups, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    ema = ModelEma(model, args.model_ema_decay) if args.model_ema else None
+    step, state, skips = resume(args, model, optimizer, scaler, ema, rank, world_size, device)
+    ddp_model = model
+    if world_size > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, ddp_model, optimizer, scaler, ema, step, state, skips
+
+
+def save_training_state(model, optimizer, scaler, ema, skips, state, step, args, rank, device):
+    """OUTPUT_DIR/checkpoint-latest.pth: everything a bit-exact continuation needs, the loop's state
+    (see resume) included. A collective (the RNG states of every rank): every rank calls it; rank 0
+    writes."""
+    rng = training.gather_rng_states(device)
+    if rank == 0:
+        training.save_checkpoint(
+            {"stage": "finetune.py", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scaler": scaler.state_dict(), "ema": ema.module.state_dict() if ema else None,
+             "step": step, **state, **skips.state(), "args": vars(args), "rng": rng},
+            os.path.join(args.output_dir, "checkpoint-latest.pth"), keep_previous=True)
+
+
+def save_best_weights(model, ema, epoch, step, best, args, rank):
+    """OUTPUT_DIR/checkpoint-best.pth: the weights of the best epoch so far, without the optimiser's
+    state (a third of the bytes under AdamW): a run resumes from checkpoint-latest.pth."""
+    if rank == 0:
+        training.save_checkpoint(
+            {"stage": "finetune.py", "model": model.state_dict(), "ema": ema.module.state_dict() if ema else None,
+             "epoch": epoch + 1, "step": step, "best": best, "args": vars(args)},
+            os.path.join(args.output_dir, "checkpoint-best.pth"))
+
+
+def close_epoch(model, ema, optimizer, scaler, skips, state, val_loader, log, epoch, step, lr, img_per_s, args,
+                rank, device):
+    """Evaluate the epoch just trained (its checkpoint is already saved: a bad validation set costs no
+    training), log it, keep the best, save again with the evaluation recorded. Returns the log record."""
+    stats = evaluate(model, val_loader, device, args.amp)
+    train_split, eval_split = data.EVAL_SPLITS[args.eval_split]
+    result = {"epoch": epoch + 1, "step": step, "lr": lr,
+              "train_loss": state["loss_sum"] / max(state["n_loss"], 1), "img_per_s": img_per_s,
+              "val_top1": stats["top1"], "val_top5": stats["top5"], "val_loss": stats["loss"],
+              "n_val": stats["n"], "n_val_unreadable": stats["n_unreadable"],
+              "peak_mem_mb": training.peak_memory_mb(device), **skips.state(), "train_split": train_split,
+              "eval_split": eval_split}
+    if ema is not None:
+        ema_stats = evaluate(ema.module, val_loader, device, args.amp)
+        result.update(ema_top1=ema_stats["top1"], ema_top5=ema_stats["top5"])
+    state.update(pending_eval=False, loss_sum=0.0, n_loss=0)
+    if stats["top1"] > state["best"]:
+        state["best"] = stats["top1"]
+        save_best_weights(model, ema, epoch, step, state["best"], args, rank)
+    result["best_top1"] = state["best"]
+    log.write(**result)
+    if rank == 0:  # above the progress bar
+        tqdm.write(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    save_training_state(model, optimizer, scaler, ema, skips, state, step, args, rank, device)
+    return result
+
+
+def finish(model, result, best, step, total_steps, began, args, rank):
+    """classifier.pth under timm / torchvision names and the run's last line: the last epoch's
+    result, or a finished run's as it logged it."""
+    if rank == 0:
+        if not result:
+            result = finished_run_result(args, step, total_steps)
         torch.save(export_classifier(model), os.path.join(args.output_dir, "classifier.pth"))
+        train_split, eval_split = data.EVAL_SPLITS[args.eval_split]
         print(json.dumps({"mode": args.mode, "init": args.init, "seed": args.seed, "epochs": result.get("epoch"),
                           "top1": result.get("val_top1"), "top5": result.get("val_top5"),
                           "best_top1": best, "train_split": train_split, "eval_split": eval_split,
-                          "minutes": round((time.time() - start) / 60, 2)}))
+                          "minutes": round((time.time() - began) / 60, 2)}))
     training.finish_distributed()
+    return result
+
+
+def finished_run_result(args, step, total_steps):
+    """A finished run, run again, trains nothing: its result is its last evaluation as logged (its
+    classifier is written again)."""
+    result = dict(training.last_log_record(os.path.join(args.output_dir, "log.jsonl"), "val_top1") or {})
+    print(f"finetune.py: {args.output_dir} holds a finished run ({step} of {total_steps} steps); "
+          f"its last evaluation:")
     return result
 
 
@@ -809,15 +871,15 @@ def train_step(ddp_model, model, x, target, optimizer, scaler, args, device):
 
 
 def resume(args, model, optimizer, scaler, ema, rank, world_size, device):
-    """Returns (the loop's state: step, best top-1 so far, whether the last trained epoch still awaits
+    """Returns (step, the loop's state: best top-1 so far, whether the last trained epoch still awaits
     its evaluation, the running loss sums of the epoch in progress; training.SkipCount)."""
     free = get_args_parser().resume_free
     path, ckpt = runs.find_resume_checkpoint(args, "finetune.py", free,
                                              ("checkpoint-best.pth", "classifier.pth", "log.jsonl", "knn.json"))
     skips = training.SkipCount("finetune.py", args.max_skips, args.output_dir, ckpt)
-    state = {"step": 0, "best": -1.0, "pending_eval": False, "loss_sum": 0.0, "n_loss": 0}
+    state = {"best": -1.0, "pending_eval": False, "loss_sum": 0.0, "n_loss": 0}
     if ckpt is None:
-        return state, skips
+        return 0, state, skips
     if "optimizer" not in ckpt:
         raise ValueError(f"--resume {path!r} holds the best epoch's weights, not a training state: resume from "
                          f"the run's checkpoint-latest.pth, or start a run from these weights with --init")
@@ -830,7 +892,7 @@ def resume(args, model, optimizer, scaler, ema, rank, world_size, device):
     if ema is not None and ckpt.get("ema") is not None:
         ema.module.load_state_dict(ckpt["ema"])
     state.update({k: ckpt.get(k, v) for k, v in state.items()})  # (older checkpoints lack the last three)
-    return state, skips
+    return ckpt["step"], state, skips
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ resume, k-NN); this file holds what keeps a run's folder honest around them:
     claim_output_dir    --output-dir made, writable, and held by one run at a time (OUTPUT_DIR/run.lock)
     StopSignal          SIGINT / SIGTERM: checkpoint at the end of the step on every rank, then exit
     read_json           run.json, study.json...: unreadable files are named, with what to do
-    write_json          an atomic JSON write (tmp file, fsync, rename)
+    write_text          an atomic write (tmp file, fsync, rename); write_json for records
 
 Needs torch (through training.py) and the standard library.
 """
@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -151,7 +152,10 @@ class StopSignal:
               f"stopping (send it again to stop at once)", file=sys.stderr, flush=True)
 
     def requested(self, device):
-        """True on every rank once any rank got a signal (a collective: every rank calls it each step)."""
+        """True on every rank once any rank got a signal (a collective: every rank calls it each step).
+        One process: the flag itself, no tensor and no host sync in the step."""
+        if not torch.distributed.is_initialized():
+            return self.signum is not None
         return not training.all_ranks_true(self.signum is None, device)
 
     def exit(self, step, path, rank=0):
@@ -421,15 +425,25 @@ def check_resume_flags(saved, current, free, path, allow=False, allow_flag="--al
 # JSON records: written atomically, unreadable ones named
 # ----------------------------------------------------------------------------------------------------
 
+def write_text(path, text):
+    """Write a temp file in the same folder, fsync, rename over `path`: readers (and a process that
+    dies here) see the old file or the new one, never a cut line; a failed write leaves no temp file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def write_json(obj, path):
-    """Write to path.tmp, fsync, rename: a crash leaves the old file or the new one, never half."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def read_json(path, needs=(), fix="delete it if the run it describes is gone, or use another --output-dir"):

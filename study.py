@@ -34,7 +34,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -147,40 +146,6 @@ STUDY_FIELDS = {"data": "--data", "seg_data": "--seg-data", "eval_split": "--eva
                 "finetune_flags": "--finetune-flags", "segment_flags": "--segment-flags"}
 
 
-def write_atomic(path, text):
-    """Write a temp file in the same folder, fsync, rename over `path`: readers (and a study that
-    crashes here) see the old file or the new one, never a cut line."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def folder_lock(output_dir):
-    """Hold OUTPUT_DIR/study.lock: study processes that share a folder (docs/study.md runs two at a time)
-    read, change and replace results.jsonl one after another; otherwise one's replace drops the other's
-    new record. Without fcntl (Windows) there is no lock: run one study process per folder there."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(os.path.join(output_dir, "study.lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def read_results(path):
     """{cell: record} from results.jsonl. A line that is not a JSON record (results.jsonl was appended
     to before study.py wrote it whole, so a killed study could cut one) is refused with its number:
@@ -205,11 +170,11 @@ def read_results(path):
 
 
 def add_result(path, record):
-    """results.jsonl with `record` added (or put in place of its cell's), replaced whole."""
-    with folder_lock(os.path.dirname(path)):
-        done = read_results(path)  # again: another study process may have added cells since
-        done[record["cell"]] = record
-        write_atomic(path, "".join(json.dumps(r) + "\n" for r in done.values()))
+    """results.jsonl with `record` added (or put in place of its cell's), replaced whole; read again
+    first, so a record another writer added meanwhile is kept."""
+    done = read_results(path)
+    done[record["cell"]] = record
+    runs.write_text(path, "".join(json.dumps(r) + "\n" for r in done.values()))
 
 
 def read_study(output_dir):
@@ -251,15 +216,14 @@ def check_study(args):
 
 
 def key_study(args):
-    """study.json written at a folder's first run; checked again under the lock, as another study
-    process may have keyed the folder since this one looked."""
+    """study.json written at a folder's first run (the folder is this process's: runs.run_script holds
+    its run.lock while a study runs)."""
     path = os.path.join(args.output_dir, "study.json")
-    with folder_lock(args.output_dir):
-        if check_study(args) is None:
-            if os.path.isfile(os.path.join(args.output_dir, "results.jsonl")):
-                print(f"study.py: {args.output_dir} holds results from before study.json: keyed to this run's "
-                      f"{', '.join(shown(k, getattr(args, k)) for k in STUDY_FIELDS)}", flush=True)
-            write_atomic(path, json.dumps({k: getattr(args, k) for k in STUDY_FIELDS}, indent=1) + "\n")
+    if check_study(args) is None:
+        if os.path.isfile(os.path.join(args.output_dir, "results.jsonl")):
+            print(f"study.py: {args.output_dir} holds results from before study.json: keyed to this run's "
+                  f"{', '.join(shown(k, getattr(args, k)) for k in STUDY_FIELDS)}", flush=True)
+        runs.write_text(path, json.dumps({k: getattr(args, k) for k in STUDY_FIELDS}, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------

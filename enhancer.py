@@ -510,15 +510,20 @@ class ResNetRevDetHead(nn.Module):
     """1x1 conv to r*r channels + pixel shuffle by r: the stride-32 map becomes the token grid.
 
     r = 32 / token patch, e.g. 224 px with 16 px tokens: 7x7 map -> 4 channels -> 14x14 logits.
+    width > 0 (not the paper's) puts a 3x3 conv + BN + ReLU to `width` channels before the 1x1, so the
+    last stage feeds a detector instead of being one: with the 1x1 alone it needs to carry only r*r
+    numbers per cell, and its pooled feature can collapse onto them (docs/study.md, ResNet-18).
     """
 
-    def __init__(self, channels, upscale):
+    def __init__(self, channels, upscale, width=0):
         super().__init__()
         self.upscale = upscale
-        self.proj = nn.Conv2d(channels, upscale * upscale, kernel_size=1)
+        self.hidden = (nn.Sequential(*conv_bn(channels, width, 3), nn.ReLU(inplace=True)) if width
+                       else nn.Identity())
+        self.proj = nn.Conv2d(width or channels, upscale * upscale, kernel_size=1)
 
     def forward(self, fmap):
-        x = F.pixel_shuffle(self.proj(fmap), self.upscale)  # (B, 1, H/32*r, W/32*r)
+        x = F.pixel_shuffle(self.proj(self.hidden(fmap)), self.upscale)  # (B, 1, H/32*r, W/32*r)
         return x.flatten(1)  # (B, N), row-major like the ViT tokens
 
 
@@ -549,7 +554,7 @@ class Enhancer(nn.Module):
     For a ViT the backbone's own grid must equal it (one token, one label).
     """
 
-    def __init__(self, backbone, objective, token_grid, norm_pix="window", norm_window=9):
+    def __init__(self, backbone, objective, token_grid, norm_pix="window", norm_window=9, head_width=0):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown --objective {objective!r}; choose {' or '.join(OBJECTIVES)}")
@@ -563,10 +568,12 @@ class Enhancer(nn.Module):
         self.backbone, self.objective, self.token_grid = backbone, objective, token_grid
         self.norm_pix, self.norm_window = norm_pix, norm_window
         self.token_patch = S // token_grid
-        self.head = self.build_head(backbone, objective)
+        if head_width and not (isinstance(backbone, ResNet) and objective == "revdet"):
+            raise ValueError("--head-width is for a ResNet's RevDet head: drop it")
+        self.head = self.build_head(backbone, objective, head_width)
         self.head.apply(init_vit_weights)
 
-    def build_head(self, backbone, objective):
+    def build_head(self, backbone, objective, head_width=0):
         if isinstance(backbone, VisionTransformer):
             if backbone.grid_size != self.token_grid:
                 raise ValueError(f"the ViT's token grid {backbone.grid_size} differs from the tokenizer grid "
@@ -580,7 +587,7 @@ class Enhancer(nn.Module):
             if backbone.patch_size % self.token_patch:
                 raise ValueError(f"token patch {self.token_patch} does not divide the ResNet stride "
                                  f"{backbone.patch_size}; the pixel shuffle needs an integer factor")
-            return ResNetRevDetHead(backbone.num_features, backbone.patch_size // self.token_patch)
+            return ResNetRevDetHead(backbone.num_features, backbone.patch_size // self.token_patch, head_width)
         raise TypeError(f"unsupported backbone {type(backbone).__name__}")
 
     def no_weight_decay(self):

@@ -212,7 +212,7 @@ def build_model(args, encoder, decoder):
         return BEiT(backbone, encoder, tok_dtype)
     generator = gen.BEiTGenerator(args.img_size, args.patch_size, encoder.vocab_size, args.gen_dim,
                                   args.gen_depth, args.gen_heads)
-    enhancer = enh.Enhancer(backbone, args.objective, grid, args.norm_pix, args.norm_window)
+    enhancer = enh.Enhancer(backbone, args.objective, grid, args.norm_pix, args.norm_window, args.head_width)
     channels_last = args.arch.startswith("resnet") and torch.cuda.is_available() and args.device != "cpu"
     if channels_last:  # NHWC convolutions: the fast layout of cuDNN's tensor-core kernels
         backbone.to(memory_format=torch.channels_last)
@@ -516,7 +516,18 @@ def log_knn(model, knn, log, step, args, device):
     (sets, loaders) = knn
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         result = training.knn_accuracy(model.backbone, *loaders, len(sets[0].classes), device, args.knn_k)
-    log.write(step=step, knn=result["top1"], feature_rank=result["feature_rank"])
+        layers = knn_layers(model.backbone, sets, loaders, args, device)
+    log.write(step=step, knn=result["top1"], feature_rank=result["feature_rank"], **layers)
+
+
+def knn_layers(backbone, sets, loaders, args, device):
+    """--knn-blocks: {"knn_blocks" (ViT) or "knn_stages" (ResNet): k-NN top-1 after every block or
+    stage}, else {}. The curves against steps show where the enhancer learns, and a last stage that
+    peaks and then collapses onto what the RevDet head reads."""
+    if not args.knn_blocks:
+        return {}
+    name = "knn_blocks" if isinstance(backbone, enh.VisionTransformer) else "knn_stages"
+    return {name: training.knn_per_layer(backbone, *loaders, len(sets[0].classes), device, args.knn_k)}
 
 
 def finish(model, knn, step, t0, log, args, rank, device):
@@ -542,7 +553,7 @@ def resume(args, model, optimizer, scaler, rank, world_size, device):
         return 0, skips
     saved = ckpt.get("args", {})
     runs.check_same_network(saved, args, ("method", "arch", "objective", "img_size", "patch_size",
-                                          "gen_dim", "gen_depth", "gen_heads", "resnet_stem"), path)
+                                          "gen_dim", "gen_depth", "gen_heads", "resnet_stem", "head_width"), path)
     saved_vocab = next((v.shape[0] for k, v in ckpt["model"].items() if k.endswith("lm_head.weight")), None)
     if saved_vocab != model.vocab_size:
         raise ValueError(f"--resume {path!r} holds a token head for a {saved_vocab}-code tokenizer, this "
@@ -631,6 +642,8 @@ def get_args_parser():
       help="revdet (default): per-token 'was it replaced?' (BCE); respix: regress all original pixels")
     r("--img-size", "input size S", type=pos_int)
     r("--patch-size", "ViT patch P; the token grid is S/P", type=pos_int)
+    a("--head-width", type=nonneg_int, default=0, help="ResNet RevDet head: 0 = the paper's 1x1 conv on the "
+      "last stage; N = a 3x3 conv + BN + ReLU to N channels before it (docs/study.md: ResNet-18)")
     a("--enh-weight", type=nonneg_float, default=1.0, help="lambda in L = L_gen + lambda * L_enh")
     r("--drop-path", "enhancer stochastic depth", type=runs.number(float, "in [0, 1)"))
     a("--init-values", type=pos_float, default=None, help="enhancer layer scale init (off by default)")
@@ -704,6 +717,8 @@ def get_args_parser():
     r("--knn-k", "neighbours for the final k-NN check (0 = skip it)", type=nonneg_int, resume_free=True)
     free("--knn-every", type=nonneg_int, default=0, help="also log the enhancer's k-NN accuracy at step 0 "
          "and every N optimiser steps (0 = only at the end); the curve of k-NN against steps")
+    free("--knn-blocks", action="store_true", help="the k-NN checks also read every ViT block or ResNet "
+         "stage (knn_blocks / knn_stages in log.jsonl and the last line): where the enhancer learns")
     free("--compile", action="store_true", help="torch.compile the generator, the enhancer and the tokenizer")
     free("--check-tokenizer", action="store_true", help="run the start checks on the tokenizer (its code "
          "usage, and the border cue of its corruptions at --mask-ratio: docs/tokenizer.md), print them as "
@@ -725,6 +740,9 @@ def resolve_args(args):
         raise ValueError("--objective is the CIM enhancer's loss; --method beit predicts the masked tokens and "
                          "has none: drop --objective")
     args.objective = args.objective or "revdet"
+    if args.head_width and (args.method == "beit" or args.objective != "revdet"
+                            or not (args.arch or recipe["arch"]).startswith("resnet")):
+        raise ValueError("--head-width widens a ResNet's RevDet head; this run has none: drop the flag")
     if args.recipe == "photos" and (args.arch or recipe["arch"]).startswith("resnet"):
         recipe["epochs"] = PHOTOS_RESNET_EPOCHS
     recipe.update(BEIT_MASKING if args.method == "beit" else dict(mask_type="random"))
@@ -1038,7 +1056,8 @@ def knn_report(backbone, knn_sets, loaders, args, device):
     pixels = training.raw_pixel_knn(*loaders, num_classes, device, len(knn_sets[0]), args.img_size, args.knn_k)
     return {"knn_pretrained": ours["top1"], "knn_random_init": rand["top1"],
             "knn_raw_pixels": pixels, "knn_chance": 100.0 / num_classes,
-            "rank_pretrained": ours["feature_rank"], "rank_random_init": rand["feature_rank"]}
+            "rank_pretrained": ours["feature_rank"], "rank_random_init": rand["feature_rank"],
+            **knn_layers(backbone, knn_sets, loaders, args, device)}
 
 
 def export(model, args):

@@ -499,6 +499,38 @@ def knn_accuracy(backbone, train_loader, val_loader, num_classes, device, k=20, 
     return dict(result, feature_rank=effective_rank(tr_f))
 
 
+@torch.no_grad()
+def knn_per_layer(backbone, train_loader, val_loader, num_classes, device, k=20, temperature=0.07):
+    """k-NN top-1 (%) of the feature after every ViT block or ResNet stage, train -> val, with the
+    features of all of them taken in one pass over each loader. ViT: a LayerNorm without affine
+    parameters on the block's tokens (the blocks' outputs are un-normalised; the backbone's own final
+    norm belongs to the last block only), then the mean of the patch tokens. ResNet: the global
+    average of the stage's map. Exact under DDP as training.knn_accuracy."""
+    vit = hasattr(backbone, "blocks")  # a ViT (timm names); else a ResNet with num_stages
+    layers = list(range(1, (len(backbone.blocks) if vit else backbone.num_stages) + 1))
+    was_training = backbone.training
+    backbone.eval()
+    banks = []  # per loader: (one (n, D_l) feature bank per layer, labels (n,))
+    for loader in (train_loader, val_loader):
+        feats, labels = [[] for _ in layers], []
+        for groups, _ in loader:
+            for x, y in groups:
+                for bank, out in zip(feats, backbone.get_layer_outputs(x.to(device), layers)):
+                    pooled = (F.layer_norm(out, out.shape[-1:], eps=1e-6)[:, 1:].mean(1) if vit  # (B, D)
+                              else out.mean((2, 3)))                                             # (B, C)
+                    bank.append(F.normalize(pooled.float(), dim=1))
+                labels.append(y.to(device))
+        banks.append(([all_gather_uneven(torch.cat(f)) for f in feats],
+                      all_gather_uneven(torch.cat(labels))))
+    backbone.train(was_training)
+    (train_feats, train_y), (val_feats, val_y) = banks
+    top1 = []
+    for t, v in zip(train_feats, val_feats):
+        votes = knn_classify(t, train_y, v, num_classes, k, temperature)  # (n_val, classes)
+        top1.append(100.0 * topk_correct(votes, val_y, (1,))[0] / len(val_y))
+    return top1
+
+
 class RawPixels(torch.nn.Module):
     """The floor a pre-trained network's frozen features must beat: the evaluation view's normalised
     pixels themselves, (B, C, H, W) -> (B, C*H*W), for knn_accuracy(..., center=True)."""

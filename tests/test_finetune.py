@@ -605,7 +605,7 @@ def test_knn_blocks_gives_each_blocks_own_knn_from_one_pass(tmp_path, folder, pr
     if arch == "resnet18":
         init = ["--init", "scratch", "--arch", arch, "--img-size", "16"]
     seen, banks = {}, []
-    real_per_layer, real_classify = finetune.knn_per_layer, training.knn_classify
+    real_per_layer, real_classify = training.knn_per_layer, training.knn_classify
 
     def spy(backbone, train_loader, val_loader, *a):
         seen.update(backbone=backbone, loaders=(train_loader, val_loader), passes=0)
@@ -620,7 +620,7 @@ def test_knn_blocks_gives_each_blocks_own_knn_from_one_pass(tmp_path, folder, pr
         return real_outputs(net, x, layers)
 
     real_outputs = {"vit_mini": enh.VisionTransformer, "resnet18": enh.ResNet}[arch].get_layer_outputs
-    monkeypatch.setattr(finetune, "knn_per_layer", spy)
+    monkeypatch.setattr(training, "knn_per_layer", spy)
     result = run(*tiny(folder, tmp_path, *init, "--mode", "knn", "--knn-k", "3", "--knn-blocks"))
     backbone, loaders = seen["backbone"], seen["loaders"]
     name, depth = ("knn_blocks", 6) if arch == "vit_mini" else ("knn_stages", 4)

@@ -927,6 +927,54 @@ def test_knn_every_logs_the_curve_and_leaves_training_unchanged(tmp_path, tiny_d
     assert read_log(tmp_path / "plain")[-1]["knn_pretrained"] == read_log(tmp_path / "curve")[-1]["knn_pretrained"]
 
 
+def test_knn_blocks_logs_a_curve_per_stage_and_leaves_training_unchanged(tmp_path, tiny_dvae_ckpt):
+    """--knn-blocks: every check also reads each ResNet stage; the last stage's pooled map is what the
+    plain check reads, so the two agree, and the extra pass changes no weight."""
+    root = image_folder(tmp_path / "photos", 16, classes=2, n=12)
+    common = ["--data", root, "--max-steps", "4", "--knn-k", "3", "--arch", "resnet18", "--resnet-stem", "small",
+              "--knn-every", "2"]
+    run(tmp_path / "plain", tiny_dvae_ckpt, *common)
+    run(tmp_path / "stages", tiny_dvae_ckpt, *common, "--knn-blocks")
+    curve = [r for r in read_log(tmp_path / "stages") if "knn" in r]
+    assert [r["step"] for r in curve] == [0, 2]
+    assert all(len(r["knn_stages"]) == 4 and r["knn_stages"][-1] == pytest.approx(r["knn"]) for r in curve)
+    assert not any("knn_stages" in r for r in read_log(tmp_path / "plain"))
+    last = read_log(tmp_path / "stages")[-1]
+    assert last["knn_stages"][-1] == pytest.approx(last["knn_pretrained"]) and "knn_blocks" not in last
+    assert_same_training_state(load(tmp_path / "plain" / "checkpoint-latest.pth"),
+                               load(tmp_path / "stages" / "checkpoint-latest.pth"))
+
+
+def test_knn_blocks_of_a_vit_reads_each_block(tmp_path, tiny_dvae_ckpt):
+    root = image_folder(tmp_path / "photos", 16, classes=2, n=12)
+    result = run(tmp_path, tiny_dvae_ckpt, "--data", root, "--max-steps", "1", "--knn-k", "3", "--knn-blocks")
+    assert len(result["knn_blocks"]) == 6 and "knn_stages" not in result  # vit_mini's 6 blocks
+
+
+def test_head_width_puts_a_conv_layer_before_the_resnet_detector(tiny_dvae_ckpt):
+    _, plain, _ = tiny_model(tiny_dvae_ckpt, "--arch", "resnet18", "--resnet-stem", "small")
+    args, wide, _ = tiny_model(tiny_dvae_ckpt, "--arch", "resnet18", "--resnet-stem", "small",
+                               "--head-width", "24")
+    head = wide.enhancer.head
+    assert isinstance(plain.enhancer.head.hidden, torch.nn.Identity)
+    conv, bn, relu = head.hidden
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, bn.num_features) == (512, 24, (3, 3), 24)
+    assert (head.proj.in_channels, head.proj.out_channels) == (24, 4)  # 2x2 tokens per cell of the stride-8 map
+    images, tok_images, mask = batch()
+    fmap = wide.enhancer.backbone(images)
+    assert head(fmap).shape == plain.enhancer.head(fmap).shape == (4, 16)
+    out, loss, _ = wide.enhancer(images, None, mask)
+    loss.backward()
+    assert conv.weight.grad.abs().sum() > 0 and out.shape == (4, 16)
+
+
+@pytest.mark.parametrize("extra", [[], ["--method", "beit"], ["--arch", "resnet18", "--objective", "respix"]])
+def test_head_width_without_a_resnet_revdet_head_is_refused(tmp_path, tiny_dvae_ckpt, extra):
+    with pytest.raises(ValueError, match="--head-width widens a ResNet's RevDet head.*drop the flag"):
+        run(tmp_path, tiny_dvae_ckpt, "--head-width", "8", "--max-steps", "1", *extra)
+    assert not os.listdir(tmp_path)
+
+
 def test_beit_baseline_trains_the_enhancer_backbone_by_masked_image_modelling(tmp_path, tiny_dvae_ckpt):
     """--method beit: the same backbone, data, tokenizer and masks, no generator; its export is an
     ordinary backbone.pth (finetune.py reads it as the same arch)."""

@@ -88,6 +88,23 @@ BUDGET = {
     "segment": ["--iters", "120", "--warmup-iters", "12"],
 }
 KNN_CURVE = {"revdet-vit": ["--knn-every", "32"]}  # the k-NN-against-steps plot (study.py --plot)
+# --budget recipe (the fair protocol, docs/study.md): no step cut, and each downstream stage takes the recipe
+# it picks for the data (photos: finetune.py's 10 epochs with layer decay for a pre-trained ViT, 30 without
+# it from scratch), not --recipe builtin
+RECIPE_FLAGS = ["--recipe", "builtin"]
+
+
+def budget(args, task):
+    """The flags --budget adds to a run of `task` (a DOWNSTREAM key or "pretrain.py")."""
+    return BUDGET.get(task, []) if args.budget == "study" else []
+
+
+def task_flags(args, extra):
+    """A downstream task's own flags under --budget: --budget recipe drops its --recipe builtin."""
+    if args.budget == "study":
+        return extra
+    i = next((i for i in range(len(extra) - 1) if extra[i:i + 2] == RECIPE_FLAGS), None)
+    return extra if i is None else extra[:i] + extra[i + 2:]
 
 
 def ablation_values(args, group):
@@ -116,14 +133,16 @@ def plan(args):
             continue  # the recipe's own value: the reference row already is this cell
         for seed in args.seeds:
             cells.append((f"pretrain/{name}/s{seed}", "pretrain.py",
-                          flags + KNN_CURVE.get(name, []) + BUDGET["pretrain.py"] + ["--seed", str(seed)],
+                          flags + KNN_CURVE.get(name, []) + budget(args, "pretrain.py") + ["--seed", str(seed)],
                           "knn", None))
     for name, (group, flags) in PRETRAIN.items():
-        if group != "main" or (args.only and "main" not in args.only) or args.cells:
+        if group != "main" or (args.only and "main" not in args.only) or (args.cells and name not in args.cells):
             continue
         arch = dict(zip(flags[::2], flags[1::2])).get("--arch", "vit_mini")
         for task, (script, extra, metric) in DOWNSTREAM.items():
-            extra = extra + BUDGET.get(task, [])
+            if args.tasks and task not in args.tasks:
+                continue
+            extra = task_flags(args, extra) + budget(args, task)
             for seed in args.seeds:
                 cells.append((f"{task}/{name}/s{seed}", script, extra + ["--seed", str(seed)], metric,
                               f"pretrain/{name}/s{seed}"))
@@ -620,8 +639,15 @@ def get_args_parser():
     a("--only", nargs="+", default=None, choices=sorted({g for g, _ in PRETRAIN.values()}), metavar="GROUP",
       help=f"groups to run, of {sorted({g for g, _ in PRETRAIN.values()})}")
     a("--cells", nargs="+", default=None, choices=list(PRETRAIN), metavar="NAME",
-      help=f"only these pre-training cells, no downstream (e.g. a third seed where two cells are within "
-           f"the spread: --cells respix-vit respix-norm-patch --seeds 2); one of {list(PRETRAIN)}")
+      help=f"only these pre-training cells and, for cells of the main group, their downstream cells and "
+           f"scratch's (e.g. a third seed where two cells are within the spread: --cells respix-vit "
+           f"respix-norm-patch --seeds 2); of {list(PRETRAIN)}")
+    a("--tasks", nargs="+", default=None, choices=list(DOWNSTREAM), metavar="TASK",
+      help=f"only these downstream tasks, of {list(DOWNSTREAM)}")
+    a("--budget", default="study", choices=["study", "recipe"],
+      help="study: every run cut to study.BUDGET's steps (about an hour a dataset on 2 cores); recipe: each "
+           "run as long as its recipe, downstream stages in the recipe they pick for the data (the fair "
+           "protocol's tables, docs/study.md)")
     a("--list", action="store_true", help="print the plan and what is done, run nothing")
     a("--report", action="store_true", help="print the tables from results.jsonl, run nothing")
     a("--plot", default=None, metavar="PNG", help="draw k-NN against pre-training steps of the revdet-vit "

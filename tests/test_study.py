@@ -61,8 +61,30 @@ def test_plan_links_each_downstream_cell_to_its_pretraining_and_one_scratch_per_
                              for s in (0, 1))
     ablation = study.plan(args(tmp_path, "--only", "mask ratio", "--seeds", "0"))
     assert [c[0] for c in ablation] == ["pretrain/mask-0.3/s0", "pretrain/mask-0.5/s0", "pretrain/mask-0.7/s0"]
-    third = study.plan(args(tmp_path, "--cells", "respix-vit", "respix-norm-patch", "--seeds", "2"))
-    assert [c[0] for c in third] == ["pretrain/respix-vit/s2", "pretrain/respix-norm-patch/s2"]
+    third = study.plan(args(tmp_path, "--cells", "respix-vit", "respix-norm-patch", "--seeds", "2",
+                            "--tasks", "finetune"))
+    assert [c[0] for c in third] == ["pretrain/respix-vit/s2", "pretrain/respix-norm-patch/s2",
+                                     "finetune/respix-vit/s2", "finetune/scratch-vit_mini/s2"]  # an ablation: no downstream
+
+
+def test_budget_recipe_runs_each_stage_at_its_recipes_length(tmp_path):
+    """--budget recipe (the fair protocol's tables): no step cut and no --recipe builtin on any cell,
+    so each stage runs the recipe it picks for the data; the study budget cuts every one of them."""
+    chosen = ["--cells", "revdet-vit", "beit-vit", "--tasks", "finetune", "blocks", "--seeds", "0"]
+    fair, short = (study.plan(args(tmp_path, *chosen, *b)) for b in (["--budget", "recipe"], []))
+    assert [c[0] for c in fair] == [c[0] for c in short] == [
+        "pretrain/revdet-vit/s0", "pretrain/beit-vit/s0", "finetune/revdet-vit/s0", "finetune/scratch-vit_mini/s0",
+        "blocks/revdet-vit/s0", "blocks/scratch-vit_mini/s0", "finetune/beit-vit/s0", "blocks/beit-vit/s0"]
+    for (key, _, flags, _, _), (_, _, cut, _, _) in zip(fair, short):
+        assert "--max-steps" not in flags and "--recipe" not in flags, key
+        assert "--recipe" in cut or key.startswith("pretrain/"), key
+        assert ("--max-steps" in cut) != key.startswith("blocks/"), key  # the k-NN trains nothing
+        task = "pretrain.py" if key.startswith("pretrain/") else key.split("/")[0]
+        for part in (["--recipe", "builtin"], study.BUDGET.get(task, [])):  # the rest is the same command
+            at = next((i for i in range(len(cut)) if part and cut[i:i + len(part)] == part), None)
+            cut = cut if at is None else cut[:at] + cut[at + len(part):]
+        assert cut == flags, key
+    assert fair[3][2] == ["--init", "scratch", "--arch", "vit_mini", "--seed", "0"]  # finetune.py's scratch recipe
 
 
 def test_a_tiny_study_runs_resumes_and_reports(tmp_path, monkeypatch, capsys, tiny_dvae_ckpt):

@@ -87,7 +87,9 @@ BUDGET = {
     "finetune": ["--max-steps", "96", "--warmup-epochs", "0.25"],
     "segment": ["--iters", "120", "--warmup-iters", "12"],
 }
-KNN_CURVE = {"revdet-vit": ["--knn-every", "32"]}  # the k-NN-against-steps plot (study.py --plot)
+# the k-NN-against-steps plot (study.py --plot); the ResNet's per stage, where a last stage that peaks and
+# then collapses onto the RevDet head's few numbers shows (the report's "k-NN per stage against steps")
+KNN_CURVE = {"revdet-vit": ["--knn-every", "32"], "revdet-resnet18": ["--knn-every", "32", "--knn-blocks"]}
 # --budget recipe (the fair protocol, docs/study.md): no step cut, and each downstream stage takes the recipe
 # it picks for the data (photos: finetune.py's 10 epochs with layer decay for a pre-trained ViT, 30 without
 # it from scratch), not --recipe builtin
@@ -541,6 +543,11 @@ def report(done, args=None):
         for k, seeds in layer_rows:
             means = [statistics.mean(v) for v in zip(*seeds)]
             print(f"| {k.split('/', 1)[1]} ({len(seeds)} seeds) | " + " | ".join(f"{m:.1f}" for m in means) + " |")
+    for name, curves in layer_curves(getattr(args, "output_dir", "")).items():
+        print(f"\n| {name}: k-NN per block / stage against steps | step | 1 | 2 | ... |\n| --- | --- | --- | --- | --- |")
+        for seed, points in sorted(curves.items()):
+            for step, values in points:
+                print(f"| seed {seed} | {step} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
     print("\n| ablation | setting | k-NN | vs the recipe |\n| --- | --- | --- | --- |")
     for group, base in BASELINE.items():
         if base not in PRETRAIN:
@@ -566,6 +573,25 @@ def report(done, args=None):
 # ----------------------------------------------------------------------------------------------------
 # Plot: k-NN accuracy against pre-training steps (PIL only)
 # ----------------------------------------------------------------------------------------------------
+
+def layer_curves(output_dir):
+    """{cell name: {seed: [(step, k-NN of each block / stage)]}} from the pre-training runs that logged
+    --knn-blocks with --knn-every (the last point is the final check)."""
+    curves = {}
+    folder = os.path.join(output_dir, "runs")
+    for d in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        log = os.path.join(folder, d, "log.jsonl")
+        if not d.startswith("pretrain-") or "-s" not in d or not os.path.isfile(log):
+            continue
+        with open(log) as f:
+            recs = [json.loads(line) for line in f]
+        points = [(r.get("step", r.get("steps")), r.get("knn_blocks") or r.get("knn_stages")) for r in recs]
+        points = [p for p in points if p[1]]
+        if points:
+            name, seed = d[len("pretrain-"):].rsplit("-s", 1)
+            curves.setdefault(name, {})[int(seed)] = points
+    return curves
+
 
 def knn_curves(output_dir, name="revdet-vit"):
     """{seed: ([(step, k-NN)], random-init k-NN)} from the runs of one pre-training cell that logged

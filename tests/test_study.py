@@ -211,3 +211,23 @@ def test_ablations_are_read_against_the_recipe_pretrain_py_picks_for_the_data(tm
         {"revdet-vit": 0.25, "mask-0.3": 0.3, "mask-0.5": 0.5, "mask-0.7": 0.7}
     assert study.ablation_values(args(tmp_path, "--data", str(tmp_path / "large")), "mask ratio") == \
         {"revdet-vit": 0.5, "mask-0.3": 0.3, "mask-0.5": 0.5, "mask-0.7": 0.7}
+
+
+def test_report_lists_each_stage_against_steps_from_the_per_stage_curves(tmp_path, capsys):
+    """The ResNet cell logs --knn-blocks at every --knn-every check; the report prints each point's
+    stages, the final check last, so a last stage that peaks and collapses shows."""
+    cells = study.plan(args(tmp_path, "--cells", "revdet-resnet18", "--tasks", "blocks", "--seeds", "0"))
+    flags = cells[0][2]
+    assert flags[flags.index("--knn-every") + 1] == "32" and "--knn-blocks" in flags
+    run = tmp_path / "runs" / "pretrain-revdet-resnet18-s0"
+    run.mkdir(parents=True)
+    records = [{"step": 0, "tokenizer_perplexity": 300.0}, {"step": 0, "knn": 30.0, "knn_stages": [30, 31, 32, 33]},
+               {"step": 32, "loss": 1.0}, {"step": 32, "knn": 36.0, "knn_stages": [35, 36, 37, 38.25]},
+               {"steps": 64, "knn_pretrained": 31.0, "knn_stages": [36, 37, 38, 31]}]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert study.layer_curves(str(tmp_path)) == {"revdet-resnet18": {0: [
+        (0, [30, 31, 32, 33]), (32, [35, 36, 37, 38.25]), (64, [36, 37, 38, 31])]}}
+    study.report({}, args(tmp_path))
+    out = capsys.readouterr().out
+    assert "| revdet-resnet18: k-NN per block / stage against steps |" in out
+    assert "| seed 0 | 32 | 35.0 | 36.0 | 37.0 | 38.2 |" in out and "| seed 0 | 64 | 36.0 | 37.0 | 38.0 | 31.0 |" in out

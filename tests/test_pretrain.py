@@ -892,6 +892,9 @@ def test_beit_masks_blockwise_at_its_own_ratio_and_the_min_block_scales_with_the
     assert parse("--method", "beit", "--mask-ratio", "0.5", "--mask-type", "random").mask_type == "random"
     assert parse("--img-size", "224", "--patch-size", "16").mask_min_patches == 16   # BEiT's own grid
     assert parse("--mask-min-patches", "3").mask_min_patches == 3
+    photos = pretrain.resolve_args(pretrain.get_args_parser().parse_args(["--recipe", "photos", "--method", "beit"]))
+    assert (photos.mask_type, photos.mask_ratio, photos.mask_min_patches) == ("block", 0.5, 5)  # chosen on select
+    assert parse("--recipe", "photos", "--method", "beit", "--mask-ratio", "0.4").mask_ratio == 0.4
 
 
 def test_help_shows_each_recipe_and_the_run_prints_its_recipe(tmp_path, tiny_dvae_ckpt, capsys):

@@ -17,7 +17,7 @@ RUNTIME = {"output_dir", "resume", "allow_flag_changes", "save_every", "log_ever
            "local_rank"}
 # what each stage may change on resume besides RUNTIME: how it writes, evaluates and runs, never what it trains
 FREE = {
-    "pretrain.py": {"num_workers", "sample_every", "knn_k", "knn_every", "compile", "max_skips", "explain",
+    "pretrain.py": {"num_workers", "sample_every", "knn_k", "knn_every", "knn_blocks", "compile", "max_skips", "explain",
                     "check_tokenizer",
                     "min_tokenizer_perplexity"},
     "finetune.py": {"num_workers", "eval_batch_size", "max_skips"},

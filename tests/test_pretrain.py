@@ -1017,7 +1017,7 @@ def test_the_photos_recipe_trains_a_resnet_for_fewer_epochs_unless_told(tmp_path
     def epochs(*argv):
         return pretrain.resolve_args(pretrain.get_args_parser().parse_args(["--data", root, *argv])).epochs
 
-    assert epochs("--arch", "resnet18") == 5 and epochs("--arch", "resnet50") == 5
+    assert epochs("--arch", "resnet18") == 6 and epochs("--arch", "resnet50") == 6
     assert epochs() == epochs("--arch", "vit_mini") == pretrain.RECIPES["photos"]["epochs"] == 60
     assert epochs("--arch", "resnet18", "--epochs", "7") == 7
     assert pretrain.resolve_args(pretrain.get_args_parser().parse_args(["--arch", "resnet18"])).epochs == 4  # builtin

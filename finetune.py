@@ -599,8 +599,7 @@ def knn_main(args, backbone, rank, world_size, device):
     result = {"mode": "knn", "init": args.init, "arch": args.arch, "knn_k": args.knn_k, "top1": knn["top1"],
               "knn_raw_pixels": pixels, "top5": knn["top5"], "feature_rank": knn["feature_rank"]}
     if args.knn_blocks:
-        name = "knn_blocks" if isinstance(backbone, enh.VisionTransformer) else "knn_stages"
-        result[name] = training.knn_per_layer(backbone, *loaders, num_classes, device, args.knn_k, args.knn_t)
+        result.update(training.knn_per_layer(backbone, *loaders, num_classes, device, args.knn_k, args.knn_t))
     train_split, eval_split = data.EVAL_SPLITS[args.eval_split]
     result.update(n_train=len(sets[0]), n_val=len(sets[1]), train_split=train_split, eval_split=eval_split)
     if rank == 0:

@@ -530,8 +530,7 @@ def knn_layers(backbone, sets, loaders, args, device):
     peaks and then collapses onto what the RevDet head reads."""
     if not args.knn_blocks:
         return {}
-    name = "knn_blocks" if isinstance(backbone, enh.VisionTransformer) else "knn_stages"
-    return {name: training.knn_per_layer(backbone, *loaders, len(sets[0].classes), device, args.knn_k)}
+    return training.knn_per_layer(backbone, *loaders, len(sets[0].classes), device, args.knn_k)
 
 
 def finish(model, knn, step, t0, log, args, rank, device):

@@ -70,12 +70,12 @@ BASELINE = {"mask ratio": "revdet-vit", "sampling": "revdet-vit", "generator dep
 ABLATED = {"mask ratio": "mask_ratio", "sampling": "sample", "generator depth": "gen_depth",
            "respix normalisation": "norm_pix"}
 DOWNSTREAM = {  # name -> (script, flags, metric in its last JSON line); run for the "main" cells
-    "linear": ("finetune.py", ["--mode", "linear", "--recipe", "builtin"], "top1"),
-    "finetune": ("finetune.py", ["--recipe", "builtin"], "top1"),
-    "segment": ("segment.py", ["--recipe", "builtin"], "mIoU"),
+    "linear": ("finetune.py", ["--mode", "linear"], "top1"),
+    "finetune": ("finetune.py", [], "top1"),
+    "segment": ("segment.py", [], "mIoU"),
     # where in the network the features are: k-NN of every block (ViT) or stage (ResNet); its scratch
     # cell reads the random-init network the same way
-    "blocks": ("finetune.py", ["--mode", "knn", "--recipe", "builtin", "--knn-blocks"], "top1"),
+    "blocks": ("finetune.py", ["--mode", "knn", "--knn-blocks"], "top1"),
 }
 SPLIT_AWARE = ("pretrain.py", "finetune.py")  # the scripts that take --eval-split
 # The study's budget: every run is cut to a fixed number of optimiser steps, the same on any data,
@@ -90,23 +90,17 @@ BUDGET = {
 # the k-NN-against-steps plot (study.py --plot); the ResNet's per stage, where a last stage that peaks and
 # then collapses onto the RevDet head's few numbers shows (the report's "k-NN per stage against steps")
 KNN_CURVE = {"revdet-vit": ["--knn-every", "32"], "revdet-resnet18": ["--knn-every", "32", "--knn-blocks"]}
-# --budget recipe (the fair protocol, docs/study.md): no step cut, and each downstream stage takes the recipe
-# it picks for the data (photos: finetune.py's 10 epochs with layer decay for a pre-trained ViT, 30 without
-# it from scratch), not --recipe builtin
-RECIPE_FLAGS = ["--recipe", "builtin"]
 
 
 def budget(args, task):
-    """The flags --budget adds to a run of `task` (a DOWNSTREAM key or "pretrain.py")."""
-    return BUDGET.get(task, []) if args.budget == "study" else []
-
-
-def task_flags(args, extra):
-    """A downstream task's own flags under --budget: --budget recipe drops its --recipe builtin."""
-    if args.budget == "study":
-        return extra
-    i = next((i for i in range(len(extra) - 1) if extra[i:i + 2] == RECIPE_FLAGS), None)
-    return extra if i is None else extra[:i] + extra[i + 2:]
+    """The flags --budget adds to a run of `task` (a DOWNSTREAM key or "pretrain.py"). study: the
+    step cut of BUDGET, and every downstream stage in its builtin recipe (the CPU-minutes one, on any
+    data). recipe (the fair protocol, docs/study.md): nothing, so each run is as long as its recipe and
+    each downstream stage takes the recipe it picks for the data (photos: finetune.py's 10 epochs with
+    layer decay for a pre-trained ViT, 30 without it from scratch)."""
+    if args.budget == "recipe":
+        return []
+    return BUDGET["pretrain.py"] if task == "pretrain.py" else ["--recipe", "builtin"] + BUDGET.get(task, [])
 
 
 def ablation_values(args, group):
@@ -144,7 +138,7 @@ def plan(args):
         for task, (script, extra, metric) in DOWNSTREAM.items():
             if args.tasks and task not in args.tasks:
                 continue
-            extra = task_flags(args, extra) + budget(args, task)
+            extra = extra + budget(args, task)
             for seed in args.seeds:
                 cells.append((f"{task}/{name}/s{seed}", script, extra + ["--seed", str(seed)], metric,
                               f"pretrain/{name}/s{seed}"))

@@ -501,8 +501,8 @@ def knn_accuracy(backbone, train_loader, val_loader, num_classes, device, k=20, 
 
 @torch.no_grad()
 def knn_per_layer(backbone, train_loader, val_loader, num_classes, device, k=20, temperature=0.07):
-    """k-NN top-1 (%) of the feature after every ViT block or ResNet stage, train -> val, with the
-    features of all of them taken in one pass over each loader. ViT: a LayerNorm without affine
+    """{"knn_blocks" (ViT) or "knn_stages" (ResNet): k-NN top-1 (%) of the feature after every block or
+    stage}, train -> val, with the features of all of them taken in one pass over each loader. ViT: a LayerNorm without affine
     parameters on the block's tokens (the blocks' outputs are un-normalised; the backbone's own final
     norm belongs to the last block only), then the mean of the patch tokens. ResNet: the global
     average of the stage's map. Exact under DDP as training.knn_accuracy."""
@@ -528,7 +528,7 @@ def knn_per_layer(backbone, train_loader, val_loader, num_classes, device, k=20,
     for t, v in zip(train_feats, val_feats):
         votes = knn_classify(t, train_y, v, num_classes, k, temperature)  # (n_val, classes)
         top1.append(100.0 * topk_correct(votes, val_y, (1,))[0] / len(val_y))
-    return top1
+    return {"knn_blocks" if vit else "knn_stages": top1}
 
 
 class RawPixels(torch.nn.Module):

@@ -680,6 +680,27 @@ def test_a_vit_from_scratch_gets_no_layer_decay(tmp_path, folder, pretrained, re
     assert args.layer_decay == 0.9
 
 
+@pytest.mark.parametrize("recipe, init, expected", [
+    ("photos", "scratch", (2e-2, 10)),      # from scratch: its own LAMB lr, chosen on the selection split
+    ("photos", "checkpoint", (1e-2, 10)),   # pre-trained: chosen the same way (docs/study.md)
+    ("builtin", "scratch", (2e-3, 2)),      # the built-in run keeps its own
+    ("imagenet", "scratch", (5e-3 * 256 / 2048, 300)),  # RSB A2's
+])
+def test_the_photos_recipe_trains_a_resnet_at_the_lr_chosen_for_its_init(tmp_path, folder, recipe, init, expected):
+    flags = ["--init", "scratch", "--arch", "resnet18"]
+    if init == "checkpoint":
+        torch.save(enh.build_backbone("resnet18").state_dict(), tmp_path / "resnet.pth")
+        flags = ["--init", tmp_path / "resnet.pth"]
+    flags += ["--data", folder] if recipe == "photos" else ["--recipe", recipe] if recipe == "imagenet" else []
+    args = finetune.resolve_args(finetune.get_args_parser().parse_args(
+        [str(f) for f in flags + ["--output-dir", tmp_path]]))
+    assert (args.recipe, args.blr, args.epochs, args.opt, args.layer_decay) == (recipe, *expected, "lamb", 1.0)
+    # the lr is all that differs between the two photos ResNet recipes
+    photos = finetune.RECIPES["photos"]
+    assert {k: v for k, v in photos["resnet_scratch"].items() if k != "blr"} == \
+        {k: v for k, v in photos["resnet"].items() if k != "blr"}
+
+
 def test_effective_rank_counts_the_directions_the_features_use():
     n = 64
     a = torch.tensor([1.0, -1.0]).repeat(n // 2)                 # two exactly uncorrelated signals

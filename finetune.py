@@ -124,7 +124,7 @@ RECIPES = {
                  "linear": MAE_LINEAR},
 }
 # a ResNet from scratch on the photos: its own lr, chosen as CIM's was but from five values (its
-# best of 1e-3 ... 2e-2, where CIM's recipe compared 2e-3 and 1e-2)
+# best of 1e-3 ... 2e-2, where CIM's recipe compared 2e-3, 1e-2 and 2e-2)
 RECIPES["photos"]["resnet_scratch"] = dict(RECIPES["photos"]["resnet"], blr=2e-2)
 MODES = ("finetune", "linear", "knn")
 

@@ -502,10 +502,10 @@ def knn_accuracy(backbone, train_loader, val_loader, num_classes, device, k=20, 
 @torch.no_grad()
 def knn_per_layer(backbone, train_loader, val_loader, num_classes, device, k=20, temperature=0.07):
     """{"knn_blocks" (ViT) or "knn_stages" (ResNet): k-NN top-1 (%) of the feature after every block or
-    stage}, train -> val, with the features of all of them taken in one pass over each loader. ViT: a LayerNorm without affine
-    parameters on the block's tokens (the blocks' outputs are un-normalised; the backbone's own final
-    norm belongs to the last block only), then the mean of the patch tokens. ResNet: the global
-    average of the stage's map. Exact under DDP as training.knn_accuracy."""
+    stage}, train -> val, with the features of all of them taken in one pass over each loader. ViT: a
+    LayerNorm without affine parameters on the block's tokens (the blocks' outputs are un-normalised;
+    the backbone's own final norm belongs to the last block only), then the mean of the patch tokens.
+    ResNet: the global average of the stage's map. Exact under DDP as training.knn_accuracy."""
     vit = hasattr(backbone, "blocks")  # a ViT (timm names); else a ResNet with num_stages
     layers = list(range(1, (len(backbone.blocks) if vit else backbone.num_stages) + 1))
     was_training = backbone.training

@@ -17,9 +17,8 @@ RUNTIME = {"output_dir", "resume", "allow_flag_changes", "save_every", "log_ever
            "local_rank"}
 # what each stage may change on resume besides RUNTIME: how it writes, evaluates and runs, never what it trains
 FREE = {
-    "pretrain.py": {"num_workers", "sample_every", "knn_k", "knn_every", "knn_blocks", "compile", "max_skips", "explain",
-                    "check_tokenizer",
-                    "min_tokenizer_perplexity"},
+    "pretrain.py": {"num_workers", "sample_every", "knn_k", "knn_every", "knn_blocks", "compile", "max_skips",
+                    "explain", "check_tokenizer", "min_tokenizer_perplexity"},
     "finetune.py": {"num_workers", "eval_batch_size", "max_skips"},
     "segment.py": {"num_workers", "eval_every", "eval_only", "mode", "stride", "eval_batch_size", "overlays",
                    "max_skips"},

@@ -332,6 +332,7 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.Identity() if small_stem else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         total, done, cin = sum(layers), 0, width
+        self.stage_channels = []  # channels of each stage's map; the last is num_features
         for s, n in enumerate(layers):
             planes, blocks = width * 2 ** s, []
             for i in range(n):
@@ -339,6 +340,7 @@ class ResNet(nn.Module):
                 blocks.append(block(cin, planes, stride=2 if (i == 0 and s > 0) else 1, drop_path=dp))
                 cin, done = planes * block.expansion, done + 1
             setattr(self, f"layer{s + 1}", nn.Sequential(*blocks))
+            self.stage_channels.append(cin)
         self.num_stages = len(layers)
         self.num_features = cin
         self.init_weights(zero_init_residual)
@@ -359,6 +361,10 @@ class ResNet(nn.Module):
 
     def no_weight_decay(self):
         return set()  # BN and bias parameters are excluded by the optimiser's 1-D rule
+
+    def stage_strides(self):
+        """Total stride of each stage's map: 4, 8, 16, 32 (small stem: 1, 2, 4, 8)."""
+        return [self.patch_size // 2 ** (self.num_stages - s) for s in range(1, self.num_stages + 1)]
 
     def stem(self, x):
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, width, H/4, W/4); small stem: H, W
@@ -513,17 +519,24 @@ class ResNetRevDetHead(nn.Module):
     width > 0 (not the paper's) puts a 3x3 conv + BN + ReLU to `width` channels before the 1x1, so the
     last stage feeds a detector instead of being one: with the 1x1 alone it needs to carry only r*r
     numbers per cell, and its pooled feature can collapse onto them (docs/study.md, ResNet-18).
+    earlier (not the paper's): (channels, r) of earlier stages the head also reads, each by its own
+    1x1 conv + pixel shuffle to the token grid, the logits summed: a linear detector on all of them,
+    so the last stage shares the detection with the stages before it.
     """
 
-    def __init__(self, channels, upscale, width=0):
+    def __init__(self, channels, upscale, width=0, earlier=()):
         super().__init__()
         self.upscale = upscale
         self.hidden = (nn.Sequential(*conv_bn(channels, width, 3), nn.ReLU(inplace=True)) if width
                        else nn.Identity())
         self.proj = nn.Conv2d(width or channels, upscale * upscale, kernel_size=1)
+        self.earlier_upscales = [r for _, r in earlier]
+        self.earlier = nn.ModuleList(nn.Conv2d(c, r * r, kernel_size=1) for c, r in earlier)
 
-    def forward(self, fmap):
+    def forward(self, fmap, earlier_maps=()):
         x = F.pixel_shuffle(self.proj(self.hidden(fmap)), self.upscale)  # (B, 1, H/32*r, W/32*r)
+        for proj, r, f in zip(self.earlier, self.earlier_upscales, earlier_maps, strict=True):
+            x = x + F.pixel_shuffle(proj(f), r)
         return x.flatten(1)  # (B, N), row-major like the ViT tokens
 
 
@@ -554,7 +567,8 @@ class Enhancer(nn.Module):
     For a ViT the backbone's own grid must equal it (one token, one label).
     """
 
-    def __init__(self, backbone, objective, token_grid, norm_pix="window", norm_window=9, head_width=0):
+    def __init__(self, backbone, objective, token_grid, norm_pix="window", norm_window=9, head_width=0,
+                 head_stages=1):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown --objective {objective!r}; choose {' or '.join(OBJECTIVES)}")
@@ -568,8 +582,9 @@ class Enhancer(nn.Module):
         self.backbone, self.objective, self.token_grid = backbone, objective, token_grid
         self.norm_pix, self.norm_window = norm_pix, norm_window
         self.token_patch = S // token_grid
-        if head_width and not (isinstance(backbone, ResNet) and objective == "revdet"):
-            raise ValueError("--head-width is for a ResNet's RevDet head: drop it")
+        if (head_width or head_stages != 1) and not (isinstance(backbone, ResNet) and objective == "revdet"):
+            raise ValueError("--head-width and --head-stages are for a ResNet's RevDet head: drop them")
+        self.head_stages = head_stages
         self.head = self.build_head(backbone, objective, head_width)
         self.head.apply(init_vit_weights)
 
@@ -584,10 +599,18 @@ class Enhancer(nn.Module):
         if isinstance(backbone, ResNet):
             if objective == "respix":
                 return ResNetResPixHead(backbone.num_features, backbone.patch_size)
-            if backbone.patch_size % self.token_patch:
-                raise ValueError(f"token patch {self.token_patch} does not divide the ResNet stride "
-                                 f"{backbone.patch_size}; the pixel shuffle needs an integer factor")
-            return ResNetRevDetHead(backbone.num_features, backbone.patch_size // self.token_patch, head_width)
+            n, strides = backbone.num_stages, backbone.stage_strides()
+            if not 1 <= self.head_stages <= n:
+                raise ValueError(f"--head-stages {self.head_stages}: the ResNet has stages 1..{n}")
+            read = list(range(n - self.head_stages + 1, n + 1))  # the stages the head reads, the last one last
+            for s in read:
+                if strides[s - 1] % self.token_patch:
+                    raise ValueError(f"token patch {self.token_patch} does not divide the stride {strides[s - 1]} of "
+                                     f"ResNet stage {s}; the pixel shuffle needs an integer factor"
+                                     + (": lower --head-stages" if s < n else ""))
+            earlier = [(backbone.stage_channels[s - 1], strides[s - 1] // self.token_patch) for s in read[:-1]]
+            return ResNetRevDetHead(backbone.num_features, backbone.patch_size // self.token_patch, head_width,
+                                    earlier)
         raise TypeError(f"unsupported backbone {type(backbone).__name__}")
 
     def no_weight_decay(self):
@@ -600,7 +623,12 @@ class Enhancer(nn.Module):
         Returns (out, loss, metrics): RevDet logits (B, N) or the ResPix image (B, 3, S, S); a scalar
         loss in float32; a dict of detached 0-dim tensors (no .item(), so no GPU sync per step).
         """
-        out = self.head(self.backbone(corrupted))
+        if self.head_stages > 1:
+            n = self.backbone.num_stages
+            *earlier, last = self.backbone.get_layer_outputs(corrupted, range(n - self.head_stages + 1, n + 1))
+            out = self.head(last, earlier)
+        else:
+            out = self.head(self.backbone(corrupted))
         if self.objective == "revdet":
             loss, metrics = self.revdet_loss(out, replaced)
         else:

@@ -216,7 +216,8 @@ def build_model(args, encoder, decoder):
         return BEiT(backbone, encoder, tok_dtype)
     generator = gen.BEiTGenerator(args.img_size, args.patch_size, encoder.vocab_size, args.gen_dim,
                                   args.gen_depth, args.gen_heads)
-    enhancer = enh.Enhancer(backbone, args.objective, grid, args.norm_pix, args.norm_window, args.head_width)
+    enhancer = enh.Enhancer(backbone, args.objective, grid, args.norm_pix, args.norm_window, args.head_width,
+                            args.head_stages)
     channels_last = args.arch.startswith("resnet") and torch.cuda.is_available() and args.device != "cpu"
     if channels_last:  # NHWC convolutions: the fast layout of cuDNN's tensor-core kernels
         backbone.to(memory_format=torch.channels_last)
@@ -556,7 +557,8 @@ def resume(args, model, optimizer, scaler, rank, world_size, device):
         return 0, skips
     saved = ckpt.get("args", {})
     runs.check_same_network(saved, args, ("method", "arch", "objective", "img_size", "patch_size",
-                                          "gen_dim", "gen_depth", "gen_heads", "resnet_stem", "head_width"), path)
+                                          "gen_dim", "gen_depth", "gen_heads", "resnet_stem", "head_width",
+                                          "head_stages"), path)
     saved_vocab = next((v.shape[0] for k, v in ckpt["model"].items() if k.endswith("lm_head.weight")), None)
     if saved_vocab != model.vocab_size:
         raise ValueError(f"--resume {path!r} holds a token head for a {saved_vocab}-code tokenizer, this "
@@ -647,6 +649,8 @@ def get_args_parser():
     r("--patch-size", "ViT patch P; the token grid is S/P", type=pos_int)
     a("--head-width", type=nonneg_int, default=0, help="ResNet RevDet head: 0 = the paper's 1x1 conv on the "
       "last stage; N = a 3x3 conv + BN + ReLU to N channels before it (docs/study.md: ResNet-18)")
+    a("--head-stages", type=pos_int, default=1, help="ResNet RevDet head: 1 = the paper's, on the last stage; "
+      "K = a 1x1 conv on each of the last K stages, their logits summed on the token grid (docs/study.md)")
     a("--enh-weight", type=nonneg_float, default=1.0, help="lambda in L = L_gen + lambda * L_enh")
     r("--drop-path", "enhancer stochastic depth", type=runs.number(float, "in [0, 1)"))
     a("--init-values", type=pos_float, default=None, help="enhancer layer scale init (off by default)")
@@ -744,9 +748,10 @@ def resolve_args(args):
         raise ValueError("--objective is the CIM enhancer's loss; --method beit predicts the masked tokens and "
                          "has none: drop --objective")
     args.objective = args.objective or "revdet"
-    if args.head_width and (args.method == "beit" or args.objective != "revdet"
-                            or not (args.arch or recipe["arch"]).startswith("resnet")):
-        raise ValueError("--head-width widens a ResNet's RevDet head; this run has none: drop the flag")
+    for flag, value, default in (("--head-width", args.head_width, 0), ("--head-stages", args.head_stages, 1)):
+        if value != default and (args.method == "beit" or args.objective != "revdet"
+                                 or not (args.arch or recipe["arch"]).startswith("resnet")):
+            raise ValueError(f"{flag} shapes a ResNet's RevDet head; this run has none: drop the flag")
     if args.recipe == "photos" and (args.arch or recipe["arch"]).startswith("resnet"):
         recipe["epochs"] = PHOTOS_RESNET_EPOCHS
     recipe.update(BEIT_MASKING if args.method == "beit" else dict(mask_type="random"))

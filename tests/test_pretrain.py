@@ -972,10 +972,37 @@ def test_head_width_puts_a_conv_layer_before_the_resnet_detector(tiny_dvae_ckpt)
 
 
 @pytest.mark.parametrize("extra", [[], ["--method", "beit"], ["--arch", "resnet18", "--objective", "respix"]])
-def test_head_width_without_a_resnet_revdet_head_is_refused(tmp_path, tiny_dvae_ckpt, extra):
-    with pytest.raises(ValueError, match="--head-width widens a ResNet's RevDet head.*drop the flag"):
-        run(tmp_path, tiny_dvae_ckpt, "--head-width", "8", "--max-steps", "1", *extra)
+@pytest.mark.parametrize("flag", [["--head-width", "8"], ["--head-stages", "2"]])
+def test_head_flags_without_a_resnet_revdet_head_are_refused(tmp_path, tiny_dvae_ckpt, extra, flag):
+    with pytest.raises(ValueError, match=f"{flag[0]} shapes a ResNet's RevDet head.*drop the flag"):
+        run(tmp_path, tiny_dvae_ckpt, *flag, "--max-steps", "1", *extra)
     assert not os.listdir(tmp_path)
+
+
+def test_head_stages_sums_a_detector_on_each_of_the_last_stages(tiny_dvae_ckpt):
+    """--head-stages 2 on the small stem at 16 px with 4 px tokens: the last stage (stride 8, a 2x2 map)
+    gives 2x2 logits per cell as before, stage 3 (stride 4, a 4x4 map of 256 channels) one per cell; the
+    logits are their sum, and the loss trains both stages through the head."""
+    _, plain, _ = tiny_model(tiny_dvae_ckpt, "--arch", "resnet18", "--resnet-stem", "small")
+    _, two, _ = tiny_model(tiny_dvae_ckpt, "--arch", "resnet18", "--resnet-stem", "small", "--head-stages", "2")
+    head, backbone = two.enhancer.head, two.enhancer.backbone
+    assert len(plain.enhancer.head.earlier) == 0 and len(head.earlier) == 1
+    (conv,) = head.earlier
+    assert (conv.in_channels, conv.out_channels, head.proj.out_channels) == (256, 1, 4)
+    images, _, mask = batch()
+    stage3, stage4 = backbone.get_layer_outputs(images, (3, 4))
+    expected = F.pixel_shuffle(head.proj(stage4), 2) + conv(stage3)  # (B, 1, 4, 4): one logit per token
+    out, loss, _ = two.enhancer(images, None, mask)
+    torch.testing.assert_close(out, expected.flatten(1))
+    loss.backward()
+    assert conv.weight.grad.abs().sum() > 0 and backbone.layer3[0].conv1.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("stages, message", [(5, "stages 1..4"), (3, "stride 2 of ResNet stage 2.*lower --head-stages")])
+def test_head_stages_the_token_grid_cannot_take_are_refused(tmp_path, tiny_dvae_ckpt, stages, message):
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path, tiny_dvae_ckpt, "--arch", "resnet18", "--resnet-stem", "small", "--head-stages", str(stages),
+            "--max-steps", "1")
 
 
 def test_beit_baseline_trains_the_enhancer_backbone_by_masked_image_modelling(tmp_path, tiny_dvae_ckpt):

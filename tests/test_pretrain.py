@@ -998,7 +998,8 @@ def test_head_stages_sums_a_detector_on_each_of_the_last_stages(tiny_dvae_ckpt):
     assert conv.weight.grad.abs().sum() > 0 and backbone.layer3[0].conv1.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("stages, message", [(5, "stages 1..4"), (3, "stride 2 of ResNet stage 2.*lower --head-stages")])
+@pytest.mark.parametrize("stages, message", [(5, "stages 1..4"),
+                                             (3, "stride 2 of ResNet stage 2.*lower --head-stages")])
 def test_head_stages_the_token_grid_cannot_take_are_refused(tmp_path, tiny_dvae_ckpt, stages, message):
     with pytest.raises(ValueError, match=message):
         run(tmp_path, tiny_dvae_ckpt, "--arch", "resnet18", "--resnet-stem", "small", "--head-stages", str(stages),
@@ -1036,6 +1037,27 @@ def test_the_photos_recipe_gives_a_resnet_the_small_stem(tmp_path, tiny_dvae_ckp
     assert exported["model"]["conv1.weight"].shape == (64, 3, 3, 3)
     assert exported["args"]["resnet_stem"] == "small" and exported["args"]["recipe"] == "photos"
     assert exported["args"]["epochs"] == pretrain.PHOTOS_RESNET_EPOCHS == 6  # chosen on the selection split
+    assert exported["args"]["head_stages"] == pretrain.PHOTOS_RESNET_HEAD_STAGES == 2  # so was its head
+    # a run from before --head-stages (no such key) had the 1x1 alone: resuming it under this head is refused
+    ckpt = load(tmp_path / "out" / "checkpoint-latest.pth")
+    del ckpt["args"]["head_stages"]
+    torch.save(ckpt, tmp_path / "old.pth")
+    with pytest.raises(ValueError, match="was trained with --head-stages 1, this run has 2"):
+        run(tmp_path / "resumed", tiny_dvae_ckpt, "--data", root, "--arch", "resnet18", "--max-steps", "2",
+            "--knn-k", "2", "--resume", str(tmp_path / "old.pth"))
+
+
+def test_the_photos_recipe_gives_a_resnets_revdet_head_two_stages_unless_told(tmp_path):
+    root = image_folder(tmp_path / "photos", 16)
+
+    def head_stages(*argv):
+        return pretrain.resolve_args(pretrain.get_args_parser().parse_args(argv)).head_stages
+
+    assert head_stages("--data", root, "--arch", "resnet18") == head_stages("--data", root, "--arch", "resnet50") == 2
+    assert head_stages("--data", root, "--arch", "resnet18", "--head-stages", "1") == 1  # the paper's head
+    assert head_stages("--data", root, "--arch", "resnet18", "--objective", "respix") == 1  # no RevDet head
+    assert head_stages("--data", root) == head_stages("--data", root, "--head-stages", "1") == 1  # a ViT
+    assert head_stages("--arch", "resnet18") == head_stages("--recipe", "imagenet", "--arch", "resnet50") == 1
 
 
 def test_the_photos_recipe_trains_a_resnet_for_fewer_epochs_unless_told(tmp_path):

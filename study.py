@@ -14,8 +14,9 @@ results into tables.
     python study.py --only main --seeds 2                    # one group (downstream included), seed 2
     python study.py --pretrain-flags="--max-steps 512"       # extra flags for every run of a stage
 
-One tokenizer per study (the built-in data: dvae.py's small preset; --data: the k-means codebook)
-is trained first and shared by every pre-training run. A pre-training cell is one pretrain.py run
+One tokenizer per seed (the built-in data: dvae.py's small preset; --data: the k-means codebook),
+trained first with that seed and shared by the seed's pre-training runs: a second seed varies the
+whole pipeline, as a second hand-run pretrain.py (which fits its own) does. A pre-training cell is one pretrain.py run
 (its last line: k-NN of the pre-trained enhancer and of the same network at random init); a
 downstream cell (linear probe, fine-tuning, segmentation) runs on that cell's backbone.pth and on
 `--init scratch` with the same flags.
@@ -30,6 +31,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -245,13 +247,20 @@ def key_study(args):
 # A cell's command, and the checks of every command before the first runs
 # ----------------------------------------------------------------------------------------------------
 
-def tokenizer_path(args):
-    return os.path.join(args.output_dir, "tokenizer", "checkpoint-latest.pth")
+def tokenizer_path(args, seed):
+    """Seed `seed`'s tokenizer: seed 0's in OUTPUT_DIR/tokenizer/ (where a study kept its one tokenizer
+    before there was one per seed), seed S's in OUTPUT_DIR/tokenizer-sS/."""
+    folder = "tokenizer" if seed == 0 else f"tokenizer-s{seed}"
+    return os.path.join(args.output_dir, folder, "checkpoint-latest.pth")
 
 
-def tokenizer_flags(args):
-    return ["--output-dir", os.path.dirname(tokenizer_path(args))] + \
+def tokenizer_flags(args, seed):
+    return ["--output-dir", os.path.dirname(tokenizer_path(args, seed)), "--seed", str(seed)] + \
         (["--preset", "kmeans", "--data", args.data] if args.data else [])
+
+
+def cell_seed(key):
+    return int(key.rsplit("/s", 1)[1])  # "pretrain/revdet-vit/s1" -> 1
 
 
 def cell_command(args, cell):
@@ -260,7 +269,8 @@ def cell_command(args, cell):
     starts from) and `extra` the stage's --*-flags, last so that they win."""
     key, script, flags, _, needs = cell
     if script == "pretrain.py":
-        flags, extra = flags + ["--dvae", tokenizer_path(args), "--min-tokenizer-perplexity", "0"], args.pretrain_flags
+        flags, extra = flags + ["--dvae", tokenizer_path(args, cell_seed(key)), "--min-tokenizer-perplexity", "0"], \
+            args.pretrain_flags
     else:
         flags = (["--init", os.path.join(args.output_dir, "runs", needs.replace("/", "-"), "backbone.pth")]
                  if needs else []) + flags
@@ -276,8 +286,9 @@ def ran_as(data, flags):
     out = list(data + flags)
     for i in range(1, len(out)):
         parts = os.path.normpath(out[i]).split(os.sep)
-        if out[i - 1] == "--dvae" and parts[-2:] == ["tokenizer", "checkpoint-latest.pth"]:
-            out[i] = "OUTPUT_DIR/tokenizer/checkpoint-latest.pth"
+        if out[i - 1] == "--dvae" and parts[-1] == "checkpoint-latest.pth" and len(parts) > 1 and \
+                re.fullmatch(r"tokenizer(-s\d+)?", parts[-2]):
+            out[i] = f"OUTPUT_DIR/{parts[-2]}/checkpoint-latest.pth"
         elif out[i - 1] == "--init" and len(parts) > 2 and parts[-3] == "runs" and parts[-1] == "backbone.pth":
             out[i] = "OUTPUT_DIR/" + "/".join(parts[-3:])
     return out
@@ -349,7 +360,8 @@ def check_flags(args, cells):
              "segment.py": args.segment_flags}
     flag = {"dvae.py": "--dvae-flags", "pretrain.py": "--pretrain-flags", "finetune.py": "--finetune-flags",
             "segment.py": "--segment-flags"}
-    commands = [("the tokenizer", "dvae.py", tokenizer_flags(args))]
+    commands = [(f"the tokenizer of seed {seed}", "dvae.py", tokenizer_flags(args, seed))
+                for seed in sorted({cell_seed(c[0]) for c in cells if c[1] == "pretrain.py"})]
     for cell in cells:
         data, flags, _, run_dir = cell_command(args, cell)
         commands.append((cell[0], cell[1], data + flags + ["--output-dir", run_dir]))
@@ -389,11 +401,11 @@ def run_stage(script, flags, log_path):
     return last_json(proc.stdout, " ".join(cmd)), (time.time() - t0) / 60
 
 
-def tokenizer(args, log_path):
-    """The study's one tokenizer, trained once. A study stopped while it trained finds a checkpoint
-    short of its last step and runs the same dvae.py command again, which resumes from it. One that
-    cannot be read is refused, not refitted: the cells already run were pre-trained with it."""
-    ckpt = tokenizer_path(args)
+def tokenizer(args, seed, log_path):
+    """Seed `seed`'s tokenizer, trained once. A study stopped while it trained finds a checkpoint short
+    of its last step and runs the same dvae.py command again, which resumes from it. One that cannot be
+    read is refused, not refitted: the cells already run were pre-trained with it."""
+    ckpt = tokenizer_path(args, seed)
     saved = None
     if os.path.isfile(ckpt):
         try:
@@ -406,7 +418,7 @@ def tokenizer(args, log_path):
                              f"and run again to fit it anew (results.jsonl's pre-training cells used the old "
                              f"one; redo them too, or use another --output-dir)") from None
     if saved is None or saved["step"] < saved["total_steps"]:
-        run_stage("dvae.py", tokenizer_flags(args) + args.dvae_flags, log_path)
+        run_stage("dvae.py", tokenizer_flags(args, seed) + args.dvae_flags, log_path)
     return ckpt
 
 
@@ -444,7 +456,8 @@ def main(args):
     check_records(args, cells, done)
     os.makedirs(args.output_dir, exist_ok=True)
     key_study(args)
-    tokenizer(args, log_path)  # at tokenizer_path(args), which every pre-training command names
+    for seed in sorted({cell_seed(c[0]) for c in cells if c[1] == "pretrain.py" and c[0] not in done}):
+        tokenizer(args, seed, log_path)  # at tokenizer_path(args, seed), which the seed's pre-training names
     for cell in cells:
         key, script, _, metric, _ = cell
         if key in done:

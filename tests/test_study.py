@@ -2,6 +2,7 @@
 scratch baseline per arch and seed), a real tiny study through the stage scripts, resuming without
 re-running a finished cell, and the mean +- spread report."""
 import json
+import os
 import shutil
 
 import pytest
@@ -113,11 +114,45 @@ def test_a_tokenizer_stopped_midway_is_trained_on_and_a_finished_one_reused(tmp_
     calls = []
     monkeypatch.setattr(study, "run_stage", lambda script, flags, log: calls.append((script, flags)))
     torch.save({"step": 3, "total_steps": 10}, ckpt)
-    assert study.tokenizer(args(tmp_path), tmp_path / "study.log") == str(ckpt)
-    assert [c[0] for c in calls] == ["dvae.py"] and calls[0][1][:2] == ["--output-dir", str(ckpt.parent)]
+    assert study.tokenizer(args(tmp_path), 0, tmp_path / "study.log") == str(ckpt)
+    assert [c[0] for c in calls] == ["dvae.py"]
+    assert calls[0][1][:4] == ["--output-dir", str(ckpt.parent), "--seed", "0"]
     torch.save({"step": 10, "total_steps": 10}, ckpt)
-    study.tokenizer(args(tmp_path), tmp_path / "study.log")
+    study.tokenizer(args(tmp_path), 0, tmp_path / "study.log")
     assert len(calls) == 1
+
+
+def test_each_seed_fits_its_own_tokenizer_and_pretrains_with_it(tmp_path, monkeypatch):
+    """A second seed varies the whole pipeline, the tokenizer's fit included (as a second hand-run
+    pretrain.py does): dvae.py --seed S into tokenizer/ (seed 0) or tokenizer-sS/, and seed S's
+    pre-training reads that one. A seed whose pre-training is done fits nothing."""
+    monkeypatch.setattr(study, "PRETRAIN", {"revdet-vit": ("main", ["--objective", "revdet"])})
+    monkeypatch.setattr(study, "DOWNSTREAM", {})
+    calls = []
+
+    def fake_stage(script, flags, log):
+        calls.append((script, flags))
+        out = flags[flags.index("--output-dir") + 1]
+        if script == "dvae.py":
+            os.makedirs(out)
+            torch.save({"step": 1, "total_steps": 1}, os.path.join(out, "checkpoint-latest.pth"))
+            return {}, 0.0
+        return {"knn_pretrained": 30.0, "knn_random_init": 20.0, "knn_raw_pixels": 25.0}, 0.0
+    monkeypatch.setattr(study, "run_stage", fake_stage)
+    study.main(args(tmp_path, "--seeds", "0", "1"))
+    fits = [f for s, f in calls if s == "dvae.py"]
+    assert [(f[f.index("--seed") + 1], f[f.index("--output-dir") + 1]) for f in fits] == [
+        ("0", str(tmp_path / "tokenizer")), ("1", str(tmp_path / "tokenizer-s1"))]
+    read = {f[f.index("--seed") + 1]: f[f.index("--dvae") + 1] for s, f in calls if s == "pretrain.py"}
+    assert read == {"0": str(tmp_path / "tokenizer" / "checkpoint-latest.pth"),
+                    "1": str(tmp_path / "tokenizer-s1" / "checkpoint-latest.pth")}
+    records = [json.loads(l) for l in open(tmp_path / "results.jsonl")]
+    recorded = [study.ran_as([], r["flags"]) for r in records]
+    assert [f[f.index("--dvae") + 1] for f in recorded] == [
+        "OUTPUT_DIR/tokenizer/checkpoint-latest.pth", "OUTPUT_DIR/tokenizer-s1/checkpoint-latest.pth"]
+    calls.clear()
+    study.main(args(tmp_path, "--seeds", "0", "1", "2"))  # seeds 0 and 1 done: only seed 2 fits and trains
+    assert [(s, f[f.index("--seed") + 1]) for s, f in calls] == [("dvae.py", "2"), ("pretrain.py", "2")]
 
 
 def test_report_gives_mean_and_spread_over_seeds():

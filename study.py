@@ -36,7 +36,9 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import torch
 
@@ -387,12 +389,15 @@ def last_json(stdout, what):
     raise ChildProcessError(f"{what} printed no JSON result line")
 
 
+LOG_LOCK = threading.Lock()  # one run's output is appended whole, never interleaved with another's
+
+
 def run_stage(script, flags, log_path):
     """Run `python script flags`, its output appended to log_path; returns its last JSON line."""
     cmd = [sys.executable, os.path.join(REPO, script), *flags]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    with open(log_path, "a") as f:
+    with LOG_LOCK, open(log_path, "a") as f:
         f.write("$ " + " ".join(cmd) + "\n" + proc.stdout + proc.stderr[-20000:] + "\n")
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -420,6 +425,60 @@ def tokenizer(args, seed, log_path):
     if saved is None or saved["step"] < saved["total_steps"]:
         run_stage("dvae.py", tokenizer_flags(args, seed) + args.dvae_flags, log_path)
     return ckpt
+
+
+
+def run_cell(args, cell, log_path):
+    """Run one cell's stage; returns its results.jsonl record (recorded only complete: a cell whose
+    stage printed no number raises, and a rerun does it again)."""
+    key, script, _, metric, _ = cell
+    data, flags, extra, run_dir = cell_command(args, cell)
+    result, minutes = run_stage(script, data + flags + extra + ["--output-dir", run_dir], log_path)
+    record = {"cell": key, "script": script, "data": args.seg_data if script == "segment.py" else args.data,
+              "flags": flags + extra, "minutes": round(minutes, 2)}
+    if script in SPLIT_AWARE:
+        record["eval_split"] = args.eval_split
+    if metric == "knn":
+        record.update(value=result.get("knn_pretrained"), random_init=result.get("knn_random_init"),
+                      raw_pixels=result.get("knn_raw_pixels"))
+    else:
+        record.update(value=result.get(metric))
+    layers = result.get("knn_blocks") or result.get("knn_stages")
+    if layers:
+        record["layers"] = layers
+    if any(v is None for k, v in record.items() if k in ("value", "random_init")):
+        raise ChildProcessError(f"{script} (cell {key}) printed no {metric} in {json.dumps(result)}; see {log_path}")
+    return record
+
+
+def run_cells(args, todo, done, results_path, log_path):
+    """Run the cells of `todo` in plan order, up to --jobs at once, each as soon as the pre-training it
+    starts from is recorded; every finished cell goes into results.jsonl at once. A failure stops new
+    cells; the ones already running finish and are recorded before it is raised."""
+    running, failure = {}, None
+    with ThreadPoolExecutor(args.jobs) as pool:
+        while todo or running:
+            ready = [c for c in todo if c[4] is None or c[4] in done] if failure is None else []
+            for cell in ready[:args.jobs - len(running)]:
+                todo.remove(cell)
+                print(f"study.py: {cell[0]}", flush=True)
+                running[pool.submit(run_cell, args, cell, log_path)] = cell
+            if not running:
+                break
+            for future in wait(running, return_when=FIRST_COMPLETED).done:
+                cell = running.pop(future)
+                try:
+                    record = future.result()
+                except Exception as err:
+                    if failure is None and running:
+                        print(f"study.py: {cell[0]} failed; waiting for the {len(running)} running cell(s) to "
+                              f"finish and be recorded (Ctrl-C stops them: their stages resume)", flush=True)
+                    failure = failure or err
+                    continue
+                add_result(results_path, record)
+                done[cell[0]] = record
+    if failure is not None:
+        raise failure
 
 
 def main(args):
@@ -456,32 +515,14 @@ def main(args):
     check_records(args, cells, done)
     os.makedirs(args.output_dir, exist_ok=True)
     key_study(args)
-    for seed in sorted({cell_seed(c[0]) for c in cells if c[1] == "pretrain.py" and c[0] not in done}):
-        tokenizer(args, seed, log_path)  # at tokenizer_path(args, seed), which the seed's pre-training names
-    for cell in cells:
-        key, script, _, metric, _ = cell
-        if key in done:
-            continue
-        data, flags, extra, run_dir = cell_command(args, cell)
-        print(f"study.py: {key}", flush=True)
-        result, minutes = run_stage(script, data + flags + extra + ["--output-dir", run_dir], log_path)
-        record = {"cell": key, "script": script, "data": args.seg_data if script == "segment.py" else args.data,
-                  "flags": flags + extra, "minutes": round(minutes, 2)}
-        if script in SPLIT_AWARE:
-            record["eval_split"] = args.eval_split
-        if metric == "knn":
-            record.update(value=result.get("knn_pretrained"), random_init=result.get("knn_random_init"),
-                          raw_pixels=result.get("knn_raw_pixels"))
-        else:
-            record.update(value=result.get(metric))
-        layers = result.get("knn_blocks") or result.get("knn_stages")
-        if layers:
-            record["layers"] = layers
-        if any(v is None for k, v in record.items() if k in ("value", "random_init")):
-            # recorded only complete: a rerun does the cell again
-            raise ChildProcessError(f"{script} (cell {key}) printed no {metric} in {json.dumps(result)}; see {log_path}")
-        add_result(results_path, record)
-        done[key] = record
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # the stages would each take every core
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+        print(f"study.py: --jobs {args.jobs}: each stage runs with OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} "
+              f"(set OMP_NUM_THREADS to choose)", flush=True)
+    seeds = sorted({cell_seed(c[0]) for c in cells if c[1] == "pretrain.py" and c[0] not in done})
+    with ThreadPoolExecutor(args.jobs) as pool:  # at tokenizer_path(args, seed), which the seed's pre-training names
+        list(pool.map(lambda seed: tokenizer(args, seed, log_path), seeds))
+    run_cells(args, [c for c in cells if c[0] not in done], done, results_path, log_path)
     return report(done, args)
 
 
@@ -665,6 +706,9 @@ def get_args_parser():
     a("--output-dir", default="out/study", help="runs/, results.jsonl (one line per finished cell), study.log, "
       "study.json (the --data, --seg-data, --eval-split and --*-flags of the one study it holds)")
     a("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every cell")
+    a("--jobs", type=runs.POS_INT, default=1,
+      help="cells run at once, each its own process (a downstream cell waits for its pre-training); each "
+           "gets OMP_NUM_THREADS=cores/jobs unless OMP_NUM_THREADS is set")
     a("--eval-split", default="val", choices=["val", "select"],
       help="what pretrain.py's k-NN and finetune.py evaluate on: select (a fixed 10%% of each class of "
            "train/, left out of training) to make choices, then val (DIR/val/) for the numbers you report, "

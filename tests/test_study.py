@@ -4,6 +4,8 @@ re-running a finished cell, and the mean +- spread report."""
 import json
 import os
 import shutil
+import threading
+import time
 
 import pytest
 import torch
@@ -153,6 +155,73 @@ def test_each_seed_fits_its_own_tokenizer_and_pretrains_with_it(tmp_path, monkey
     calls.clear()
     study.main(args(tmp_path, "--seeds", "0", "1", "2"))  # seeds 0 and 1 done: only seed 2 fits and trains
     assert [(s, f[f.index("--seed") + 1]) for s, f in calls] == [("dvae.py", "2"), ("pretrain.py", "2")]
+
+
+
+def fake_study(monkeypatch, stage):
+    """One pre-training cell and fine-tuning on it (and scratch); `stage(key, flags)` plays every cell's
+    stage (a dvae.py fit writes a finished tokenizer), returning its result."""
+    monkeypatch.setattr(study, "PRETRAIN", {"revdet-vit": ("main", ["--objective", "revdet"])})
+    monkeypatch.setattr(study, "DOWNSTREAM", {"finetune": ("finetune.py", [], "top1")})
+
+    def run_stage(script, flags, log):
+        out = flags[flags.index("--output-dir") + 1]
+        if script == "dvae.py":
+            os.makedirs(out)
+            torch.save({"step": 1, "total_steps": 1}, os.path.join(out, "checkpoint-latest.pth"))
+            return {}, 0.0
+        base, seed = os.path.basename(out).rsplit("-s", 1)  # runs/<task>-<name>-s<seed>
+        key = "/".join(base.split("-", 1)) + f"/s{seed}"
+        return stage(key, flags), 0.0
+    monkeypatch.setattr(study, "run_stage", run_stage)
+
+
+def test_jobs_run_cells_side_by_side_each_after_its_pretraining(tmp_path, monkeypatch):
+    both = threading.Barrier(2, timeout=10)  # broken unless the two pre-trainings run at once
+    lock, events, now = threading.Lock(), [], [0, 0]
+
+    def stage(key, flags):
+        if key.startswith("pretrain/"):
+            both.wait()
+        with lock:
+            now[0] += 1
+            now[1] = max(now[1], now[0])
+            events.append(("start", key))
+        time.sleep(0.05)
+        with lock:
+            now[0] -= 1
+            events.append(("end", key))
+        return {"knn_pretrained": 30.0, "knn_random_init": 20.0, "knn_raw_pixels": 25.0, "top1": 50.0}
+    fake_study(monkeypatch, stage)
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    monkeypatch.delenv("OMP_NUM_THREADS")  # restored (unset) after the test
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    study.main(args(tmp_path, "--seeds", "0", "1", "--jobs", "2"))
+    assert os.environ["OMP_NUM_THREADS"] == "2"  # 4 cores / 2 jobs, for every stage it started
+    assert now[1] == 2  # never more than --jobs at once
+    done = [json.loads(l)["cell"] for l in open(tmp_path / "results.jsonl")]
+    assert sorted(done) == sorted(c[0] for c in study.plan(args(tmp_path, "--seeds", "0", "1")))
+    for seed in (0, 1):  # fine-tuning starts only once its backbone's pre-training has ended
+        assert events.index(("end", f"pretrain/revdet-vit/s{seed}")) < \
+            events.index(("start", f"finetune/revdet-vit/s{seed}"))
+
+
+def test_with_jobs_a_failure_lets_the_running_cell_finish_and_be_recorded(tmp_path, monkeypatch, capsys):
+    failed = threading.Event()
+
+    def stage(key, flags):
+        if key == "pretrain/revdet-vit/s0":
+            failed.set()
+            raise ChildProcessError("pretrain.py failed (exit 1): boom")
+        assert failed.wait(10)
+        time.sleep(1.0)  # still running when the study sees seed 0 fail
+        return {"knn_pretrained": 30.0, "knn_random_init": 20.0, "knn_raw_pixels": 25.0, "top1": 50.0}
+    fake_study(monkeypatch, stage)
+    with pytest.raises(ChildProcessError, match="boom"):
+        study.main(args(tmp_path, "--seeds", "0", "1", "--jobs", "2"))
+    # seed 1's pre-training finished and is kept; nothing new started after the failure
+    assert [json.loads(l)["cell"] for l in open(tmp_path / "results.jsonl")] == ["pretrain/revdet-vit/s1"]
+    assert "waiting for the 1 running cell(s) to finish" in capsys.readouterr().out
 
 
 def test_report_gives_mean_and_spread_over_seeds():

@@ -7,7 +7,8 @@ results into tables.
 
     python study.py --list                                   # the plan, and what is done
     python study.py                                          # built-in data, every cell not yet done
-    python study.py --data ../shared/data/photos-dev --output-dir out/study-photos
+    python study.py --data PHOTOS --output-dir out/study-photos   # any ImageNet-layout folder
+    OMP_NUM_THREADS=1 python study.py --jobs 2               # two cells at a time on 2 cores
     python study.py --report                                 # docs/study.md's tables, from results.jsonl
     python study.py --plot docs/study-knn-builtin.png        # k-NN against pre-training steps
     python study.py --cells respix-vit argmax --seeds 2      # a third seed for chosen pre-training cells
@@ -16,10 +17,10 @@ results into tables.
 
 One tokenizer per seed (the built-in data: dvae.py's small preset; --data: the k-means codebook),
 trained first with that seed and shared by the seed's pre-training runs: a second seed varies the
-whole pipeline, as a second hand-run pretrain.py (which fits its own) does. A pre-training cell is one pretrain.py run
-(its last line: k-NN of the pre-trained enhancer and of the same network at random init); a
-downstream cell (linear probe, fine-tuning, segmentation) runs on that cell's backbone.pth and on
-`--init scratch` with the same flags.
+whole pipeline, as a second hand-run pretrain.py (which fits its own) does. A pre-training cell is
+one pretrain.py run (its last line: k-NN of the pre-trained enhancer and of the same network at
+random init); a downstream cell (linear probe, fine-tuning, segmentation) runs on that cell's
+backbone.pth and on `--init scratch` with the same flags.
 
 An --output-dir holds one study: OUTPUT_DIR/study.json keeps what defines it (--data, --seg-data,
 --eval-split and the four --*-flags), and a run with other values there is refused (use another

@@ -553,6 +553,20 @@ def cell(rows, name):
     return f"{mean:.1f} ± {std:.1f}" + (f" ({n})" if n != 2 else "")
 
 
+def seed_cell(record):
+    """One seed's number of a cell as docs/study.md's tables give it: '32.7 (27.1, 32.3)' for a
+    pre-training (its random init and raw pixels), '32.1 [28.3 29.6 ...]' where it read every block."""
+    if record is None:
+        return "-"
+    text = f"{record['value']:.1f}"
+    if record.get("random_init") is not None:
+        pixels = record.get("raw_pixels")
+        text += f" ({record['random_init']:.1f}, {'-' if pixels is None else f'{pixels:.1f}'})"
+    if record.get("layers"):
+        text += " [" + " ".join(f"{v:.1f}" for v in record["layers"]) + "]"
+    return text
+
+
 def too_close(rows, a, b):
     """Two cells whose means differ by less than their seed-to-seed spread (and have < 3 seeds)."""
     if a not in rows or b not in rows:
@@ -585,6 +599,11 @@ def report(done, args=None):
             print(f"| {arch}, {label} | {cell(rows, f'pretrain/{n}')} | "
                   + " | ".join(cell(rows, f"{t}/{n}") for t in tasks) + " |")
             close += [(f"{t}/{n}", f"{t}/scratch-{arch}", "main") for t in tasks]
+    seeds = sorted({cell_seed(k) for k in done})
+    print("\n| each cell, seed by seed (k-NN: random init, raw pixels; [per block / stage]) | "
+          + " | ".join(f"seed {s}" for s in seeds) + " |\n| --- |" + " --- |" * len(seeds))
+    for name in sorted({k.rsplit("/", 1)[0] for k in done}):
+        print(f"| {name} | " + " | ".join(seed_cell(done.get(f"{name}/s{s}")) for s in seeds) + " |")
     layer_rows = [(k, [r["layers"] for r in done.values() if r["cell"].rsplit("/", 1)[0] == k and "layers" in r])
                   for k in sorted({key.rsplit("/", 1)[0] for key in done if key.startswith("blocks/")})]
     if layer_rows:

@@ -265,6 +265,11 @@ def test_report_prints_the_readme_tables_and_names_cells_within_the_spread(capsy
     assert "| vit_mini, scratch (random init) | 13.0 | 25.0 ± 0.0 (1) | - | - |" in out
     assert "| vit_mini, CIM-revdet | 21.0 ± 1.4 | 30.0 ± 0.0 (1) | - | - |" in out
     assert "| mask ratio | 0.3 | 18.0 ± 1.4 | -3.0 |" in out
+    # each seed's own numbers, as docs/study.md's seed 0 / seed 1 tables give them
+    assert "| pretrain/revdet-vit | 20.0 (12.0, 19.0) | 22.0 (14.0, 19.0) |" in out
+    assert "| pretrain/argmax | 21.0 (12.0, -) | 22.0 (14.0, -) |" in out
+    assert "| blocks/revdet-vit | 22.0 [10.0 20.0] | 22.0 [12.0 22.0] |" in out
+    assert "| linear/scratch-vit_mini | 25.0 | - |" in out
     assert "| mask ratio | 0.25 (recipe) | 21.0 ± 1.4 |  |" in out
     assert "| sampling | argmax | 21.5 ± 0.7 | +0.5 |" in out
     # mask 0.3 is 3.0 below the default with a spread of 1.4: settled; argmax is 0.5 off: 3 seeds

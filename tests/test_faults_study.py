@@ -203,7 +203,7 @@ def test_results_jsonl_is_replaced_whole_keeping_other_processes_records(tmp_pat
     ("--segment-flags", "--iters x",
      r"--segment-flags: segment.py: argument --iters: expected a whole number, got 'x'"),
     ("--dvae-flags", "--vocab-size", r"--dvae-flags: dvae.py: argument --vocab-size: expected one argument "
-                                     r"\(cell the tokenizer\)"),
+                                     r"\(cell the tokenizer of seed 0\)"),
     ("--pretrain-flags", "--help",
      r"--pretrain-flags: pretrain.py: these flags make it exit before any work \(--help\?\)"),
 ])

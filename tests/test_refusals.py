@@ -287,7 +287,7 @@ def test_study_refuses_unknown_groups_missing_data_and_empty_reports(tmp_path, c
 def test_study_records_a_cell_only_with_its_whole_result(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "PRETRAIN", {"revdet-vit": ("main", ["--objective", "revdet"])})
     monkeypatch.setattr(study, "DOWNSTREAM", {"linear": ("finetune.py", ["--mode", "linear"], "top1")})
-    monkeypatch.setattr(study, "tokenizer", lambda args, log: "tok.pth")
+    monkeypatch.setattr(study, "tokenizer", lambda args, seed, log: "tok.pth")
 
     def run_stage(script, flags, log_path):
         if script == "pretrain.py":

@@ -428,7 +428,6 @@ def tokenizer(args, seed, log_path):
     return ckpt
 
 
-
 def run_cell(args, cell, log_path):
     """Run one cell's stage; returns its results.jsonl record (recorded only complete: a cell whose
     stage printed no number raises, and a rerun does it again)."""
@@ -521,7 +520,7 @@ def main(args):
         print(f"study.py: --jobs {args.jobs}: each stage runs with OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} "
               f"(set OMP_NUM_THREADS to choose)", flush=True)
     seeds = sorted({cell_seed(c[0]) for c in cells if c[1] == "pretrain.py" and c[0] not in done})
-    with ThreadPoolExecutor(args.jobs) as pool:  # at tokenizer_path(args, seed), which the seed's pre-training names
+    with ThreadPoolExecutor(args.jobs) as pool:  # each at tokenizer_path(args, seed), which its pre-training names
         list(pool.map(lambda seed: tokenizer(args, seed, log_path), seeds))
     run_cells(args, [c for c in cells if c[0] not in done], done, results_path, log_path)
     return report(done, args)

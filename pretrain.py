@@ -747,20 +747,20 @@ def resolve_args(args):
     if args.recipe is None:
         args.recipe = data.default_recipe(args.data)
     recipe = dict(RECIPES[args.recipe])
-    if args.resnet_stem is not None and not (args.arch or recipe["arch"]).startswith("resnet"):
-        raise ValueError(f"--resnet-stem applies to ResNets; --arch is {args.arch or recipe['arch']}: drop the flag")
+    arch = args.arch or recipe["arch"]
+    if args.resnet_stem is not None and not arch.startswith("resnet"):
+        raise ValueError(f"--resnet-stem applies to ResNets; --arch is {arch}: drop the flag")
     if args.objective is not None and args.method == "beit":
         raise ValueError("--objective is the CIM enhancer's loss; --method beit predicts the masked tokens and "
                          "has none: drop --objective")
     args.objective = args.objective or "revdet"
-    resnet_revdet = (args.method == "cim" and args.objective == "revdet"
-                     and (args.arch or recipe["arch"]).startswith("resnet"))
+    resnet_revdet = args.method == "cim" and args.objective == "revdet" and arch.startswith("resnet")
     for flag, given in (("--head-width", args.head_width != 0), ("--head-stages", args.head_stages not in (None, 1))):
         if given and not resnet_revdet:
             raise ValueError(f"{flag} shapes a ResNet's RevDet head; this run has none: drop the flag")
     if args.head_stages is None:
         args.head_stages = PHOTOS_RESNET_HEAD_STAGES if args.recipe == "photos" and resnet_revdet else 1
-    if args.recipe == "photos" and (args.arch or recipe["arch"]).startswith("resnet"):
+    if args.recipe == "photos" and arch.startswith("resnet"):
         recipe["epochs"] = PHOTOS_RESNET_EPOCHS
     recipe.update(BEIT_MASKING if args.method == "beit" else dict(mask_type="random"))
     if args.method == "beit" and args.recipe == "photos":

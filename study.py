@@ -266,6 +266,11 @@ def cell_seed(key):
     return int(key.rsplit("/s", 1)[1])  # "pretrain/revdet-vit/s1" -> 1
 
 
+def pretrain_seeds(cells):
+    """The seeds of the pre-training cells among `cells`: the tokenizers they read."""
+    return sorted({cell_seed(c[0]) for c in cells if c[1] == "pretrain.py"})
+
+
 def cell_command(args, cell):
     """(data, flags, extra, run_dir) of one cell: its run is `script data flags extra --output-dir
     run_dir`, with `data` the folder and split, `flags` the plan's (with the backbone or tokenizer it
@@ -364,7 +369,7 @@ def check_flags(args, cells):
     flag = {"dvae.py": "--dvae-flags", "pretrain.py": "--pretrain-flags", "finetune.py": "--finetune-flags",
             "segment.py": "--segment-flags"}
     commands = [(f"the tokenizer of seed {seed}", "dvae.py", tokenizer_flags(args, seed))
-                for seed in sorted({cell_seed(c[0]) for c in cells if c[1] == "pretrain.py"})]
+                for seed in pretrain_seeds(cells)]
     for cell in cells:
         data, flags, _, run_dir = cell_command(args, cell)
         commands.append((cell[0], cell[1], data + flags + ["--output-dir", run_dir]))
@@ -519,10 +524,10 @@ def main(args):
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
         print(f"study.py: --jobs {args.jobs}: each stage runs with OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} "
               f"(set OMP_NUM_THREADS to choose)", flush=True)
-    seeds = sorted({cell_seed(c[0]) for c in cells if c[1] == "pretrain.py" and c[0] not in done})
+    todo = [c for c in cells if c[0] not in done]
     with ThreadPoolExecutor(args.jobs) as pool:  # each at tokenizer_path(args, seed), which its pre-training names
-        list(pool.map(lambda seed: tokenizer(args, seed, log_path), seeds))
-    run_cells(args, [c for c in cells if c[0] not in done], done, results_path, log_path)
+        list(pool.map(lambda seed: tokenizer(args, seed, log_path), pretrain_seeds(todo)))
+    run_cells(args, todo, done, results_path, log_path)
     return report(done, args)
 
 
